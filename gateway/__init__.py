@@ -1,0 +1,3 @@
+"""OpenAI-compatible inference gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""``create_app(settings)``: the route table, the lifespan that owns resources, error rendering."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.auth import Authenticator
+from gateway.backend import Backend
+from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
+from gateway.health import ReadyEndpoint, health
+from gateway.proxy import ProxyEndpoint
+from gateway.routes import ROUTES
+from gateway.settings import Settings
+from gateway.upstream import Upstream
+
+logger = logging.getLogger("gateway")
+
+
+def create_app(settings: Settings) -> Starlette:
+    backend = Backend.from_settings(settings)
+    upstream = Upstream(settings)
+    auth = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.api_keys)
+
+    routes: list[BaseRoute] = [
+        Route(spec.path, ProxyEndpoint(spec, backend, upstream, auth, settings), methods=list(spec.methods))
+        for spec in ROUTES
+    ]
+    routes.append(Route("/health", health, methods=["GET"]))
+    routes.append(
+        Route("/ready", ReadyEndpoint(backend, upstream, settings.ready_timeout).endpoint, methods=["GET"])
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await upstream.open()
+        if not auth.enabled:
+            logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
+        logger.info("forwarding to the %s backend at %s", backend.name, backend.url)
+        try:
+            yield
+        finally:
+            await upstream.close()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_exception, Exception: _unhandled},
+    )
+    app.state.settings = settings
+    app.state.backend = backend
+    return app
+
+
+def _render(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        error.body(),
+        status_code=error.status,
+        headers={**error.headers, **(headers or {})},
+        media_type="application/json",
+    )
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        error: GatewayError = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    elif exc.status_code == 404:
+        error = NotFound(
+            f"no route {request.url.path}: the gateway forwards only the OpenAI API routes it lists"
+        )
+    else:
+        body = envelope("http_error", str(exc.detail))
+        return Response(body, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
+    return _render(error, dict(exc.headers or {}))
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _render(InternalError("the gateway failed to handle this request"))

@@ -1,0 +1,130 @@
+"""Errors the gateway answers with, and the one envelope they are rendered to.
+
+Every error a client sees from the gateway itself is a ``GatewayError`` rendered as
+``{"error": {"type": ..., "message": ..., "code": ..., "param": ...}}``::
+
+    GatewayError
+    ├── InvalidRequest        400 invalid_request
+    ├── AuthenticationFailed  401 authentication_error
+    ├── NotFound              404 not_found
+    ├── MethodNotAllowed      405 method_not_allowed
+    ├── RequestTooLarge       413 request_too_large
+    ├── Unsupported           501 unsupported (x-should-retry: false)
+    ├── BackendError
+    │   ├── BackendUnreachable    502 backend_unreachable
+    │   ├── BackendBadResponse    502 backend_error
+    │   ├── BackendTimeout        504 backend_timeout
+    │   └── BackendUnavailable    503 backend_unavailable
+    └── InternalError         500 internal_error
+
+Errors a backend answers with are not GatewayErrors: they pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    default_headers: ClassVar[dict[str, str]] = {}
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = {**self.default_headers, **(headers or {})}
+
+    def body(self) -> bytes:
+        return envelope(self.type, self.message, code=self.code, param=self.param)
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers for an error answered before any byte of a response was sent."""
+        headers = [(b"content-type", b"application/json")]
+        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items())
+        return headers
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "request_too_large"
+
+
+class Unsupported(GatewayError):
+    status = 501
+    type = "unsupported"
+    # The OpenAI SDKs retry 5xx answers unless told not to; a 501 never heals.
+    default_headers: ClassVar[dict[str, str]] = {"x-should-retry": "false"}
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "internal_error"
+
+
+class BackendError(GatewayError):
+    """The backend could not be used; raised before or during a response."""
+
+    status = 502
+    type = "backend_error"
+
+
+class BackendUnreachable(BackendError):
+    status = 502
+    type = "backend_unreachable"
+
+
+class BackendBadResponse(BackendError):
+    status = 502
+    type = "backend_error"
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    type = "backend_timeout"
+
+
+class BackendUnavailable(BackendError):
+    status = 503
+    type = "backend_unavailable"
+
+
+def envelope(type_: str, message: str, *, code: str | None = None, param: str | None = None) -> bytes:
+    error: dict[str, str | None] = {"type": type_, "message": message, "code": code, "param": param}
+    return orjson.dumps({"error": error})
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    """The final event of a stream the backend broke off after its first byte."""
+    return b"data: " + error.body() + b"\n\n"

@@ -1,0 +1,60 @@
+"""Liveness (``/health``) and readiness (``/ready``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import Response
+
+from adapters.base import Readiness
+from gateway.backend import Backend
+from gateway.errors import BackendUnavailable, BackendUnreachable, GatewayError
+from gateway.upstream import UPSTREAM_ERRORS, Upstream, before_response_error
+
+JSON = "application/json"
+
+
+async def health(request: Request) -> Response:
+    """200 while the process serves; it says nothing about the backend."""
+    return Response(b'{"status":"ok"}', media_type=JSON)
+
+
+class ReadyEndpoint:
+    """200 only when the backend answers its health probe; 503 in the envelope otherwise."""
+
+    def __init__(self, backend: Backend, upstream: Upstream, timeout: float) -> None:
+        self.backend = backend
+        self.upstream = upstream
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def endpoint(self, request: Request) -> Response:
+        try:
+            await self.probe()
+        except GatewayError as exc:
+            return Response(exc.body(), status_code=503, media_type=JSON)
+        return Response(b'{"status":"ready","backend":"%s"}' % self.backend.name.encode(), media_type=JSON)
+
+    async def probe(self) -> None:
+        backend = self.backend
+        headers = dict([backend.auth_header]) if backend.auth_header else {}
+        url = backend.url + backend.adapter.health_path
+        try:
+            async with self.upstream.session.get(url, headers=headers, timeout=self.timeout) as response:
+                status = response.status
+        except UPSTREAM_ERRORS as exc:
+            error = before_response_error(exc, self.upstream.settings)
+            if isinstance(error, BackendUnreachable):
+                raise error from None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise BackendUnavailable(
+                    f"backend health probe got no answer within {self.timeout.total:g} s",
+                    code="backend_timeout",
+                ) from None
+            raise BackendUnavailable(f"backend health probe failed: {error.message}") from None
+        state = backend.adapter.readiness(status)
+        if state is Readiness.LOADING:
+            raise BackendUnavailable("backend loading", code="backend_loading")
+        if state is Readiness.FAILING:
+            raise BackendUnavailable(f"backend health probe answered {status}", code="backend_unhealthy")

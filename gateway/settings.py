@@ -1,0 +1,188 @@
+"""The one settings object: flags, then environment, then a config file, then defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from adapters import ADAPTERS
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told. Field descriptions are the CLI's help text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        case_sensitive=False,
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    backend: str = Field(
+        "openai",
+        validation_alias=AliasChoices("backend", "gateway_backend"),
+        description="Kind of backend runtime: " + ", ".join(sorted(ADAPTERS)) + ".",
+    )
+    backend_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("backend_url", "gateway_backend_url"),
+        description="Root URL of the backend runtime, e.g. http://vllm:8000 (a trailing /v1 is "
+        "accepted and means the same).",
+    )
+    backend_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("backend_api_key", "gateway_backend_api_key"),
+        description="Key sent to the backend as 'Authorization: Bearer'.",
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("api_keys", "gateway_api_keys"),
+        description="Key a client must present (repeatable).",
+    )
+    no_auth: bool = Field(
+        False, description="Allow listening on a non-loopback address with no API keys configured."
+    )
+    max_body_bytes: int = Field(32 * MiB, gt=0, description="Largest request body accepted, in bytes.")
+    backend_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds to wait for the backend's first byte (for a non-streaming request, "
+        "the whole generation).",
+    )
+    stream_idle_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a response may go without a byte from the backend once it has started.",
+    )
+    backend_connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds to open a connection to the backend."
+    )
+    backend_max_connections: int = Field(
+        4096, ge=0, description="Most connections open to the backend at once (0: no limit)."
+    )
+    ready_timeout: float = Field(5.0, gt=0, description="Seconds the readiness probe waits for the backend.")
+    ssl_keyfile: Path | None = Field(
+        None, description="TLS private key file; serve HTTPS with --ssl-certfile."
+    )
+    ssl_certfile: Path | None = Field(None, description="TLS certificate file.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    config: Path | None = Field(None, description="YAML or TOML file holding any of these settings.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ADAPTERS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(sorted(ADAPTERS))}")
+        return value
+
+    @field_validator("backend_url")
+    @classmethod
+    def _normalise_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = value.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"backend URL must start with http:// or https://, got {value!r}")
+        if url.endswith("/v1"):
+            url = url[: -len("/v1")]
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_public_listener(self) -> Settings:
+        if not self.api_keys and not self.no_auth and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} with no API keys: set API_KEYS (or --api-key), "
+                "or pass --no-auth to run an open gateway on purpose"
+            )
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Settings from the YAML or TOML file named by the flags or the environment."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        if not path:
+            return {}
+        return load_config_file(Path(path))
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path} is not valid: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    return {str(key).replace("-", "_").lower(): value for key, value in data.items()}

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.fakes import FakeBackend, LoopThread, Seen, start_fake
+
+ENV_NAMES = ("API_KEYS", "BACKEND", "BACKEND_URL", "BACKEND_API_KEY")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_") or name in ENV_NAMES:
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+@dataclass
+class Fake:
+    backend: FakeBackend
+    url: str
+
+    @property
+    def seen(self) -> Seen:
+        return self.backend.seen
+
+
+@pytest.fixture
+def fake(loop_thread: LoopThread) -> Iterator[Fake]:
+    backend = FakeBackend()
+    runner, port = loop_thread.run(start_fake(backend))
+    yield Fake(backend, f"http://127.0.0.1:{port}")
+    loop_thread.run(runner.cleanup())
+
+
+@dataclass
+class Gateway:
+    url: str
+    settings: Settings
+
+
+GatewayFactory = Callable[..., Gateway]
+
+
+@pytest.fixture
+def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactory]:
+    """Start the gateway on a real socket in front of the fake backend (or another URL)."""
+    servers: list[tuple[uvicorn.Server, asyncio.Future[Any]]] = []
+
+    def start(**overrides: Any) -> Gateway:
+        overrides.setdefault("backend_url", fake.url)
+        settings = Settings(**overrides)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(settings),
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=2,
+        )
+        server = uvicorn.Server(config)
+        future = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), loop_thread.loop)
+        for _ in range(500):
+            if server.started or future.done():
+                break
+            time.sleep(0.01)
+        assert server.started, future.result() if future.done() else "gateway did not start"
+        servers.append((server, future))
+        return Gateway(f"http://127.0.0.1:{port}", settings)
+
+    yield start
+    for server, _ in servers:
+        server.should_exit = True
+    for _, future in servers:
+        future.result(10)
+
+
+@pytest.fixture
+def gateway(start_gateway: GatewayFactory) -> Gateway:
+    return start_gateway(api_keys=["sk-test-1", "sk-test-2"])
+
+
+AUTH = {"Authorization": "Bearer sk-test-1"}

@@ -1,0 +1,389 @@
+"""The proxy on a real socket in front of a fake backend on a real socket."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+
+import httpx
+import pytest
+
+from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
+from tests.fakes import chat_completion, free_port, wait_until
+
+
+def chat(
+    gateway: Gateway, body: object, headers: dict[str, str] | None = None, **kwargs: object
+) -> httpx.Response:
+    return httpx.post(
+        gateway.url + "/v1/chat/completions", json=body, headers={**AUTH, **(headers or {})}, **kwargs
+    )
+
+
+def error_of(response: httpx.Response) -> dict[str, object]:
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert isinstance(error["type"], str)
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    return dict(error)
+
+
+# Forwarding
+
+
+def test_request_is_forwarded_byte_for_byte(gateway: Gateway, fake: Fake) -> None:
+    body = b'{"model": "echo",   "messages": [{"role": "user", "content": "h\\u00e9llo \xc3\xa9"}]}\n'
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions?api-version=2024-10-01&x=%20a%2Fb",
+        content=body,
+        headers={
+            **AUTH,
+            "content-type": "application/json",
+            "x-custom": "kept",
+            "user-agent": "OpenAI/Python",
+        },
+    )
+    assert response.status_code == 200
+    echoed = response.json()
+    assert echoed["method"] == "POST"
+    assert echoed["path"] == "/v1/chat/completions?api-version=2024-10-01&x=%20a%2Fb"
+    assert echoed["body"].encode() == body
+    headers = {k.lower(): v for k, v in echoed["headers"]}
+    assert headers["x-custom"] == "kept"
+    assert headers["user-agent"] == "OpenAI/Python"
+    assert headers["content-type"] == "application/json"
+    assert headers["content-length"] == str(len(body))
+
+
+def test_client_auth_is_dropped_and_backend_key_added(start_gateway: GatewayFactory, fake: Fake) -> None:
+    gateway = start_gateway(api_keys=["sk-client"], backend_api_key="sk-backend")
+    response = chat(
+        gateway, {"model": "echo"}, headers={"Authorization": "Bearer sk-client", "x-api-key": "sk-client"}
+    )
+    assert response.status_code == 200
+    headers = dict((k.lower(), v) for k, v in response.json()["headers"])
+    assert headers["authorization"] == "Bearer sk-backend"
+    assert "x-api-key" not in headers
+    assert "sk-client" not in json.dumps(response.json())
+
+
+def test_no_backend_key_means_no_authorization_header(gateway: Gateway) -> None:
+    headers = dict((k.lower(), v) for k, v in chat(gateway, {"model": "echo"}).json()["headers"])
+    assert "authorization" not in headers
+
+
+def test_hop_by_hop_request_headers_are_stripped(gateway: Gateway) -> None:
+    response = chat(
+        gateway,
+        {"model": "echo"},
+        headers={
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "secret",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic abc",
+            "Upgrade": "h2c",
+        },
+    )
+    names = {k.lower() for k, _ in response.json()["headers"]}
+    assert not names & {"x-hop", "keep-alive", "te", "proxy-authorization", "upgrade"}
+
+
+def test_request_id_is_generated_forwarded_and_returned(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "echo"})
+    request_id = response.headers["x-request-id"]
+    assert len(request_id) == 32
+    forwarded = [v for k, v in response.json()["headers"] if k.lower() == "x-request-id"]
+    assert forwarded == [request_id]
+
+
+def test_request_id_from_the_client_is_kept(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "echo"}, headers={"x-request-id": "trace-42"})
+    assert response.headers["x-request-id"] == "trace-42"
+    assert ["x-request-id", "trace-42"] in [[k.lower(), v] for k, v in response.json()["headers"]]
+
+
+def test_unsafe_request_id_is_replaced(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "echo"}, headers={"x-request-id": "a" * 500})
+    assert response.headers["x-request-id"] != "a" * 500
+
+
+def test_get_routes_and_model_ids_with_slashes(gateway: Gateway) -> None:
+    models = httpx.get(gateway.url + "/v1/models", headers=AUTH)
+    assert models.status_code == 200
+    assert [m["id"] for m in models.json()["data"]] == ["fake-model", "org/name-7b"]
+    model = httpx.get(gateway.url + "/v1/models/org/name-7b", headers=AUTH)
+    assert model.status_code == 200
+    assert model.json()["id"] == "org/name-7b"
+
+
+# Responses
+
+
+def test_response_bytes_and_headers_pass_through(gateway: Gateway, fake: Fake) -> None:
+    response = chat(gateway, {"model": "fake-model"})
+    assert response.status_code == 200
+    assert response.content == json.dumps(chat_completion("fake-model")).encode()
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.headers["content-length"] == str(len(response.content))
+
+
+def test_compressed_body_is_not_decoded_or_re_encoded(gateway: Gateway) -> None:
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json={"model": "gzip"}, headers=AUTH
+    ) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(raw)) == chat_completion("gzip")
+
+
+def test_accept_encoding_is_not_added_by_the_gateway(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]))) as sock:
+        body = b'{"model": "echo"}'
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-1\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    names = {k.lower() for k, _ in json.loads(data.split(b"\r\n\r\n", 1)[1])["headers"]}
+    assert "accept-encoding" not in names
+    assert "user-agent" not in names
+
+
+def test_backend_cookies_are_not_kept_between_clients(gateway: Gateway, fake: Fake) -> None:
+    first = httpx.get(gateway.url + "/v1/models", headers=AUTH)
+    assert "session=backend-secret" in first.headers["set-cookie"]
+    httpx.get(gateway.url + "/v1/models", headers=AUTH)
+    assert "cookie" not in {k.lower() for k in fake.seen.requests[-1]["headers"]}
+
+
+def test_backend_errors_pass_through_with_status_and_body(gateway: Gateway) -> None:
+    for model, status in (("error-400", 400), ("error-500", 500)):
+        response = chat(gateway, {"model": model})
+        assert response.status_code == status
+        assert response.json()["error"]["type"] in {"invalid_request_error", "internal_error"}
+
+
+def test_empty_backend_error_body_passes_through(gateway: Gateway) -> None:
+    response = httpx.get(gateway.url + "/v1/models?fail=401", headers=AUTH)
+    assert response.status_code == 401
+    assert response.content == b""
+
+
+# Streaming
+
+
+def test_stream_is_relayed_with_sse_headers(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "fake-model", "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream"
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    events = [line for line in response.text.split("\n\n") if line]
+    assert len(events) == 6
+    assert events[-1] == "data: [DONE]"
+
+
+def test_stream_chunks_arrive_before_the_stream_ends(gateway: Gateway, fake: Fake) -> None:
+    # The backend never ends this stream: a buffering proxy would deliver nothing.
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json={"model": "endless", "stream": True},
+        headers=AUTH,
+        timeout=5,
+    ) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line)
+        second = next(line for line in lines if line)
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["content"] == "Hello"
+    assert json.loads(second.removeprefix("data: "))["choices"][0]["delta"]["content"] == " there"
+
+
+def test_client_disconnect_mid_stream_closes_the_backend_stream(gateway: Gateway, fake: Fake) -> None:
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json={"model": "endless", "stream": True}, headers=AUTH
+    ) as response:
+        next(response.iter_lines())
+    assert wait_until(fake.seen.stream_closed.is_set, timeout=2.0)
+
+
+def test_client_disconnect_before_the_answer_cancels_the_backend_request(
+    gateway: Gateway, fake: Fake
+) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        chat(gateway, {"model": "slow"}, timeout=httpx.Timeout(5, read=0.3))
+    assert wait_until(fake.seen.cancelled.is_set, timeout=2.0)
+
+
+def test_backend_dying_mid_stream_ends_with_an_error_event(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "die", "stream": True})
+    assert response.status_code == 200
+    events = [event for event in response.text.split("\n\n") if event]
+    assert len(events) == 3
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["type"] == "backend_error"
+    assert "[DONE]" not in response.text
+
+
+def test_backend_stalling_mid_stream_ends_with_a_timeout_event(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], stream_idle_timeout=0.5)
+    response = chat(gateway, {"model": "stall", "stream": True}, timeout=10)
+    events = [event for event in response.text.split("\n\n") if event]
+    assert len(events) == 3
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["type"] == "backend_timeout"
+
+
+def test_backend_dying_mid_body_cuts_the_client_connection(gateway: Gateway) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        chat(gateway, {"model": "die-json"})
+
+
+# Errors the gateway answers itself
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'"a string"', b"", b'{"model": "x"', b"\xff\xfe"],
+    ids=["text", "array", "string", "empty", "truncated", "binary"],
+)
+def test_body_that_is_not_a_json_object_is_refused(gateway: Gateway, fake: Fake, body: bytes) -> None:
+    response = httpx.post(gateway.url + "/v1/chat/completions", content=body, headers=AUTH)
+    assert response.status_code == 400
+    assert error_of(response)["type"] == "invalid_request"
+    assert fake.seen.requests == []
+
+
+def test_body_over_the_limit_is_refused(start_gateway: GatewayFactory, fake: Fake) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], max_body_bytes=1000)
+    big = {"model": "fake-model", "messages": [{"role": "user", "content": "x" * 2000}]}
+    response = chat(gateway, big)
+    assert response.status_code == 413
+    assert error_of(response)["type"] == "request_too_large"
+
+    def chunked() -> object:
+        yield b'{"model": "fake-model", "pad": "'
+        for _ in range(10):
+            yield b"x" * 200
+        yield b'"}'
+
+    response = httpx.post(gateway.url + "/v1/chat/completions", content=chunked(), headers=AUTH)
+    assert response.status_code == 413
+    assert fake.seen.requests == []
+    # A body at the limit still goes through.
+    assert chat(gateway, {"model": "fake-model"}).status_code == 200
+
+
+def test_unknown_route_is_404_and_never_forwarded(gateway: Gateway, fake: Fake) -> None:
+    for path in ("/v1/unknown", "/secret/admin", "/health/../secret/admin", "/v1/files"):
+        response = httpx.get(gateway.url + path, headers=AUTH)
+        assert response.status_code == 404, path
+        assert error_of(response)["type"] == "not_found"
+    assert fake.seen.requests == []
+
+
+def test_dot_segments_cannot_escape_the_model_route(gateway: Gateway, fake: Fake) -> None:
+    port = int(gateway.url.rsplit(":", 1)[1])
+    for raw in (b"/v1/models/../../secret/admin", b"/v1/models/%2e%2e/%2e%2e/secret/admin"):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"GET " + raw + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test-1\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 404"), data
+    assert fake.seen.requests == []
+
+
+def test_wrong_method_is_405(gateway: Gateway) -> None:
+    response = httpx.get(gateway.url + "/v1/chat/completions", headers=AUTH)
+    assert response.status_code == 405
+    assert error_of(response)["type"] == "method_not_allowed"
+    assert "POST" in response.headers["allow"]
+
+
+def test_unreachable_backend_is_502(start_gateway: GatewayFactory) -> None:
+    for url in (f"http://127.0.0.1:{free_port()}", "http://backend.invalid:8000"):
+        gateway = start_gateway(backend_url=url)
+        response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "m"})
+        assert response.status_code == 502
+        assert error_of(response)["type"] == "backend_unreachable"
+        assert response.headers["x-request-id"]
+
+
+def test_no_first_byte_in_time_is_504(start_gateway: GatewayFactory, fake: Fake) -> None:
+    gateway = start_gateway(backend_timeout=0.3)
+    response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "slow"})
+    assert response.status_code == 504
+    assert error_of(response)["type"] == "backend_timeout"
+    assert wait_until(fake.seen.cancelled.is_set, timeout=2.0)
+
+
+def test_one_bad_request_does_not_disturb_others(gateway: Gateway) -> None:
+    with httpx.Client(headers=AUTH) as client:
+        for _ in range(3):
+            assert client.post(gateway.url + "/v1/chat/completions", content=b"nope").status_code == 400
+            response = client.post(gateway.url + "/v1/chat/completions", json={"model": "fake-model"})
+            assert response.json() == chat_completion("fake-model")
+
+
+# Auth
+
+
+def test_missing_or_wrong_key_is_401(gateway: Gateway, fake: Fake) -> None:
+    missing = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "x"})
+    assert missing.status_code == 401
+    assert error_of(missing)["type"] == "authentication_error"
+    wrong = httpx.post(
+        gateway.url + "/v1/chat/completions", json={"model": "x"}, headers={"x-api-key": "nope"}
+    )
+    assert wrong.status_code == 401
+    assert (
+        httpx.get(gateway.url + "/v1/models", headers={"Authorization": "Basic sk-test-1"}).status_code == 401
+    )
+    assert fake.seen.requests == []
+
+
+def test_either_key_header_and_any_configured_key(gateway: Gateway) -> None:
+    for headers in (
+        {"Authorization": "Bearer sk-test-2"},
+        {"x-api-key": "sk-test-1"},
+        {"authorization": "bearer sk-test-1"},
+    ):
+        assert httpx.get(gateway.url + "/v1/models", headers=headers).status_code == 200
+
+
+def test_open_gateway_without_keys(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway()
+    assert httpx.get(gateway.url + "/v1/models").status_code == 200
+
+
+# Health
+
+
+def test_health_needs_no_key(gateway: Gateway) -> None:
+    response = httpx.get(gateway.url + "/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_ready_follows_the_backend(gateway: Gateway, fake: Fake) -> None:
+    assert httpx.get(gateway.url + "/ready").status_code == 200
+    fake.backend.models_status = 500
+    response = httpx.get(gateway.url + "/ready")
+    assert response.status_code == 503
+    assert error_of(response)["type"] == "backend_unavailable"
+
+
+def test_ready_is_503_when_the_backend_is_down(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(backend_url=f"http://127.0.0.1:{free_port()}")
+    response = httpx.get(gateway.url + "/ready")
+    assert response.status_code == 503
+    assert error_of(response)["type"] == "backend_unreachable"
+    assert httpx.get(gateway.url + "/health").status_code == 200
