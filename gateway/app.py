@@ -24,8 +24,9 @@ from gateway.upstream import Upstream
 logger = logging.getLogger("gateway")
 
 
-def create_app(settings: Settings) -> Starlette:
-    backend = Backend.from_settings(settings)
+def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
+    """The gateway as an ASGI app; ``backend`` defaults to the one the settings describe."""
+    backend = backend or Backend.from_settings(settings)
     upstream = Upstream(settings)
     auth = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.api_keys)
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     app.state.backend = backend
+    app.state.upstream = upstream
     return app
 
 

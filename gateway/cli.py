@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -96,9 +100,35 @@ def serve(settings: Settings) -> int:
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         log_config=None,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     return 0 if server.started else 1
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, but a stop asked for by SIGTERM or SIGINT exits with status 0.
+
+    uvicorn re-raises the signal after shutting down, so the process would die by it; a
+    gateway that drained cleanly on request has not failed, and supervisors should see 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def _explain(exc: ValidationError | ValueError) -> str:

@@ -1,0 +1,118 @@
+"""``gateway serve`` as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.cli import build_parser
+from gateway.settings import Settings
+from tests.conftest import Fake
+from tests.fakes import free_port, wait_until
+
+
+def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_explains_every_setting() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name in Settings.model_fields:
+        flag = "--api-key" if name == "api_keys" else "--" + name.replace("_", "-")
+        assert flag in help_text, flag
+    for env in ("API_KEYS", "BACKEND_URL", "BACKEND_API_KEY", "GATEWAY_MAX_BODY_BYTES"):
+        assert env in help_text
+
+
+def test_console_help_runs() -> None:
+    result = run_gateway("serve", "--help")
+    assert result.returncode == 0
+    assert "--backend-url" in result.stdout
+
+
+def test_refuses_public_address_without_keys() -> None:
+    result = run_gateway("serve", "--host", "0.0.0.0", "--backend-url", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in result.stderr
+    assert "--no-auth" in result.stderr
+
+
+def test_invalid_setting_is_explained() -> None:
+    result = run_gateway("serve", "--port", "nope", "--backend-url", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def served(fake: Fake) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--api-key", "sk-cli"],
+        env={**os.environ, "BACKEND_URL": fake.url + "/v1", "GATEWAY_LOG_LEVEL": "info"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(up, timeout=20), process.communicate(timeout=5)
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def test_serves_and_stops_cleanly_on_sigterm(served: tuple[subprocess.Popen[str], str]) -> None:
+    process, url = served
+    response = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "fake-model", "messages": []},
+        headers={"x-api-key": "sk-cli"},
+    )
+    assert response.status_code == 200
+    assert httpx.get(url + "/ready").status_code == 200
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 0
+    assert "sk-cli" not in stderr
+
+
+def test_open_gateway_says_so_at_start_up(fake: Fake) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--backend-url", fake.url],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: _is_up(port), timeout=20)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=15)
+    assert "no API keys configured" in stderr
+
+
+def _is_up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
