@@ -1,0 +1,38 @@
+# One command for each habit, used by people and CI alike.
+#   make serve   install and serve (an embedded llama.cpp backend when none is configured)
+#   make test    install everything the tests need and run them all
+#   make check   format check, lint, types
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A portable llama.cpp build: the default (-march=native) can emit instructions that a
+# virtual machine advertises but does not run, and a wheel built here is cached for reuse.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: install serve test check format
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,llamacpp]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/gateway serve $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: install
+	$(BIN)/ruff format --check gateway adapters tests
+	$(BIN)/ruff check gateway adapters tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format gateway adapters tests
+	$(BIN)/ruff check --fix gateway adapters tests
