@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from adapters import llamacpp, vllm
 from gateway.auth import Authenticator
 from gateway.backend import Backend
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
@@ -19,16 +20,33 @@ from gateway.health import ReadyEndpoint, health
 from gateway.proxy import ProxyEndpoint
 from gateway.routes import ROUTES
 from gateway.settings import Settings
+from gateway.supervisor import Launch, Supervisor, plan_launch
 from gateway.upstream import Upstream
 
 logger = logging.getLogger("gateway")
 
+EMBEDDED_ADAPTERS = {"llamacpp": llamacpp.EMBEDDED, "vllm": vllm.ADAPTER}
+
 
 def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
-    """The gateway as an ASGI app; ``backend`` defaults to the one the settings describe."""
-    backend = backend or Backend.from_settings(settings)
+    """The gateway as an ASGI app.
+
+    ``backend`` defaults to the one the settings describe; with no backend URL configured,
+    that is an embedded runtime the app starts and supervises for its lifetime.
+    """
+    launch: Launch | None = None
+    if backend is None and settings.backend_url is None:
+        launch = plan_launch(settings)
+        backend = Backend(adapter=EMBEDDED_ADAPTERS[launch.runtime], url=launch.url, auth_header=None)
+    elif backend is None:
+        backend = Backend.from_settings(settings)
     upstream = Upstream(settings)
     auth = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.api_keys)
+    ready = ReadyEndpoint(backend, upstream, settings.ready_timeout)
+    supervisor: Supervisor | None = None
+    if launch is not None:
+        supervisor = Supervisor(launch.argv, ready.is_ready, name=launch.runtime)
+        ready.gate = supervisor.not_ready_reason
 
     routes: list[BaseRoute] = [
         Route(spec.path, ProxyEndpoint(spec, backend, upstream, auth, settings), methods=list(spec.methods))
@@ -44,10 +62,14 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
         await upstream.open()
         if not auth.enabled:
             logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
+        if supervisor is not None:
+            await supervisor.start()
         logger.info("forwarding to the %s backend at %s", backend.name, backend.url)
         try:
             yield
         finally:
+            if supervisor is not None:
+                await supervisor.stop()
             await upstream.close()
 
     app = Starlette(
@@ -58,6 +80,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     app.state.settings = settings
     app.state.backend = backend
     app.state.upstream = upstream
+    app.state.supervisor = supervisor
     return app
 
 

@@ -77,16 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     from gateway.app import create_app
+    from gateway.supervisor import EmbeddedBackendError
 
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if settings.backend_url is None:
-        print("gateway: no backend configured: pass --backend-url or set BACKEND_URL", file=sys.stderr)
+    try:
+        app = create_app(settings)
+    except EmbeddedBackendError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 from starlette.requests import Request
@@ -28,13 +29,24 @@ class ReadyEndpoint:
         self.backend = backend
         self.upstream = upstream
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.gate: Callable[[], str | None] | None = None
+        """Says why the backend cannot be ready yet (an embedded one loading), or None."""
 
     async def endpoint(self, request: Request) -> Response:
         try:
+            if self.gate is not None and (reason := self.gate()):
+                raise BackendUnavailable(reason, code="backend_loading")
             await self.probe()
         except GatewayError as exc:
             return Response(exc.body(), status_code=503, media_type=JSON)
         return Response(b'{"status":"ready","backend":"%s"}' % self.backend.name.encode(), media_type=JSON)
+
+    async def is_ready(self) -> bool:
+        try:
+            await self.probe()
+        except GatewayError:
+            return False
+        return True
 
     async def probe(self) -> None:
         backend = self.backend

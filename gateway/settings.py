@@ -78,6 +78,22 @@ class Settings(BaseSettings):
         4096, ge=0, description="Most connections open to the backend at once (0: no limit)."
     )
     ready_timeout: float = Field(5.0, gt=0, description="Seconds the readiness probe waits for the backend.")
+    model: str | None = Field(
+        None,
+        description="With no backend URL: the GGUF file the embedded llama.cpp backend loads (default: "
+        "the bundled Gemma 3 270M), or the model an embedded vLLM serves (--backend vllm).",
+    )
+    model_alias: str | None = Field(
+        None,
+        description="Model name the embedded backend answers to (default: gemma-3-270m, or the file's name).",
+    )
+    context_size: int = Field(4096, gt=0, description="Context length of the embedded backend, in tokens.")
+    threads: int | None = Field(None, gt=0, description="CPU threads of the embedded llama.cpp backend.")
+    chat_format: str | None = Field(
+        None,
+        description="llama-cpp-python chat format of the embedded backend (default: the GGUF's own "
+        "template; 'gemma' for the bundled model).",
+    )
     ssl_keyfile: Path | None = Field(
         None, description="TLS private key file; serve HTTPS with --ssl-certfile."
     )

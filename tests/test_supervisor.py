@@ -1,0 +1,180 @@
+"""Launch plans, and supervision of a stand-in process (the real runtime is tested end to end)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.settings import Settings
+from gateway.supervisor import EmbeddedBackendError, State, Supervisor, plan_launch
+from tests.fakes import free_port
+
+STANDIN = str(Path(__file__).with_name("standin_backend.py"))
+
+
+def test_default_plan_runs_the_bundled_gemma_with_its_chat_format() -> None:
+    launch = plan_launch(Settings(), port=9999)
+    argv = list(launch.argv)
+    assert launch.runtime == "llamacpp"
+    assert launch.url == "http://127.0.0.1:9999"
+    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    assert Path(argv[argv.index("--model") + 1]).name == "gemma-3-270m-q4_k_m.gguf"
+    assert argv[argv.index("--model_alias") + 1] == "gemma-3-270m"
+    assert argv[argv.index("--chat_format") + 1] == "gemma"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "9999"
+    assert argv[argv.index("--n_ctx") + 1] == "4096"
+
+
+def test_plan_with_a_model_file(tmp_path: Path) -> None:
+    model = tmp_path / "tiny-q8.gguf"
+    model.write_bytes(b"GGUF")
+    argv = list(plan_launch(Settings(model=str(model), threads=3, context_size=512), port=1).argv)
+    assert argv[argv.index("--model") + 1] == str(model)
+    assert argv[argv.index("--model_alias") + 1] == "tiny-q8"
+    assert "--chat_format" not in argv  # the GGUF's own template applies
+    assert argv[argv.index("--n_threads") + 1] == "3"
+    assert argv[argv.index("--n_ctx") + 1] == "512"
+
+
+def test_plan_with_a_missing_model_file(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedBackendError, match="does not exist"):
+        plan_launch(Settings(model=str(tmp_path / "absent.gguf")))
+
+
+def test_vllm_plan() -> None:
+    launch = plan_launch(Settings(backend="vllm", model="Qwen/Qwen3-0.6B", model_alias="qwen"), port=8123)
+    assert launch.runtime == "vllm"
+    assert list(launch.argv) == [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", "Qwen/Qwen3-0.6B",
+        "--host", "127.0.0.1",
+        "--port", "8123",
+        "--max-model-len", "4096",
+        "--served-model-name", "qwen",
+    ]  # fmt: skip
+
+
+def test_vllm_needs_a_model() -> None:
+    with pytest.raises(EmbeddedBackendError, match="needs --model"):
+        plan_launch(Settings(backend="vllm"))
+
+
+@pytest.mark.parametrize("backend", ["tgi", "sglang", "ollama", "localai"])
+def test_other_runtimes_need_a_url(backend: str) -> None:
+    with pytest.raises(EmbeddedBackendError, match="pass --backend-url"):
+        plan_launch(Settings(backend=backend))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+async def wait_for(predicate: object, within: float = 15) -> bool:
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(predicate())
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+        yield session
+
+
+def standin(http: aiohttp.ClientSession, *args: str, **kwargs: object) -> Supervisor:
+    port = free_port()
+
+    async def probe() -> bool:
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/v1/models") as response:
+                return response.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    argv = [sys.executable, STANDIN, "--port", str(port), *args]
+    return Supervisor(argv, probe, name="standin", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_waits_for_load_then_ready(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.supervisor")
+    supervisor = standin(http, "--load-seconds", "1.0", progress_interval=0.3)
+    await supervisor.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert supervisor.state is State.STARTING
+        reason = supervisor.not_ready_reason()
+        assert reason is not None
+        assert "loading" in reason
+        assert await wait_for(lambda: supervisor.state is State.READY)
+        assert supervisor.not_ready_reason() is None
+        assert "waiting for the embedded standin backend to load" in caplog.text
+    finally:
+        await supervisor.stop()
+
+
+async def test_restarts_a_dead_child_and_stops_it(http: aiohttp.ClientSession) -> None:
+    supervisor = standin(http, backoff=(0.2, 1.0))
+    await supervisor.start()
+    try:
+        assert await wait_for(lambda: supervisor.state is State.READY)
+        first = supervisor.pid
+        assert first is not None
+        os.kill(first, 9)
+        assert await wait_for(lambda: supervisor.state is not State.READY, within=5)
+        assert supervisor.not_ready_reason() is not None
+        assert await wait_for(lambda: supervisor.state is State.READY and supervisor.pid != first)
+        assert supervisor.restarts == 1
+        second = supervisor.pid
+        assert second is not None
+    finally:
+        await supervisor.stop()
+    assert supervisor.state is State.STOPPED
+    assert not alive(second)
+
+
+async def test_backs_off_when_the_child_keeps_failing(
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "gateway.supervisor")
+    supervisor = standin(http, "--exit-after", "0.05", backoff=(0.1, 0.4))
+    await supervisor.start()
+    try:
+        assert await wait_for(lambda: supervisor.restarts >= 4)
+        assert supervisor.state is not State.READY
+    finally:
+        await supervisor.stop()
+    delays = [
+        line.split("restarting in ")[1].split(" s")[0] for line in caplog.messages if "restarting in" in line
+    ]
+    assert delays[:4] == ["0.1", "0.2", "0.4", "0.4"]
+    assert "failing on purpose" in caplog.text  # the child's last output is logged
+
+
+async def test_a_child_ignoring_sigterm_is_killed(http: aiohttp.ClientSession) -> None:
+    supervisor = standin(http, "--ignore-sigterm", stop_timeout=0.5)
+    await supervisor.start()
+    assert await wait_for(lambda: supervisor.state is State.READY)
+    pid = supervisor.pid
+    assert pid is not None
+    await supervisor.stop()
+    assert not alive(pid)
