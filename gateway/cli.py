@@ -96,6 +96,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         log_level=settings.log_level,
         access_log=False,
+        # The peer address is kept as it is and appended to X-Forwarded-For for the backend.
+        proxy_headers=False,
         server_header=False,
         date_header=False,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,

@@ -55,8 +55,17 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Request headers the gateway consumes or sets itself.
-NOT_FORWARDED = HOP_BY_HOP | {b"host", b"authorization", b"x-api-key", b"content-length", b"x-request-id"}
+# Request headers the gateway consumes or sets itself. Expect is answered by the server in
+# front; the backend gets the whole body at once.
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"x-api-key",
+    b"content-length",
+    b"x-request-id",
+    b"x-forwarded-for",
+    b"expect",
+}
 NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 
 SSE = b"text/event-stream"
@@ -89,7 +98,7 @@ class ProxyEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: bytes | None = None
-        authorization = x_api_key = content_length = None
+        authorization = x_api_key = content_length = forwarded_for = None
         connection_tokens: list[bytes] = []
         forwarded: list[tuple[str, str]] = []
         for name, value in scope["headers"]:
@@ -102,13 +111,15 @@ class ProxyEndpoint:
                     request_id = value
                 elif name == b"content-length":
                     content_length = value
+                elif name == b"x-forwarded-for":
+                    forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
                 elif name == b"connection":
-                    connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+                    connection_tokens.extend(value.split(b","))
                 continue
             forwarded.append((name.decode("latin-1"), value.decode("latin-1")))
         if connection_tokens:
-            drop = {t.decode("latin-1") for t in connection_tokens}
-            forwarded = [(k, v) for k, v in forwarded if k not in drop]
+            drop = _connection_listed(connection_tokens)
+            forwarded = [(k, v) for k, v in forwarded if k.encode("latin-1") not in drop]
         request_id = _valid_request_id(request_id)
         request_id_header = (b"x-request-id", request_id)
 
@@ -137,8 +148,11 @@ class ProxyEndpoint:
         forwarded.append(("x-request-id", request_id.decode("latin-1")))
         client = scope.get("client")
         if client:
-            forwarded.append(("x-forwarded-for", client[0]))
-        forwarded.append(("x-forwarded-proto", scope.get("scheme", "http")))
+            peer = client[0]
+            chain = f"{forwarded_for.decode('latin-1')}, {peer}" if forwarded_for else peer
+            forwarded.append(("x-forwarded-for", chain))
+        elif forwarded_for:
+            forwarded.append(("x-forwarded-for", forwarded_for.decode("latin-1")))
 
         query = scope.get("query_string", b"")
         path = self.backend.path_for(
@@ -203,13 +217,19 @@ class ProxyEndpoint:
         try:
             response_headers = [request_id_header]
             streaming = False
+            connection_tokens: list[bytes] = []
             for name, value in response.raw_headers:
                 name = name.lower()
                 if name in NOT_RETURNED:
+                    if name == b"connection":
+                        connection_tokens.extend(value.split(b","))
                     continue
                 if name == b"content-type" and value.startswith(SSE):
                     streaming = True
                 response_headers.append((name, value))
+            if connection_tokens:
+                drop = _connection_listed(connection_tokens)
+                response_headers = [h for h in response_headers if h[0] not in drop]
             if streaming:
                 response_headers = [h for h in response_headers if h[0] not in SSE_HEADER_NAMES]
                 response_headers.extend(SSE_HEADERS)
@@ -280,6 +300,11 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _connection_listed(tokens: list[bytes]) -> set[bytes]:
+    """Header names a Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
+    return {token.strip().lower() for token in tokens}
 
 
 def _has_dot_segment(path: str) -> bool:

@@ -163,6 +163,16 @@ class FakeBackend:
                 return _error(400, "This model's maximum context length is 8 tokens", "invalid_request_error")
             if model == "error-500":
                 return _error(500, "engine crashed", "internal_error")
+            if model == "hop-headers":
+                return web.json_response(
+                    chat_completion(model),
+                    headers={
+                        "Connection": "X-Backend-Hop",
+                        "X-Backend-Hop": "1",
+                        "Keep-Alive": "timeout=5",
+                        "X-Backend-Kept": "1",
+                    },
+                )
             if model == "gzip":
                 payload = gzip.compress(json.dumps(chat_completion(model)).encode())
                 return web.Response(

@@ -91,6 +91,22 @@ def test_hop_by_hop_request_headers_are_stripped(gateway: Gateway) -> None:
     assert not names & {"x-hop", "keep-alive", "te", "proxy-authorization", "upgrade"}
 
 
+def test_hop_by_hop_response_headers_are_stripped(gateway: Gateway) -> None:
+    response = chat(gateway, {"model": "hop-headers"})
+    assert response.headers["x-backend-kept"] == "1"
+    assert "x-backend-hop" not in response.headers
+    assert "keep-alive" not in response.headers
+
+
+def test_forwarded_for_chain_is_extended(gateway: Gateway) -> None:
+    response = chat(
+        gateway, {"model": "echo"}, headers={"X-Forwarded-For": "203.0.113.7", "Expect": "100-continue"}
+    )
+    headers = [(k.lower(), v) for k, v in response.json()["headers"]]
+    assert [v for k, v in headers if k == "x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
+    assert "expect" not in {k for k, _ in headers}
+
+
 def test_request_id_is_generated_forwarded_and_returned(gateway: Gateway) -> None:
     response = chat(gateway, {"model": "echo"})
     request_id = response.headers["x-request-id"]
