@@ -6,7 +6,17 @@ from adapters import llamacpp, localai, ollama, openai, sglang, tgi, vllm
 from adapters.base import Adapter
 
 ADAPTERS: dict[str, Adapter] = {
-    module.ADAPTER.name: module.ADAPTER for module in (openai, vllm, sglang, tgi, ollama, llamacpp, localai)
+    adapter.name: adapter
+    for adapter in (
+        openai.ADAPTER,
+        vllm.ADAPTER,
+        sglang.ADAPTER,
+        tgi.ADAPTER,
+        ollama.ADAPTER,
+        llamacpp.ADAPTER,
+        llamacpp.PYTHON,
+        localai.ADAPTER,
+    )
 }
 
 __all__ = ["ADAPTERS", "Adapter"]

@@ -1,13 +1,33 @@
-"""llama.cpp's ``llama-server``: OpenAI routes under /v1; while the model loads every route,
-``/health`` included, answers 503 ``unavailable_error`` "Loading model". Embeddings need
-``--embeddings`` (else 501 ``not_supported_error``, passed through)."""
+"""llama.cpp: its C++ ``llama-server``, and llama-cpp-python's server.
+
+``llama-server`` serves the OpenAI routes under /v1 (no ``/v1/models/{id}``), ``/tokenize``
+and ``/detokenize`` at the root, ``/v1/rerank`` with ``--reranking`` and embeddings with
+``--embeddings`` (else 501 ``not_supported_error``, passed through). While the model loads
+every route, ``/health`` included, answers 503 ``unavailable_error`` "Loading model". Its
+``/slots`` (which saves and restores files) is never reachable.
+
+llama-cpp-python's server (``python -m llama_cpp.server``, FastAPI, the gateway's embedded
+backend) has the same OpenAI paths but tokenizes under ``/extras/``, has no ``/health``
+and listens only once the model is loaded.
+"""
 
 from __future__ import annotations
 
-from adapters.base import ALL_ROUTES, Adapter
+from adapters import base as r
+from adapters.base import Adapter
 
-ADAPTER = Adapter(name="llamacpp", routes=ALL_ROUTES, health_path="/health")
+ADAPTER = Adapter(
+    name="llamacpp",
+    routes=r.CORE_ROUTES - {r.MODEL} | {r.RESPONSES, r.RERANK, r.TOKENIZE, r.DETOKENIZE, r.TRANSCRIPTIONS},
+    paths={r.TOKENIZE: "/tokenize", r.DETOKENIZE: "/detokenize"},
+    health_path="/health",
+    health_fallback_path="/v1/models",
+)
 
-# llama-cpp-python's own server (``python -m llama_cpp.server``), which the gateway runs as
-# its embedded backend: the same OpenAI paths, but no /health; it listens only once loaded.
-EMBEDDED = Adapter(name="llamacpp", routes=ALL_ROUTES, health_path="/v1/models", loading_statuses=frozenset())
+PYTHON = Adapter(
+    name="llamacpp-python",
+    routes=r.CORE_ROUTES - {r.MODEL} | {r.TOKENIZE, r.DETOKENIZE},
+    paths={r.TOKENIZE: "/extras/tokenize", r.DETOKENIZE: "/extras/detokenize"},
+    health_path="/v1/models",
+    loading_statuses=frozenset(),
+)

@@ -1,8 +1,32 @@
-"""SGLang: OpenAI routes under /v1 (``/v1/models/{id}`` included); ``/health`` runs a one-token
-generation, and answers 503 during warm-up after the socket opens."""
+"""SGLang (``python -m sglang.launch_server``).
+
+- OpenAI routes under /v1, ``/v1/models/{id}`` included; tokenize and detokenize under /v1.
+- ``/health`` runs a one-token generation and answers 503 during warm-up after the socket
+  opens (before that, connections are refused).
+- Errors are **flat**: ``{"object": "error", "message", "type", "param", "code"}``; the
+  gateway nests them into the OpenAI shape.
+- LoRA load/unload at the root: ``/load_lora_adapter``, ``/unload_lora_adapter``.
+"""
 
 from __future__ import annotations
 
-from adapters.base import ALL_ROUTES, Adapter
+from adapters import base as r
+from adapters.base import Adapter
 
-ADAPTER = Adapter(name="sglang", routes=ALL_ROUTES, health_path="/health")
+ADAPTER = Adapter(
+    name="sglang",
+    routes=r.CORE_ROUTES
+    | r.LORA_ROUTES
+    | {
+        r.RESPONSES,
+        r.RESPONSE,
+        r.RESPONSE_CANCEL,
+        r.RERANK,
+        r.SCORE,
+        r.TOKENIZE,
+        r.DETOKENIZE,
+        r.TRANSCRIPTIONS,
+    },
+    paths={r.LOAD_LORA: "/load_lora_adapter", r.UNLOAD_LORA: "/unload_lora_adapter"},
+    health_path="/health",
+)

@@ -1,13 +1,22 @@
-"""Text Generation Inference: chat and completions under /v1, one entry in /v1/models, no
-embeddings (that is TEI's job), ``/health`` once the model is loaded (refused before)."""
+"""Text Generation Inference.
+
+- Chat and completions under /v1, one entry in /v1/models; no embeddings (TEI's job), no
+  ``/v1/models/{id}``; ``/tokenize`` at the root, no detokenize.
+- ``/health`` once the model is loaded; connections are refused before.
+- Errors are its own shape, ``{"error": "...", "error_type": "..."}`` (422 validation,
+  429 overloaded, 424 generation), and a 401 has an empty body: the gateway wraps both.
+  Inside a 200 stream, errors arrive as events of that same shape.
+"""
 
 from __future__ import annotations
 
-from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MODEL, MODELS, Adapter
+from adapters import base as r
+from adapters.base import Adapter
 
 ADAPTER = Adapter(
     name="tgi",
-    routes=frozenset({MODELS, MODEL, CHAT_COMPLETIONS, COMPLETIONS}),
+    routes=frozenset({r.MODELS, r.CHAT_COMPLETIONS, r.COMPLETIONS, r.TOKENIZE}),
+    paths={r.TOKENIZE: "/tokenize"},
     health_path="/health",
     loading_statuses=frozenset(),
 )

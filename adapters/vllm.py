@@ -1,12 +1,34 @@
-"""vLLM (``vllm serve``): OpenAI routes under /v1, ``/health`` answering 200 once the engine runs.
+"""vLLM (``vllm serve``).
 
-While weights load the socket is bound but not listening, so a refused connection means
-"loading" as often as "down"; ``/health`` answers 503 when the engine has died.
-Embeddings are served only by pooling models (a chat model answers 404).
+- OpenAI routes under /v1, plus ``/tokenize`` and ``/detokenize`` at the root; no
+  ``/v1/models/{id}``. Embeddings only on pooling models (a chat model answers 404).
+- ``/health`` answers 200 once the engine runs and 503 when it has died; while weights load
+  the socket refuses connections, so "refused" means loading as often as down.
+- Errors are OpenAI-shaped, except unregistered routes (FastAPI's ``{"detail": ...}``).
+- LoRA load/unload at ``/v1/load_lora_adapter`` (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING).
 """
 
 from __future__ import annotations
 
-from adapters.base import ALL_ROUTES, Adapter
+from adapters import base as r
+from adapters.base import Adapter
 
-ADAPTER = Adapter(name="vllm", routes=ALL_ROUTES, health_path="/health", loading_statuses=frozenset())
+ADAPTER = Adapter(
+    name="vllm",
+    routes=r.CORE_ROUTES - {r.MODEL}
+    | r.LORA_ROUTES
+    | {
+        r.RESPONSES,
+        r.RESPONSE,
+        r.RESPONSE_CANCEL,
+        r.RERANK,
+        r.SCORE,
+        r.TOKENIZE,
+        r.DETOKENIZE,
+        r.TRANSCRIPTIONS,
+        r.TRANSLATIONS,
+    },
+    paths={r.TOKENIZE: "/tokenize", r.DETOKENIZE: "/detokenize"},
+    health_path="/health",
+    loading_statuses=frozenset(),
+)

@@ -25,7 +25,7 @@ from gateway.upstream import Upstream
 
 logger = logging.getLogger("gateway")
 
-EMBEDDED_ADAPTERS = {"llamacpp": llamacpp.EMBEDDED, "vllm": vllm.ADAPTER}
+EMBEDDED_ADAPTERS = {"llamacpp": llamacpp.PYTHON, "vllm": vllm.ADAPTER}
 
 
 def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
@@ -48,9 +48,17 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
         supervisor = Supervisor(launch.argv, ready.is_ready, name=launch.runtime)
         ready.gate = supervisor.not_ready_reason
 
+    admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
+
     routes: list[BaseRoute] = [
-        Route(spec.path, ProxyEndpoint(spec, backend, upstream, auth, settings), methods=list(spec.methods))
+        Route(
+            spec.path,
+            ProxyEndpoint(spec, backend, upstream, admin if spec.admin else auth, settings),
+            methods=list(spec.methods),
+        )
         for spec in ROUTES
+        # Runtime admin routes exist only for admin keys; with none configured they are 404.
+        if not spec.admin or admin.enabled
     ]
     routes.append(Route("/health", health, methods=["GET"]))
     routes.append(

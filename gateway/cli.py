@@ -19,8 +19,8 @@ from gateway import __version__
 from gateway.settings import Settings
 
 # Settings whose flag is not simply the field name with dashes.
-FLAG_NAMES = {"api_keys": "--api-key"}
-REPEATABLE = {"api_keys"}
+FLAG_NAMES = {"api_keys": "--api-key", "admin_api_keys": "--admin-api-key"}
+REPEATABLE = {"api_keys", "admin_api_keys"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,12 @@ class ReadyEndpoint:
         try:
             async with self.upstream.session.get(url, headers=headers, timeout=self.timeout) as response:
                 status = response.status
+            fallback = backend.adapter.health_fallback_path
+            if status == 404 and fallback is not None:
+                async with self.upstream.session.get(
+                    backend.url + fallback, headers=headers, timeout=self.timeout
+                ) as response:
+                    status = response.status
         except UPSTREAM_ERRORS as exc:
             error = before_response_error(exc, self.upstream.settings)
             if isinstance(error, BackendUnreachable):

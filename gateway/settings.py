@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("api_keys", "gateway_api_keys"),
         description="Key a client must present (repeatable).",
     )
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("admin_api_keys", "gateway_admin_api_keys"),
+        description="Key for the runtime's admin routes (LoRA load/unload), repeatable; with none, "
+        "those routes do not exist. Client keys never open them.",
+    )
     no_auth: bool = Field(
         False, description="Allow listening on a non-loopback address with no API keys configured."
     )
@@ -101,7 +107,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     config: Path | None = Field(None, description="YAML or TOML file holding any of these settings.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

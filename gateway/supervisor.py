@@ -66,7 +66,7 @@ def plan_launch(settings: Settings, port: int | None = None) -> Launch:
     port = port or free_port()
     if settings.backend == "vllm":
         return Launch("vllm", tuple(vllm_argv(settings, port)), port)
-    if settings.backend in {"openai", "llamacpp"}:
+    if settings.backend in {"openai", "llamacpp", "llamacpp-python"}:
         return Launch("llamacpp", tuple(llamacpp_argv(settings, port)), port)
     raise EmbeddedBackendError(
         f"the {settings.backend} backend cannot be started by the gateway: pass --backend-url "

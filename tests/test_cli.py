@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gateway.cli import build_parser
+from gateway.cli import FLAG_NAMES, build_parser
 from gateway.settings import Settings
 from tests.conftest import Fake
 from tests.fakes import free_port, wait_until
@@ -30,9 +30,9 @@ def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 def test_help_explains_every_setting() -> None:
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     for name in Settings.model_fields:
-        flag = "--api-key" if name == "api_keys" else "--" + name.replace("_", "-")
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         assert flag in help_text, flag
-    for env in ("API_KEYS", "BACKEND_URL", "BACKEND_API_KEY", "GATEWAY_MAX_BODY_BYTES"):
+    for env in ("API_KEYS", "ADMIN_API_KEYS", "BACKEND_URL", "BACKEND_API_KEY", "GATEWAY_MAX_BODY_BYTES"):
         assert env in help_text
 
 

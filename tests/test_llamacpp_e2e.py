@@ -88,7 +88,7 @@ def llama_embedding_server() -> Iterator[str]:
 
 @pytest.fixture
 def sdk(start_gateway: GatewayFactory, llama_server: str) -> Iterator[openai.OpenAI]:
-    gateway = start_gateway(backend_url=llama_server, api_keys=["sk-e2e"])
+    gateway = start_gateway(backend="llamacpp-python", backend_url=llama_server, api_keys=["sk-e2e"])
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-e2e", max_retries=0, timeout=120) as client:
         yield client
 
@@ -130,13 +130,47 @@ def test_completion(sdk: openai.OpenAI) -> None:
 
 
 def test_backend_errors_pass_through(start_gateway: GatewayFactory, llama_server: str) -> None:
-    gateway = start_gateway(backend_url=llama_server)
+    gateway = start_gateway(backend="llamacpp-python", backend_url=llama_server)
     bad = {"model": MODEL, "messages": "not a list"}
     direct = httpx.post(llama_server + "/v1/chat/completions", json=bad, timeout=60)
     through = httpx.post(gateway.url + "/v1/chat/completions", json=bad, timeout=60)
     assert direct.status_code >= 400
     assert through.status_code == direct.status_code
-    assert through.json() == direct.json()
+    # llama-cpp-python's errors are OpenAI-shaped already, so they pass through untouched.
+    assert through.content == direct.content
+
+
+def test_tokenize_and_detokenize(start_gateway: GatewayFactory, llama_server: str) -> None:
+    gateway = start_gateway(backend="llamacpp-python", backend_url=llama_server)
+    tokens = httpx.post(
+        gateway.url + "/v1/tokenize", json={"model": MODEL, "input": "Hello world"}, timeout=60
+    )
+    assert tokens.status_code == 200
+    ids = tokens.json()["tokens"]
+    assert ids
+    assert all(isinstance(token, int) for token in ids)
+    text = httpx.post(gateway.url + "/v1/detokenize", json={"model": MODEL, "tokens": ids}, timeout=60)
+    assert text.status_code == 200
+    assert "Hello world" in text.json()["text"]
+
+
+def test_model_by_id_is_answered_from_the_list(start_gateway: GatewayFactory, llama_server: str) -> None:
+    gateway = start_gateway(backend="llamacpp-python", backend_url=llama_server)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0) as client:
+        model = client.models.retrieve(MODEL)
+        assert model.id == MODEL
+        assert model.owned_by
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-such-model")
+
+
+@pytest.mark.parametrize("backend", ["openai", "llamacpp", "llamacpp-python"])
+def test_ready_against_a_real_server(start_gateway: GatewayFactory, llama_server: str, backend: str) -> None:
+    # llamacpp is for llama-server; its /health probe falls back to /v1/models here.
+    gateway = start_gateway(backend=backend, backend_url=llama_server)
+    response = httpx.get(gateway.url + "/ready", timeout=30)
+    assert response.status_code == 200
+    assert response.json()["backend"] == backend
 
 
 def _events(text: str) -> list[Any]:
@@ -181,7 +215,7 @@ def test_stream_through_the_gateway_matches_the_direct_stream(
 
 
 def test_embeddings(start_gateway: GatewayFactory, llama_embedding_server: str) -> None:
-    gateway = start_gateway(backend_url=llama_embedding_server)
+    gateway = start_gateway(backend="llamacpp-python", backend_url=llama_embedding_server)
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
         result = client.embeddings.create(model=MODEL, input=["hello", "world"], encoding_format="float")
     assert len(result.data) == 2

@@ -1,0 +1,116 @@
+"""Which headers cross the gateway, in each direction."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+# RFC 9110 7.6.1, plus Proxy-Connection which some clients still send.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the gateway consumes or sets itself. Expect is answered by the server in
+# front of the app; the backend is sent the body without waiting.
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"x-api-key",
+    b"content-length",
+    b"x-request-id",
+    b"x-forwarded-for",
+    b"expect",
+}
+NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+
+SSE = b"text/event-stream"
+# Tell nginx-style proxies in front of the gateway not to buffer a stream either.
+SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+SSE_HEADER_NAMES = frozenset(name for name, _ in SSE_HEADERS)
+REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+@dataclass(slots=True)
+class RequestHeaders:
+    """A client's headers, split into what is forwarded and what the gateway reads."""
+
+    forward: list[tuple[str, str]] = field(default_factory=list)
+    authorization: bytes | None = None
+    x_api_key: bytes | None = None
+    request_id: bytes | None = None
+    content_length: bytes | None = None
+    forwarded_for: bytes | None = None
+
+
+def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
+    """One pass over the ASGI headers (names already lower-case)."""
+    headers = RequestHeaders()
+    forward = headers.forward
+    connection: list[bytes] = []
+    for name, value in raw:
+        if name not in NOT_FORWARDED:
+            forward.append((name.decode("latin-1"), value.decode("latin-1")))
+        elif name == b"authorization":
+            headers.authorization = value
+        elif name == b"x-api-key":
+            headers.x_api_key = value
+        elif name == b"x-request-id":
+            headers.request_id = value
+        elif name == b"content-length":
+            headers.content_length = value
+        elif name == b"x-forwarded-for":
+            previous = headers.forwarded_for
+            headers.forwarded_for = value if previous is None else previous + b", " + value
+        elif name == b"connection":
+            connection.extend(value.split(b","))
+    if connection:
+        drop = {token.decode("latin-1") for token in connection_listed(connection)}
+        headers.forward = [(k, v) for k, v in forward if k not in drop]
+    return headers
+
+
+def response_headers(
+    raw: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes]
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The backend's headers as they go to the client, and whether the body is SSE."""
+    headers = [request_id]
+    streaming = False
+    connection: list[bytes] = []
+    for name, value in raw:
+        name = name.lower()
+        if name in NOT_RETURNED:
+            if name == b"connection":
+                connection.extend(value.split(b","))
+            continue
+        if name == b"content-type" and value.startswith(SSE):
+            streaming = True
+        headers.append((name, value))
+    if connection:
+        drop = connection_listed(connection)
+        headers = [h for h in headers if h[0] not in drop]
+    if streaming:
+        headers = [h for h in headers if h[0] not in SSE_HEADER_NAMES]
+        headers.extend(SSE_HEADERS)
+    return headers, streaming
+
+
+def connection_listed(tokens: list[bytes]) -> set[bytes]:
+    """Header names a Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
+    return {token.strip().lower() for token in tokens}
+
+
+def valid_request_id(value: bytes | None) -> bytes:
+    if value and REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex.encode()
