@@ -60,6 +60,7 @@ class Seen:
         self.stream_closed = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self.received_chunks: list[tuple[float, int]] = []
+        self.upload_started = threading.Event()
 
 
 class FakeBackend:
@@ -71,10 +72,38 @@ class FakeBackend:
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
+        self.app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/secret/admin", self.health)
         self.health_status = 200
         self.models_status = 200
+
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        """Reads the upload as it arrives, recording each piece."""
+        size = 0
+        head = b""
+        tail = b""
+        async for chunk in request.content.iter_any():
+            self.seen.received_chunks.append((time.monotonic(), len(chunk)))
+            self.seen.upload_started.set()
+            if len(head) < 512:
+                head += chunk[: 512 - len(head)]
+            tail = (tail + chunk)[-512:]
+            size += len(chunk)
+        self._record(request, head)
+        boundary = (
+            request.content_type == "multipart/form-data"
+            and request.headers["Content-Type"].split("boundary=")[1]
+        )
+        complete = bool(boundary) and tail.rstrip().endswith(f"--{boundary}--".encode())
+        return web.json_response(
+            {
+                "text": "hello from the fake",
+                "bytes": size,
+                "complete": complete,
+                "chunked": "Content-Length" not in request.headers,
+            }
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"}, status=self.health_status)
