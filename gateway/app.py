@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,10 +14,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from adapters import llamacpp, vllm
+from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.backend import Backend
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
 from gateway.health import ReadyEndpoint, health
+from gateway.metrics import KnownModels, Metrics, MetricsEndpoint, follow_backend_models
 from gateway.proxy import ProxyEndpoint
 from gateway.routes import ROUTES
 from gateway.settings import Settings
@@ -49,11 +52,16 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
         ready.gate = supervisor.not_ready_reason
 
     admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
+    known_models = KnownModels(settings.metrics_models)
+    metrics = Metrics(known_models)
+    access_log = AccessLog() if settings.access_log else None
 
     routes: list[BaseRoute] = [
         Route(
             spec.path,
-            ProxyEndpoint(spec, backend, upstream, admin if spec.admin else auth, settings),
+            ProxyEndpoint(
+                spec, backend, upstream, admin if spec.admin else auth, settings, metrics, access_log
+            ),
             methods=list(spec.methods),
         )
         for spec in ROUTES
@@ -61,9 +69,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
         if not spec.admin or admin.enabled
     ]
     routes.append(Route("/health", health, methods=["GET"]))
-    routes.append(
-        Route("/ready", ReadyEndpoint(backend, upstream, settings.ready_timeout).endpoint, methods=["GET"])
-    )
+    routes.append(Route("/ready", ready.endpoint, methods=["GET"]))
+    if settings.metrics_port is None:
+        routes.append(
+            Route("/metrics", MetricsEndpoint(metrics, settings.metrics_token).endpoint, methods=["GET"])
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -72,10 +82,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
             logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
         if supervisor is not None:
             await supervisor.start()
+        following = asyncio.create_task(follow_backend_models(known_models, upstream.session, backend))
         logger.info("forwarding to the %s backend at %s", backend.name, backend.url)
         try:
             yield
         finally:
+            following.cancel()
+            metrics.close()
             if supervisor is not None:
                 await supervisor.stop()
             await upstream.close()
@@ -89,6 +102,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     app.state.backend = backend
     app.state.upstream = upstream
     app.state.supervisor = supervisor
+    app.state.metrics = metrics
     return app
 
 

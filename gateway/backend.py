@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters import ADAPTERS, Adapter
+from gateway import __version__
 from gateway.settings import Settings
+
+USER_AGENT = f"inference-gateway/{__version__}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,13 @@ class Backend:
     @property
     def name(self) -> str:
         return self.adapter.name
+
+    def own_headers(self) -> dict[str, str]:
+        """Headers for the gateway's own requests (probes, model lists), not a client's."""
+        headers = {"User-Agent": USER_AGENT}
+        if self.auth_header is not None:
+            headers[self.auth_header[0]] = self.auth_header[1]
+        return headers
 
     def path_for(self, route: str, request_path: str) -> str:
         return self.adapter.paths.get(route, request_path)

@@ -50,7 +50,7 @@ class ReadyEndpoint:
 
     async def probe(self) -> None:
         backend = self.backend
-        headers = dict([backend.auth_header]) if backend.auth_header else {}
+        headers = backend.own_headers()
         url = backend.url + backend.adapter.health_path
         try:
             async with self.upstream.session.get(url, headers=headers, timeout=self.timeout) as response:

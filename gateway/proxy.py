@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from yarl import URL
 
 from adapters import normalise
 from adapters.base import MODEL, MODELS
+from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.backend import Backend
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
@@ -31,10 +33,13 @@ from gateway.errors import (
     Unsupported,
     sse_error_event,
 )
-from gateway.headers import response_headers, split_request_headers, valid_request_id
+from gateway.exchange import Exchange
+from gateway.headers import RequestHeaders, response_headers, split_request_headers, valid_request_id
+from gateway.metrics import Metrics
 from gateway.routes import Body, RouteSpec
 from gateway.settings import Settings
 from gateway.upstream import UPSTREAM_ERRORS, Upstream, before_response_error, mid_stream_error
+from gateway.usage import TAIL_BYTES, tokens_in
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -46,6 +51,9 @@ logger = logging.getLogger("gateway.proxy")
 # Bodies the gateway reads whole to bring to the OpenAI shape: errors and model lists.
 SMALL_BODY = 1024 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
+MAX_MODEL_NAME = 256
+CLIENT_DISCONNECT = "client_disconnect"
+MID_STREAM = "mid_stream"
 
 
 class ProxyEndpoint:
@@ -56,19 +64,43 @@ class ProxyEndpoint:
         upstream: Upstream,
         auth: Authenticator,
         settings: Settings,
+        metrics: Metrics,
+        access_log: AccessLog | None,
     ) -> None:
         self.route = route
         self.backend = backend
         self.upstream = upstream
         self.auth = auth
         self.settings = settings
+        self.metrics = metrics
+        self.access_log = access_log
         self.max_body = settings.max_body_bytes
         self.idle_timeout = settings.stream_idle_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = split_request_headers(scope["headers"])
         request_id = valid_request_id(headers.request_id)
-        request_id_header = (b"x-request-id", request_id)
+        exchange = Exchange(request_id.decode(), self.route.name, scope["method"], self.backend.name)
+        self.metrics.started(exchange)
+        try:
+            await self._handle(scope, receive, send, headers, exchange, (b"x-request-id", request_id))
+        finally:
+            exchange.duration = time.perf_counter() - exchange.start
+            if exchange.error == CLIENT_DISCONNECT and not exchange.status:
+                exchange.status = 499  # nginx's "client closed request"
+            self.metrics.finished(exchange)
+            if self.access_log is not None:
+                self.access_log.write(exchange)
+
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: RequestHeaders,
+        exchange: Exchange,
+        request_id_header: tuple[bytes, bytes],
+    ) -> None:
         backend = self.backend
         adapter = backend.adapter
         route = self.route
@@ -78,21 +110,27 @@ class ProxyEndpoint:
             path: str = scope["path"]
             if "/." in path and _has_dot_segment(path):
                 raise NotFound(f"no route {path}")
-            self.auth.authenticate(headers.authorization, headers.x_api_key)
+            exchange.key = self.auth.authenticate(headers.authorization, headers.x_api_key)
+            if route.name == MODEL:
+                exchange.model = scope["path_params"]["model"][:MAX_MODEL_NAME]
             if not adapter.serves(route.name) and not (route.name == MODEL and adapter.normalise):
                 raise Unsupported(
                     f"{route.path} is not served by the {adapter.name} backend", code="unsupported_route"
                 )
             if route.body is Body.JSON:
                 check_declared_length(headers.content_length, self.max_body)
-                body, _ = await read_json_object(receive, self.max_body)
+                body, parsed = await read_json_object(receive, self.max_body)
+                model = parsed.get("model")
+                if isinstance(model, str):
+                    exchange.model = model[:MAX_MODEL_NAME]
             elif route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
         except GatewayError as exc:
-            await send_error(send, exc, request_id_header)
+            await send_error(send, exc, exchange, request_id_header)
             return
         except ClientGone:
+            exchange.error = CLIENT_DISCONNECT
             return
 
         forward = headers.forward
@@ -101,7 +139,7 @@ class ProxyEndpoint:
             forward.append(("content-length", headers.content_length.decode("latin-1")))
         if backend.auth_header is not None:
             forward.append(backend.auth_header)
-        forward.append(("x-request-id", request_id.decode("latin-1")))
+        forward.append(("x-request-id", exchange.request_id))
         client = scope.get("client")
         if client:
             chain = headers.forwarded_for
@@ -120,19 +158,18 @@ class ProxyEndpoint:
         )
         try:
             if not adapter.serves(route.name):
-                await self._model_from_list(scope["path_params"]["model"], forward, send, request_id_header)
+                await self._model_from_list(exchange, forward, send, request_id_header)
                 return
             path = backend.path_for(route.name, scope.get("raw_path", b"").decode("latin-1") or scope["path"])
             target = backend.url + path
             query = scope.get("query_string", b"")
             if query:
                 target += "?" + query.decode("latin-1")
-            await self._forward(
-                scope["method"], URL(target, encoded=True), forward, body, send, request_id_header
-            )
+            url = URL(target, encoded=True)
+            await self._forward(scope["method"], url, forward, body, send, exchange, request_id_header)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
-                logger.info("client disconnected; backend request closed (request %s)", request_id.decode())
+                exchange.error = CLIENT_DISCONNECT
                 return
             raise
         finally:
@@ -146,31 +183,40 @@ class ProxyEndpoint:
         headers: list[tuple[str, str]],
         body: bytes | StreamedBody | None,
         send: Send,
+        exchange: Exchange,
         request_id_header: tuple[bytes, bytes],
     ) -> None:
+        waited = time.perf_counter()
         try:
             response = await self.upstream.session.request(
                 method, url, headers=headers, data=body or None, allow_redirects=False
             )
         except UPSTREAM_ERRORS as exc:
+            exchange.upstream_wait += time.perf_counter() - waited
             if isinstance(body, StreamedBody) and body.failure is not None:
                 if isinstance(body.failure, ClientGone):
+                    exchange.error = CLIENT_DISCONNECT
                     return
                 error: GatewayError = body.failure
             else:
                 error = before_response_error(exc, self.settings)
-                logger.warning("backend request failed: %s", error.message)
-            await send_error(send, error, request_id_header)
+                logger.warning("backend request failed (request %s): %s", exchange.request_id, error.message)
+            await send_error(send, error, exchange, request_id_header)
             return
+        exchange.upstream_wait += time.perf_counter() - waited
 
         complete = False
         try:
             returned, streaming = response_headers(response.raw_headers, request_id_header)
+            exchange.status = response.status
             if self.backend.adapter.normalise and not streaming and self._reshapes(response):
-                complete = await self._send_reshaped(response, returned, send)
+                complete = await self._send_reshaped(response, returned, send, exchange)
             else:
                 await send({"type": "http.response.start", "status": response.status, "headers": returned})
-                complete = await self._relay(response, send, streaming)
+                if streaming:
+                    exchange.stream = True
+                    self.metrics.stream_opened(exchange)
+                complete = await self._relay(response, send, streaming, exchange)
         finally:
             if complete:
                 response.release()
@@ -183,11 +229,18 @@ class ProxyEndpoint:
         return response.status >= 400 or (self.route.name == MODELS and response.status == 200)
 
     async def _send_reshaped(
-        self, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]], send: Send
+        self,
+        response: aiohttp.ClientResponse,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        exchange: Exchange,
     ) -> bool:
         """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
         status = response.status
+        waited = time.perf_counter()
         head, whole = await _read_up_to(response.content, SMALL_BODY)
+        exchange.upstream_wait += time.perf_counter() - waited
+        exchange.ttfb = time.perf_counter() - exchange.start
         if whole:
             if status >= 400:
                 reshaped = normalise.error_body(status, head)
@@ -201,11 +254,11 @@ class ProxyEndpoint:
         await send({"type": "http.response.body", "body": head, "more_body": not whole})
         if whole:
             return True
-        return await self._relay(response, send, streaming=False)
+        return await self._relay(response, send, False, exchange)
 
     async def _model_from_list(
         self,
-        model_id: str,
+        exchange: Exchange,
         headers: list[tuple[str, str]],
         send: Send,
         request_id_header: tuple[bytes, bytes],
@@ -213,26 +266,31 @@ class ProxyEndpoint:
         """``GET /v1/models/{id}`` for a runtime without that route: the entry from its list."""
         backend = self.backend
         url = URL(backend.url + "/v1/models")
+        waited = time.perf_counter()
         try:
             async with self.upstream.session.get(url, headers=headers) as response:
                 status = response.status
                 body = await response.read()
         except UPSTREAM_ERRORS as exc:
-            await send_error(send, before_response_error(exc, self.settings), request_id_header)
+            await send_error(send, before_response_error(exc, self.settings), exchange, request_id_header)
             return
+        finally:
+            exchange.upstream_wait += time.perf_counter() - waited
+        exchange.status = status
         if status != 200:
             reshaped = normalise.error_body(status, body) or body
             await _send_json(send, status, reshaped, request_id_header)
             return
-        entry = normalise.find_model(body, model_id, backend.name)
+        entry = normalise.find_model(body, exchange.model or "", backend.name)
         if entry is None:
-            await send_error(
-                send, NotFound(f"model {model_id!r} not found", code="model_not_found"), request_id_header
-            )
+            error = NotFound(f"model {exchange.model!r} not found", code="model_not_found")
+            await send_error(send, error, exchange, request_id_header)
             return
         await _send_json(send, 200, orjson.dumps(entry), request_id_header)
 
-    async def _relay(self, response: aiohttp.ClientResponse, send: Send, streaming: bool) -> bool:
+    async def _relay(
+        self, response: aiohttp.ClientResponse, send: Send, streaming: bool, exchange: Exchange
+    ) -> bool:
         """Send the body on as it arrives; True when the backend finished it."""
         content = response.content
         if not content.is_eof() and response.connection is not None:
@@ -240,27 +298,41 @@ class ProxyEndpoint:
             if protocol is not None:
                 protocol.read_timeout = self.idle_timeout
                 protocol.start_timeout()
-        last = b""
+        clock = time.perf_counter
+        previous = last = b""
+        waiting = 0.0
+        done = False
         try:
-            while True:
+            while not done:
+                waited = clock()
                 chunk = await content.readany()
+                waiting += clock() - waited
                 if not chunk:
                     break
-                last = chunk
+                if exchange.ttfb is None:
+                    exchange.ttfb = clock() - exchange.start
+                previous, last = last, chunk
                 done = content.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
-                if done:
-                    return True
         except UPSTREAM_ERRORS as exc:
+            exchange.upstream_wait += waiting
             error = mid_stream_error(exc, self.settings)
-            logger.warning("backend broke off a response: %s", error.message)
+            exchange.error = MID_STREAM
+            logger.warning(
+                "backend broke off a response (request %s): %s", exchange.request_id, error.message
+            )
             if not streaming:
                 # Returning without the final body message makes the server drop the
                 # connection, so the client sees a cut, not a short body that looks whole.
                 return False
             await send({"type": "http.response.body", "body": _final_event(error, last), "more_body": False})
             return False
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        exchange.upstream_wait += waiting
+        if not done:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if 200 <= exchange.status < 300:
+            tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
+            exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
         return True
 
 
@@ -302,7 +374,11 @@ async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Send, error: GatewayError, *extra: tuple[bytes, bytes]) -> None:
+async def send_error(
+    send: Send, error: GatewayError, exchange: Exchange, *extra: tuple[bytes, bytes]
+) -> None:
+    exchange.status = error.status
+    exchange.error = error.type
     body = error.body()
     headers = error.response_headers()
     headers.append((b"content-length", str(len(body)).encode()))

@@ -100,6 +100,19 @@ class Settings(BaseSettings):
         description="llama-cpp-python chat format of the embedded backend (default: the GGUF's own "
         "template; 'gemma' for the bundled model).",
     )
+    access_log: bool = Field(True, description="Write one JSON line per request to stdout.")
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires (default: /metrics is open)."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics on this port instead of the main one."
+    )
+    metrics_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Model names the metrics' model label may take besides those the backend lists "
+        "(comma-separated in the environment).",
+    )
+    workers: int = Field(1, ge=1, description="Worker processes (metrics are aggregated across them).")
     ssl_keyfile: Path | None = Field(
         None, description="TLS private key file; serve HTTPS with --ssl-certfile."
     )
@@ -107,7 +120,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     config: Path | None = Field(None, description="YAML or TOML file holding any of these settings.")
 
-    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "metrics_models", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -54,6 +55,7 @@ def fake(loop_thread: LoopThread) -> Iterator[Fake]:
 class Gateway:
     url: str
     settings: Settings
+    app: Starlette
 
 
 GatewayFactory = Callable[..., Gateway]
@@ -67,11 +69,14 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
     def start(**overrides: Any) -> Gateway:
         overrides.setdefault("backend_url", fake.url)
         settings = Settings(**overrides)
-        sock = socket.socket()
+        # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on accepted connections as it does
+        # for the sockets uvicorn binds itself.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+        app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            app,
             lifespan="on",
             log_level="warning",
             access_log=False,
@@ -88,7 +93,7 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
             time.sleep(0.01)
         assert server.started, future.result() if future.done() else "gateway did not start"
         servers.append((server, future))
-        return Gateway(f"http://127.0.0.1:{port}", settings)
+        return Gateway(f"http://127.0.0.1:{port}", settings, app)
 
     yield start
     for server, _ in servers:

@@ -276,6 +276,8 @@ class FakeBackend:
         return response
 
     def _record(self, request: web.Request, body: bytes) -> None:
+        if request.headers.get("User-Agent", "").startswith("inference-gateway/"):
+            return  # the gateway's own model-list and readiness requests
         self.seen.requests.append(
             {
                 "method": request.method,

@@ -39,7 +39,8 @@ class RuntimeFake:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.paths.append(request.path)
+        if not request.headers.get("User-Agent", "").startswith("inference-gateway/"):
+            self.paths.append(request.path)  # a client's request, not the gateway's own probes
         self.called.set()
         if self.loading and self.flavour == "llamacpp":
             # llama-server answers every route, /health included, while it loads.

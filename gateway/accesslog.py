@@ -1,0 +1,51 @@
+"""One JSON line per request on stdout. Never a body, a prompt, a completion or a key."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import BinaryIO
+
+import orjson
+
+from gateway.exchange import Exchange
+
+
+class AccessLog:
+    def __init__(self, stream: BinaryIO | None = None) -> None:
+        # Straight to the file descriptor: one write per line, nothing held in a buffer
+        # that a crash would lose, and lines from several workers never interleave.
+        self._stream = stream
+        self._fd = 1 if stream is None else None
+
+    def write(self, exchange: Exchange) -> None:
+        line = orjson.dumps(
+            {
+                "time": _utc_now(),
+                "request_id": exchange.request_id,
+                "key": exchange.key,
+                "method": exchange.method,
+                "route": exchange.route,
+                "status": exchange.status,
+                "backend": exchange.backend,
+                "model": exchange.model,
+                "stream": exchange.stream,
+                "ttfb_ms": None if exchange.ttfb is None else round(exchange.ttfb * 1000, 3),
+                "duration_ms": round(exchange.duration * 1000, 3),
+                "overhead_ms": round(max(exchange.duration - exchange.upstream_wait, 0.0) * 1000, 3),
+                "prompt_tokens": exchange.prompt_tokens,
+                "completion_tokens": exchange.completion_tokens,
+                "error": exchange.error,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        if self._fd is not None:
+            os.write(self._fd, line)
+        else:
+            assert self._stream is not None
+            self._stream.write(line)
+
+
+def _utc_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"

@@ -1,0 +1,28 @@
+"""One request's record: filled in by the proxy, read by the metrics and the access log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    route: str
+    method: str
+    backend: str
+    start: float = field(default_factory=time.perf_counter)
+    key: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    ttfb: float | None = None
+    """Seconds from the request's arrival to the backend's first body byte."""
+    upstream_wait: float = 0.0
+    """Seconds spent waiting on the backend; the rest of the duration is the gateway's own."""
+    duration: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+    """The gateway's error type, a backend error class, or client_disconnect."""

@@ -1,0 +1,206 @@
+"""Prometheus metrics, owned by the app: a registry per app, labels kept bounded.
+
+Labels: ``route`` is the gateway's route name, ``model`` is a model the backend lists or
+the configuration names (anything else is ``other``), ``key`` is a key's name, never the
+key. With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before start) values
+live in shared files and ``/metrics`` aggregates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import Iterable
+
+import aiohttp
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from pydantic import SecretStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.backend import Backend
+from gateway.errors import AuthenticationFailed
+from gateway.exchange import Exchange
+
+logger = logging.getLogger("gateway.metrics")
+
+OTHER = "other"
+MAX_KNOWN_MODELS = 500
+# From sub-millisecond proxy answers to multi-minute generations.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+class KnownModels:
+    """The model names a label may take: configured ones plus what the backend lists."""
+
+    def __init__(self, configured: Iterable[str] = ()) -> None:
+        self.configured = frozenset(configured)
+        self.listed: frozenset[str] = frozenset()
+
+    def update(self, listed: Iterable[str]) -> None:
+        names: set[str] = set()
+        for name in listed:
+            if len(names) >= MAX_KNOWN_MODELS:
+                break
+            names.add(name)
+        self.listed = frozenset(names)
+
+    def label(self, model: str | None) -> str:
+        if not model:
+            return ""
+        if model in self.configured or model in self.listed:
+            return model
+        return OTHER
+
+
+class Metrics:
+    def __init__(self, models: KnownModels, registry: CollectorRegistry | None = None) -> None:
+        self.models = models
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by route, method, status, backend, model and key name.",
+            ["route", "method", "status", "backend", "model", "key"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Time from a request's arrival to the end of its answer.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "gateway_time_to_first_byte_seconds",
+            "Time from a request's arrival to the backend's first body byte (a stream's first token).",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time a request spent in the gateway itself: its duration less the time waiting on the backend.",
+            ["route"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Requests being handled.", ["route"],
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.open_streams = Gauge(
+            "gateway_open_streams", "Event streams being relayed.", ["route"],
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.stream_duration = Histogram(
+            "gateway_stream_duration_seconds", "Duration of relayed event streams.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens reported in responses' usage, by kind (prompt or completion).",
+            ["kind", "route", "model", "key"], registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "gateway_rate_limited_requests", "Requests refused by a rate limit.", ["key", "limit"], registry=r
+        )
+        self.backend_errors = Counter(
+            "gateway_backend_errors",
+            "Backend failures by type: unreachable, timeout, bad_response, status_4xx, status_5xx, "
+            "mid_stream.",
+            ["backend", "type"], registry=r,
+        )  # fmt: skip
+        self.disconnects = Counter(
+            "gateway_client_disconnects", "Clients that left before their answer was complete.", ["route"],
+            registry=r,
+        )  # fmt: skip
+
+    def started(self, exchange: Exchange) -> None:
+        self.in_flight.labels(exchange.route).inc()
+
+    def stream_opened(self, exchange: Exchange) -> None:
+        self.open_streams.labels(exchange.route).inc()
+
+    def finished(self, exchange: Exchange) -> None:
+        route = exchange.route
+        model = self.models.label(exchange.model)
+        key = exchange.key or ""
+        self.in_flight.labels(route).dec()
+        self.requests.labels(route, exchange.method, str(exchange.status), exchange.backend, model, key).inc()
+        self.duration.labels(route, model).observe(exchange.duration)
+        self.overhead.labels(route).observe(max(exchange.duration - exchange.upstream_wait, 0.0))
+        if exchange.ttfb is not None:
+            self.ttfb.labels(route, model).observe(exchange.ttfb)
+        if exchange.stream:
+            self.open_streams.labels(route).dec()
+            self.stream_duration.labels(route, model).observe(exchange.duration)
+        if exchange.prompt_tokens:
+            self.tokens.labels("prompt", route, model, key).inc(exchange.prompt_tokens)
+        if exchange.completion_tokens:
+            self.tokens.labels("completion", route, model, key).inc(exchange.completion_tokens)
+        error = exchange.error
+        if error == "client_disconnect":
+            self.disconnects.labels(route).inc()
+        elif error in BACKEND_ERROR_TYPES:
+            self.backend_errors.labels(exchange.backend, BACKEND_ERROR_TYPES[error]).inc()
+        elif exchange.status >= 400 and error is None:
+            self.backend_errors.labels(exchange.backend, f"status_{exchange.status // 100}xx").inc()
+
+    def close(self) -> None:
+        """A worker leaving: its live gauges stop counting in the aggregate."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    def render(self) -> bytes:
+        directory = multiprocess_dir()
+        if directory:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+# The gateway's error types for backend failures, and the metric's name for each.
+BACKEND_ERROR_TYPES = {
+    "backend_unreachable": "unreachable",
+    "backend_timeout": "timeout",
+    "backend_error": "bad_response",
+    "mid_stream": "mid_stream",
+}
+
+
+class MetricsEndpoint:
+    """``GET /metrics``, open or behind its own bearer token."""
+
+    def __init__(self, metrics: Metrics, token: SecretStr | None) -> None:
+        self.metrics = metrics
+        self.expected = f"Bearer {token.get_secret_value()}".encode() if token else None
+
+    async def endpoint(self, request: Request) -> Response:
+        if self.expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                error = AuthenticationFailed("/metrics needs the metrics token", code="invalid_metrics_token")
+                return Response(error.body(), status_code=401, media_type="application/json")
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def follow_backend_models(
+    models: KnownModels, session: aiohttp.ClientSession, backend: Backend, every: float = 60.0
+) -> None:
+    """Keep the model label's allowed values in step with the backend's model list."""
+    headers = backend.own_headers()
+    timeout = aiohttp.ClientTimeout(total=10)
+    while True:
+        delay = every
+        try:
+            async with session.get(backend.url + "/v1/models", headers=headers, timeout=timeout) as response:
+                data = orjson.loads(await response.read()) if response.status == 200 else None
+            entries = data.get("data") if isinstance(data, dict) else None
+            if isinstance(entries, list):
+                models.update(str(e["id"]) for e in entries if isinstance(e, dict) and "id" in e)
+            else:
+                delay = 5.0
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            delay = 5.0  # not up yet (an embedded backend loading): look again soon
+        await asyncio.sleep(delay)

@@ -1,0 +1,143 @@
+"""Running the app: uvicorn in one process or several workers, and /metrics on its own port."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import orjson
+import uvicorn
+from pydantic import SecretStr
+from starlette.applications import Starlette
+from uvicorn.supervisors import Multiprocess
+
+from gateway.settings import Settings
+
+logger = logging.getLogger("gateway")
+
+WORKER_SETTINGS = "GATEWAY_WORKER_SETTINGS"
+
+
+def run(settings: Settings) -> int:
+    from gateway.app import create_app
+    from gateway.supervisor import EmbeddedBackendError
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if settings.workers > 1:
+        return _run_workers(settings)
+    try:
+        app = create_app(settings)
+    except EmbeddedBackendError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    if settings.metrics_port is not None:
+        _serve_metrics_port(settings, app.state.metrics.registry)
+    server = Server(uvicorn_config(app, settings))
+    server.run()
+    return 0 if server.started else 1
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "lifespan": "on",
+        "log_level": settings.log_level,
+        "access_log": False,
+        # The peer address is kept as it is and appended to X-Forwarded-For for the backend.
+        "proxy_headers": False,
+        "server_header": False,
+        "date_header": False,
+        "ssl_keyfile": str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        "ssl_certfile": str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        "log_config": None,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def _run_workers(settings: Settings) -> int:
+    if settings.backend_url is None:
+        print("gateway: --workers above 1 needs --backend-url (each worker would start its own backend)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # Each worker process rebuilds the same settings, and the metrics live in shared files.
+    os.environ[WORKER_SETTINGS] = _settings_json(settings)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    if settings.metrics_port is not None:
+        _serve_metrics_port(settings, None)
+    config = uvicorn_config("gateway.server:worker_app", settings, factory=True, workers=settings.workers)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    return 0
+
+
+def worker_app() -> Starlette:
+    """The app in a worker process, from the settings its parent handed down."""
+    from gateway.app import create_app
+
+    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS])
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app(settings)
+
+
+def _settings_json(settings: Settings) -> str:
+    data = settings.model_dump(mode="python")
+    for name, value in data.items():
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+        elif isinstance(value, list):
+            data[name] = [v.get_secret_value() if isinstance(v, SecretStr) else v for v in value]
+    data["config"] = None  # already merged in
+    return orjson.dumps(data, default=str).decode()
+
+
+def _serve_metrics_port(settings: Settings, registry: Any) -> None:
+    from prometheus_client import CollectorRegistry, multiprocess, start_wsgi_server
+
+    if registry is None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    assert settings.metrics_port is not None
+    start_wsgi_server(settings.metrics_port, addr=settings.host, registry=registry)
+    logger.info("serving /metrics on port %d", settings.metrics_port)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, but a stop asked for by SIGTERM or SIGINT exits with status 0.
+
+    uvicorn re-raises the signal after shutting down, so the process would die by it; a
+    gateway that drained cleanly on request has not failed, and supervisors should see 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True

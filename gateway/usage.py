@@ -1,0 +1,50 @@
+"""Token counts from the ``usage`` object at the end of a JSON body or a stream.
+
+Only the tail of a response is looked at (a copy of its last few kilobytes): the bytes
+sent to the client are never parsed or changed.
+"""
+
+from __future__ import annotations
+
+import re
+
+TAIL_BYTES = 4096
+USAGE = b'"usage"'
+PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
+COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
+NULL = re.compile(rb"\s*:\s*null")
+
+
+def tokens_in(tail: bytes) -> tuple[int | None, int | None]:
+    """Prompt and completion tokens of the last non-null ``usage`` in ``tail``."""
+    end = len(tail)
+    while (at := tail.rfind(USAGE, 0, end)) >= 0:
+        after = at + len(USAGE)
+        if not NULL.match(tail, after):
+            usage = _object_after(tail, after)
+            prompt = PROMPT.search(usage)
+            completion = COMPLETION.search(usage)
+            if prompt or completion:
+                return (
+                    int(prompt.group(1)) if prompt else None,
+                    int(completion.group(1)) if completion else None,
+                )
+        end = at
+    return None, None
+
+
+def _object_after(data: bytes, start: int) -> bytes:
+    """The JSON object that starts after ``start`` (balanced braces), or what there is of it."""
+    opening = data.find(b"{", start, start + 16)
+    if opening < 0:
+        return b""
+    depth = 0
+    for index in range(opening, min(len(data), opening + 1024)):
+        char = data[index]
+        if char == 0x7B:  # {
+            depth += 1
+        elif char == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return data[opening : index + 1]
+    return data[opening : opening + 1024]

@@ -1,0 +1,67 @@
+"""One JSON line per request on stdout, with no body, prompt, completion or key in it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory
+
+SECRET_PROMPT = "the launch code is 7-7-alpha"
+
+
+def lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_one_line_per_request_with_its_fields(gateway: Gateway, capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": SECRET_PROMPT}]},
+        headers={"Authorization": "Bearer sk-test-2", "x-request-id": "trace-7"},
+    )
+    httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "fake-model", "stream": True, "stream_options": {"include_usage": True},
+              "messages": [{"role": "user", "content": SECRET_PROMPT}]},
+        headers={"Authorization": "Bearer sk-test-1"},
+    )  # fmt: skip
+    httpx.get(gateway.url + "/v1/models", headers={"x-api-key": "wrong-key"})
+    out = capfd.readouterr().out
+    assert SECRET_PROMPT not in out
+    assert "sk-test" not in out
+    assert "wrong-key" not in out
+    assert "Hello there" not in out  # nor the completion
+    first, second, third = lines(out)
+    assert first["request_id"] == "trace-7"
+    assert first["key"] == "key-2"
+    assert first["method"] == "POST"
+    assert first["route"] == "chat_completions"
+    assert first["status"] == 200
+    assert first["backend"] == "openai"
+    assert first["model"] == "fake-model"
+    assert first["stream"] is False
+    assert first["prompt_tokens"] == 5
+    assert first["completion_tokens"] == 3
+    assert first["error"] is None
+    assert first["duration_ms"] >= first["ttfb_ms"] > 0
+    assert 0 <= first["overhead_ms"] <= first["duration_ms"]
+    assert first["time"].endswith("Z")
+    assert second["stream"] is True
+    assert second["completion_tokens"] == 5
+    assert third["status"] == 401
+    assert third["error"] == "authentication_error"
+    assert third["key"] is None
+
+
+def test_access_log_can_be_switched_off(
+    start_gateway: GatewayFactory, capfd: pytest.CaptureFixture[str]
+) -> None:
+    gateway = start_gateway(access_log=False)
+    capfd.readouterr()
+    httpx.get(gateway.url + "/v1/models")
+    assert lines(capfd.readouterr().out) == []

@@ -1,0 +1,183 @@
+"""/metrics after real requests through the gateway."""
+
+from __future__ import annotations
+
+import os
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
+from tests.fakes import free_port, wait_until
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(gateway: Gateway | str, headers: dict[str, str] | None = None) -> Samples:
+    url = gateway if isinstance(gateway, str) else gateway.url + "/metrics"
+    response = httpx.get(url, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return sum(v for found, v in samples.get(name, []) if all(found.get(k) == w for k, w in labels.items()))
+
+
+def known(gateway: Gateway) -> bool:
+    return "fake-model" in gateway.app.state.metrics.models.listed
+
+
+def test_requests_tokens_and_latencies(gateway: Gateway) -> None:
+    assert wait_until(lambda: known(gateway))
+    for _ in range(3):
+        httpx.post(gateway.url + "/v1/chat/completions", json={"model": "fake-model"}, headers=AUTH)
+    httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "fake-model", "stream": True, "stream_options": {"include_usage": True}},
+        headers=AUTH,
+    )
+    samples = scrape(gateway)
+    labels = {"route": "chat_completions", "status": "200", "model": "fake-model", "key": "key-1"}
+    assert value(samples, "gateway_requests_total", backend="openai", method="POST", **labels) == 4
+    # 3 answers with usage 5 + 3, one stream whose final chunk says 5 + 5.
+    assert value(samples, "gateway_tokens_total", kind="prompt", model="fake-model", key="key-1") == 20
+    assert value(samples, "gateway_tokens_total", kind="completion", model="fake-model", key="key-1") == 14
+    assert value(samples, "gateway_time_to_first_byte_seconds_count", route="chat_completions") == 4
+    assert value(samples, "gateway_request_duration_seconds_count", route="chat_completions") == 4
+    assert value(samples, "gateway_overhead_seconds_count", route="chat_completions") == 4
+    assert value(samples, "gateway_stream_duration_seconds_count", route="chat_completions") == 1
+    assert value(samples, "gateway_in_flight_requests", route="chat_completions") == 0
+    assert value(samples, "gateway_open_streams", route="chat_completions") == 0
+
+
+def test_ttfb_is_observed_for_a_paced_stream(gateway: Gateway) -> None:
+    httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "fake-model", "stream": True},
+        headers={**AUTH, "x-fake-delay": "0.1"},
+    )
+    samples = scrape(gateway)
+    # The first chunk came after ~0.1 s, the whole stream after ~0.5 s.
+    assert (
+        value(samples, "gateway_time_to_first_byte_seconds_bucket", route="chat_completions", le="0.05") == 0
+    )
+    assert (
+        value(samples, "gateway_time_to_first_byte_seconds_bucket", route="chat_completions", le="0.25") == 1
+    )
+    assert value(samples, "gateway_request_duration_seconds_bucket", route="chat_completions", le="0.25") == 0
+
+
+def test_model_label_stays_bounded(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], metrics_models=["configured-model"])
+    assert wait_until(lambda: known(gateway))
+    rng = random.Random(7)
+    with httpx.Client(headers=AUTH) as client:
+        for _ in range(1000):
+            name = "".join(rng.choices(string.ascii_lowercase, k=12))
+            client.post(gateway.url + "/v1/chat/completions", json={"model": name})
+        client.post(gateway.url + "/v1/chat/completions", json={"model": "configured-model"})
+        client.post(gateway.url + "/v1/chat/completions", json={"model": "org/name-7b"})
+    samples = scrape(gateway)
+    models = {labels["model"] for labels, _ in samples["gateway_requests_total"]}
+    assert models == {"other", "configured-model", "org/name-7b"}
+    assert value(samples, "gateway_requests_total", model="other") == 1000
+
+
+def test_errors_and_disconnects_are_counted(start_gateway: GatewayFactory, fake: Fake) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"])
+    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "error-500"}, headers=AUTH)
+    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "error-400"}, headers=AUTH)
+    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "die", "stream": True}, headers=AUTH)
+    httpx.post(gateway.url + "/v1/chat/completions", json={"model": "x"}, headers={"x-api-key": "wrong"})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json={"model": "slow"}, headers=AUTH, timeout=0.3)
+    assert wait_until(fake.seen.cancelled.is_set)
+    down = start_gateway(backend_url=f"http://127.0.0.1:{free_port()}")
+    httpx.post(down.url + "/v1/chat/completions", json={"model": "x"})
+
+    samples = scrape(gateway)
+    assert value(samples, "gateway_backend_errors_total", type="status_5xx") == 1
+    assert value(samples, "gateway_backend_errors_total", type="status_4xx") == 1
+    assert value(samples, "gateway_backend_errors_total", type="mid_stream") == 1
+    assert value(samples, "gateway_requests_total", status="401") == 1
+    assert value(samples, "gateway_client_disconnects_total", route="chat_completions") == 1
+    assert value(samples, "gateway_requests_total", status="499") == 1
+    assert value(scrape(down), "gateway_backend_errors_total", type="unreachable") == 1
+
+
+def test_metrics_token(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(metrics_token="scrape-me")
+    assert httpx.get(gateway.url + "/metrics").status_code == 401
+    assert httpx.get(gateway.url + "/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    scrape(gateway, headers={"Authorization": "Bearer scrape-me"})
+
+
+def test_a_fresh_registry_per_app(start_gateway: GatewayFactory) -> None:
+    first = start_gateway()
+    httpx.get(first.url + "/v1/models")
+    second = start_gateway()
+    assert value(scrape(second), "gateway_requests_total") == 0
+    assert value(scrape(first), "gateway_requests_total") == 1
+
+
+def run_gateway(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--no-access-log", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(up, timeout=30)
+    return process, url
+
+
+def test_metrics_on_their_own_port(fake: Fake) -> None:
+    metrics_port = free_port()
+    process, url = run_gateway("--backend-url", fake.url, "--metrics-port", str(metrics_port))
+    try:
+        assert httpx.get(url + "/metrics").status_code == 404
+        httpx.get(url + "/v1/models")
+        samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert value(samples, "gateway_requests_total", route="models") == 1
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_two_workers_aggregate_their_metrics(fake: Fake, tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process, url = run_gateway("--backend-url", fake.url, "--workers", "2", env=env)
+    try:
+        for _ in range(60):
+            # A new connection each time, so that both workers take some.
+            assert httpx.post(url + "/v1/chat/completions", json={"model": "echo"}).status_code == 200
+        samples = scrape(url + "/metrics")
+        assert value(samples, "gateway_requests_total", route="chat_completions") == 60
+        assert value(samples, "gateway_in_flight_requests") == 0
+        workers = {path.stem.rsplit("_", 1)[1] for path in tmp_path.glob("counter_*.db")}
+        assert len(workers) == 2, "one worker took every connection"
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert process.returncode == 0
