@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test check format
+.PHONY: install serve test check format system-packages
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/gateway serve $(ARGS)
 
-test: install
+# The rate-limit tests run a real redis-server.
+system-packages:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+test: install system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: install

@@ -15,12 +15,13 @@ from starlette.routing import BaseRoute, Route
 
 from adapters import llamacpp, vllm
 from gateway.accesslog import AccessLog
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
 from gateway.health import ReadyEndpoint, health
 from gateway.metrics import KnownModels, Metrics, MetricsEndpoint, follow_backend_models
 from gateway.proxy import ProxyEndpoint
+from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
 from gateway.routes import ROUTES
 from gateway.settings import Settings
 from gateway.supervisor import Launch, Supervisor, plan_launch
@@ -44,7 +45,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     elif backend is None:
         backend = Backend.from_settings(settings)
     upstream = Upstream(settings)
-    auth = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.api_keys)
+    file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
+    auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
     ready = ReadyEndpoint(backend, upstream, settings.ready_timeout)
     supervisor: Supervisor | None = None
     if launch is not None:
@@ -55,12 +57,34 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     known_models = KnownModels(settings.metrics_models)
     metrics = Metrics(known_models)
     access_log = AccessLog() if settings.access_log else None
+    default_limits = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))
+    limits_by_key = {"": default_limits} | {
+        key.name: key_limits(default_limits, key.rate_limit, key.token_limit) for key in file_keys
+    }
+    limiter: Limiter | None = None
+    if settings.global_rate_limit or any(lim.requests or lim.tokens for lim in limits_by_key.values()):
+        limiter = Limiter(
+            settings.rate_limit_storage,
+            settings.rate_limit_strategy,
+            settings.global_rate_limit,
+            settings.rate_limit_fail_closed,
+            metrics.rate_limit_failures,
+            metrics.rate_limited,
+        )
 
     routes: list[BaseRoute] = [
         Route(
             spec.path,
             ProxyEndpoint(
-                spec, backend, upstream, admin if spec.admin else auth, settings, metrics, access_log
+                spec,
+                backend,
+                upstream,
+                admin if spec.admin else auth,
+                settings,
+                metrics,
+                access_log,
+                None if spec.admin else limiter,
+                limits_by_key,
             ),
             methods=list(spec.methods),
         )
@@ -103,6 +127,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     app.state.upstream = upstream
     app.state.supervisor = supervisor
     app.state.metrics = metrics
+    app.state.limiter = limiter
     return app
 
 

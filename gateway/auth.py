@@ -2,38 +2,62 @@
 
 Keys are held only as SHA-256 digests and compared in constant time against every
 configured key, so neither timing nor a memory dump tells which key or how much of it.
+Keys come from ``API_KEYS`` (named ``key-1``, ``key-2``, … in order) and from a keys file,
+which can hold a key's hash instead of the key and give each key its own limits::
+
+    keys:
+      - name: alice
+        key: sk-alice-0123                # or the key's hash:
+      - name: batch-jobs
+        key: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        rate_limit: "600/minute"
+        token_limit: "200000/minute;2000000/day"
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from gateway.errors import AuthenticationFailed
+
+SHA256 = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     name: str
     digest: bytes
+    rate_limit: str | None = None
+    """Request limits in the ``limits`` notation; None: the default."""
+    token_limit: str | None = None
 
 
 class Authenticator:
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self._keys = tuple(keys)
+        names = [key.name for key in self._keys]
+        if len(set(names)) != len(names):
+            raise ValueError("API key names must be unique")
 
     @classmethod
-    def from_plain_keys(cls, keys: Iterable[str]) -> Authenticator:
-        return cls([ApiKey(f"key-{i}", _digest(key.encode())) for i, key in enumerate(keys, start=1)])
+    def from_plain_keys(cls, keys: Iterable[str], extra: Sequence[ApiKey] = ()) -> Authenticator:
+        plain = [ApiKey(f"key-{i}", _digest(key.encode())) for i, key in enumerate(keys, start=1)]
+        return cls([*plain, *extra])
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def authenticate(self, authorization: bytes | None, x_api_key: bytes | None) -> str | None:
-        """The name of the key presented, or None when auth is off.
+    def authenticate(self, authorization: bytes | None, x_api_key: bytes | None) -> ApiKey | None:
+        """The key presented, or None when auth is off.
 
         Raises AuthenticationFailed for a missing or unknown key.
         """
@@ -49,15 +73,47 @@ class Authenticator:
                 headers={"www-authenticate": "Bearer"},
             )
         digest = _digest(presented)
-        found: str | None = None
+        found: ApiKey | None = None
         for key in self._keys:
             if hmac.compare_digest(digest, key.digest) and found is None:
-                found = key.name
+                found = key
         if found is None:
             raise AuthenticationFailed(
                 "invalid API key", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
             )
         return found
+
+
+def load_keys_file(path: Path) -> list[ApiKey]:
+    """The keys a YAML keys file declares; ValueError names what is wrong with it."""
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read keys file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"keys file {path} is not valid YAML: {exc}") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"keys file {path} must hold a 'keys' list")
+    keys = []
+    for index, entry in enumerate(entries, start=1):
+        where = f"keys file {path}, entry {index}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ValueError(f"{where}: needs a name")
+        secret = entry.get("key")
+        if not isinstance(secret, str) or not secret:
+            raise ValueError(f"{where} ({entry['name']}): needs a key, or 'sha256:<hex>' of it")
+        hashed = SHA256.fullmatch(secret)
+        digest = bytes.fromhex(hashed.group(1)) if hashed else _digest(secret.encode())
+        limits = {name: entry.get(name) for name in ("rate_limit", "token_limit")}
+        for name, value in limits.items():
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{where} ({entry['name']}): {name} must be a string like '60/minute'")
+        unknown = set(entry) - {"name", "key", "rate_limit", "token_limit"}
+        if unknown:
+            raise ValueError(f"{where} ({entry['name']}): unknown fields {', '.join(sorted(unknown))}")
+        keys.append(ApiKey(entry["name"], digest, limits["rate_limit"], limits["token_limit"]))
+    return keys
 
 
 def _bearer(value: bytes) -> bytes | None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.ratelimit import Reservation
 
 
 @dataclass(slots=True)
@@ -26,3 +30,12 @@ class Exchange:
     completion_tokens: int | None = None
     error: str | None = None
     """The gateway's error type, a backend error class, or client_disconnect."""
+    reservation: Reservation | None = None
+    """Tokens held against the key's token limits until the answer's usage is known."""
+    headers_out: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Headers the gateway adds to the answer, whoever answers: x-request-id, rate limits."""
+
+    def tokens_used(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)

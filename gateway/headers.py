@@ -81,10 +81,10 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
 
 
 def response_headers(
-    raw: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes]
+    raw: Iterable[tuple[bytes, bytes]], added: list[tuple[bytes, bytes]]
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The backend's headers as they go to the client, and whether the body is SSE."""
-    headers = [request_id]
+    """The backend's headers as they go to the client, with ``added``, and whether the body is SSE."""
+    headers = list(added)
     streaming = False
     connection: list[bytes] = []
     for name, value in raw:

@@ -104,6 +104,10 @@ class Metrics:
         self.rate_limited = Counter(
             "gateway_rate_limited_requests", "Requests refused by a rate limit.", ["key", "limit"], registry=r
         )
+        self.rate_limit_failures = Counter(
+            "gateway_rate_limit_storage_errors", "Rate-limit checks the storage (Redis) failed to answer.",
+            registry=r,
+        )  # fmt: skip
         self.backend_errors = Counter(
             "gateway_backend_errors",
             "Backend failures by type: unreachable, timeout, bad_response, status_4xx, status_5xx, "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import aiohttp
@@ -21,7 +21,7 @@ import orjson
 from yarl import URL
 
 from adapters import normalise
-from adapters.base import MODEL, MODELS
+from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MODEL, MODELS, RESPONSES
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.backend import Backend
@@ -36,6 +36,7 @@ from gateway.errors import (
 from gateway.exchange import Exchange
 from gateway.headers import RequestHeaders, response_headers, split_request_headers, valid_request_id
 from gateway.metrics import Metrics
+from gateway.ratelimit import KeyLimits, Limiter, estimate_tokens, requested_max_tokens
 from gateway.routes import Body, RouteSpec
 from gateway.settings import Settings
 from gateway.upstream import UPSTREAM_ERRORS, Upstream, before_response_error, mid_stream_error
@@ -54,6 +55,8 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 MAX_MODEL_NAME = 256
 CLIENT_DISCONNECT = "client_disconnect"
 MID_STREAM = "mid_stream"
+# Routes whose answers are generated, so a token reservation counts their max_tokens.
+GENERATING = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES})
 
 
 class ProxyEndpoint:
@@ -66,6 +69,8 @@ class ProxyEndpoint:
         settings: Settings,
         metrics: Metrics,
         access_log: AccessLog | None,
+        limiter: Limiter | None = None,
+        key_limits: Mapping[str, KeyLimits] | None = None,
     ) -> None:
         self.route = route
         self.backend = backend
@@ -74,6 +79,10 @@ class ProxyEndpoint:
         self.settings = settings
         self.metrics = metrics
         self.access_log = access_log
+        self.limiter = limiter
+        self.key_limits = key_limits or {}
+        self.default_limits = self.key_limits.get("", KeyLimits((), ()))
+        self.default_max_tokens = settings.default_max_tokens
         self.max_body = settings.max_body_bytes
         self.idle_timeout = settings.stream_idle_timeout
 
@@ -83,9 +92,12 @@ class ProxyEndpoint:
         exchange = Exchange(request_id.decode(), self.route.name, scope["method"], self.backend.name)
         self.metrics.started(exchange)
         try:
-            await self._handle(scope, receive, send, headers, exchange, (b"x-request-id", request_id))
+            exchange.headers_out.append((b"x-request-id", request_id))
+            await self._handle(scope, receive, send, headers, exchange)
         finally:
             exchange.duration = time.perf_counter() - exchange.start
+            if exchange.reservation is not None and self.limiter is not None:
+                await self.limiter.settle(exchange.reservation, exchange.tokens_used())
             if exchange.error == CLIENT_DISCONNECT and not exchange.status:
                 exchange.status = 499  # nginx's "client closed request"
             self.metrics.finished(exchange)
@@ -99,7 +111,6 @@ class ProxyEndpoint:
         send: Send,
         headers: RequestHeaders,
         exchange: Exchange,
-        request_id_header: tuple[bytes, bytes],
     ) -> None:
         backend = self.backend
         adapter = backend.adapter
@@ -110,7 +121,14 @@ class ProxyEndpoint:
             path: str = scope["path"]
             if "/." in path and _has_dot_segment(path):
                 raise NotFound(f"no route {path}")
-            exchange.key = self.auth.authenticate(headers.authorization, headers.x_api_key)
+            key = self.auth.authenticate(headers.authorization, headers.x_api_key)
+            exchange.key = key.name if key is not None else None
+            limiter = self.limiter
+            if limiter is not None:
+                client = scope.get("client")
+                identity = key.name if key is not None else f"ip:{client[0] if client else '-'}"
+                limits = self.key_limits.get(key.name if key is not None else "", self.default_limits)
+                exchange.headers_out += await limiter.admit(identity, limits, exchange.key or "anonymous")
             if route.name == MODEL:
                 exchange.model = scope["path_params"]["model"][:MAX_MODEL_NAME]
             if not adapter.serves(route.name) and not (route.name == MODEL and adapter.normalise):
@@ -123,11 +141,19 @@ class ProxyEndpoint:
                 model = parsed.get("model")
                 if isinstance(model, str):
                     exchange.model = model[:MAX_MODEL_NAME]
+                if limiter is not None and limits.tokens:
+                    generated = self.default_max_tokens if route.name in GENERATING else 0
+                    wanted = estimate_tokens(len(body), requested_max_tokens(parsed, generated))
+                    reservation, held = await limiter.reserve(
+                        identity, limits, wanted, exchange.key or "anonymous"
+                    )
+                    exchange.reservation = reservation
+                    exchange.headers_out += held
             elif route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
         except GatewayError as exc:
-            await send_error(send, exc, exchange, request_id_header)
+            await send_error(send, exc, exchange)
             return
         except ClientGone:
             exchange.error = CLIENT_DISCONNECT
@@ -158,7 +184,7 @@ class ProxyEndpoint:
         )
         try:
             if not adapter.serves(route.name):
-                await self._model_from_list(exchange, forward, send, request_id_header)
+                await self._model_from_list(exchange, forward, send)
                 return
             path = backend.path_for(route.name, scope.get("raw_path", b"").decode("latin-1") or scope["path"])
             target = backend.url + path
@@ -166,7 +192,7 @@ class ProxyEndpoint:
             if query:
                 target += "?" + query.decode("latin-1")
             url = URL(target, encoded=True)
-            await self._forward(scope["method"], url, forward, body, send, exchange, request_id_header)
+            await self._forward(scope["method"], url, forward, body, send, exchange)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
                 exchange.error = CLIENT_DISCONNECT
@@ -184,7 +210,6 @@ class ProxyEndpoint:
         body: bytes | StreamedBody | None,
         send: Send,
         exchange: Exchange,
-        request_id_header: tuple[bytes, bytes],
     ) -> None:
         waited = time.perf_counter()
         try:
@@ -201,13 +226,13 @@ class ProxyEndpoint:
             else:
                 error = before_response_error(exc, self.settings)
                 logger.warning("backend request failed (request %s): %s", exchange.request_id, error.message)
-            await send_error(send, error, exchange, request_id_header)
+            await send_error(send, error, exchange)
             return
         exchange.upstream_wait += time.perf_counter() - waited
 
         complete = False
         try:
-            returned, streaming = response_headers(response.raw_headers, request_id_header)
+            returned, streaming = response_headers(response.raw_headers, exchange.headers_out)
             exchange.status = response.status
             if self.backend.adapter.normalise and not streaming and self._reshapes(response):
                 complete = await self._send_reshaped(response, returned, send, exchange)
@@ -261,7 +286,6 @@ class ProxyEndpoint:
         exchange: Exchange,
         headers: list[tuple[str, str]],
         send: Send,
-        request_id_header: tuple[bytes, bytes],
     ) -> None:
         """``GET /v1/models/{id}`` for a runtime without that route: the entry from its list."""
         backend = self.backend
@@ -272,21 +296,21 @@ class ProxyEndpoint:
                 status = response.status
                 body = await response.read()
         except UPSTREAM_ERRORS as exc:
-            await send_error(send, before_response_error(exc, self.settings), exchange, request_id_header)
+            await send_error(send, before_response_error(exc, self.settings), exchange)
             return
         finally:
             exchange.upstream_wait += time.perf_counter() - waited
         exchange.status = status
         if status != 200:
             reshaped = normalise.error_body(status, body) or body
-            await _send_json(send, status, reshaped, request_id_header)
+            await _send_json(send, status, reshaped, exchange)
             return
         entry = normalise.find_model(body, exchange.model or "", backend.name)
         if entry is None:
             error = NotFound(f"model {exchange.model!r} not found", code="model_not_found")
-            await send_error(send, error, exchange, request_id_header)
+            await send_error(send, error, exchange)
             return
-        await _send_json(send, 200, orjson.dumps(entry), request_id_header)
+        await _send_json(send, 200, orjson.dumps(entry), exchange)
 
     async def _relay(
         self, response: aiohttp.ClientResponse, send: Send, streaming: bool, exchange: Exchange
@@ -368,20 +392,18 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
             return
 
 
-async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
+async def _send_json(send: Send, status: int, body: bytes, exchange: Exchange) -> None:
+    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *exchange.headers_out]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(
-    send: Send, error: GatewayError, exchange: Exchange, *extra: tuple[bytes, bytes]
-) -> None:
+async def send_error(send: Send, error: GatewayError, exchange: Exchange) -> None:
     exchange.status = error.status
     exchange.error = error.type
     body = error.body()
     headers = error.response_headers()
     headers.append((b"content-length", str(len(body)).encode()))
-    headers.extend(extra)
+    headers.extend(exchange.headers_out)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -39,7 +39,7 @@ def run(settings: Settings) -> int:
         return _run_workers(settings)
     try:
         app = create_app(settings)
-    except EmbeddedBackendError as exc:
+    except (EmbeddedBackendError, ValueError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     if settings.metrics_port is not None:

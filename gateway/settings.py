@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from limits import parse_many
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
@@ -61,6 +62,34 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("admin_api_keys", "gateway_admin_api_keys"),
         description="Key for the runtime's admin routes (LoRA load/unload), repeatable; with none, "
         "those routes do not exist. Client keys never open them.",
+    )
+    keys_file: Path | None = Field(
+        None, description="YAML file of named keys (or their sha256: hashes), each with its own limits."
+    )
+    rate_limit: str | None = Field(
+        None, description="Requests each key may make, e.g. '60/minute;1000/day' (default: no limit)."
+    )
+    global_rate_limit: str | None = Field(None, description="Requests all keys together may make.")
+    token_limit: str | None = Field(
+        None,
+        description="Tokens each key may use, e.g. '20000/minute'; a request reserves its max_tokens plus "
+        "its prompt's estimate up front and is charged its real usage at the end.",
+    )
+    default_max_tokens: int = Field(
+        1024, ge=0, description="Tokens reserved for a generation whose request names no max_tokens."
+    )
+    rate_limit_strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = Field(
+        "moving-window",
+        description="How request limits count: moving-window, fixed-window, sliding-window-counter.",
+    )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="Where limits are counted: memory:// (this process), redis://host:port or rediss:// "
+        "(shared by every replica).",
+    )
+    rate_limit_fail_closed: bool = Field(
+        False,
+        description="Refuse requests (503) when the rate-limit storage fails, instead of admitting them.",
     )
     no_auth: bool = Field(
         False, description="Allow listening on a non-loopback address with no API keys configured."
@@ -147,6 +176,27 @@ class Settings(BaseSettings):
             url = url[: -len("/v1")]
         return url
 
+    @field_validator("rate_limit", "global_rate_limit", "token_limit")
+    @classmethod
+    def _valid_limit(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a limit like '60/minute' or '100/second;5000/day'"
+                ) from None
+        return value
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        if not value.startswith(
+            ("memory://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
+        ):
+            raise ValueError(f"rate-limit storage must be memory:// or redis://host:port, got {value!r}")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -157,7 +207,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_open_public_listener(self) -> Settings:
-        if not self.api_keys and not self.no_auth and not is_loopback(self.host):
+        if not self.auth_enabled and not self.no_auth and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to listen on {self.host} with no API keys: set API_KEYS (or --api-key), "
                 "or pass --no-auth to run an open gateway on purpose"
@@ -168,7 +218,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys) or self.keys_file is not None
 
     @classmethod
     def settings_customise_sources(

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 
-from gateway.auth import Authenticator
+from gateway.auth import ApiKey, Authenticator, load_keys_file
 from gateway.errors import AuthenticationFailed
 
 auth = Authenticator.from_plain_keys(["sk-one", "sk-two"])
@@ -24,7 +27,9 @@ def test_no_keys_means_open() -> None:
     ],
 )
 def test_accepted(authorization: bytes | None, x_api_key: bytes | None, name: str) -> None:
-    assert auth.authenticate(authorization, x_api_key) == name
+    key = auth.authenticate(authorization, x_api_key)
+    assert key is not None
+    assert key.name == name
 
 
 @pytest.mark.parametrize(
@@ -48,3 +53,53 @@ def test_refused(authorization: bytes | None, x_api_key: bytes | None, code: str
 def test_keys_are_kept_only_as_digests() -> None:
     assert [len(key.digest) for key in auth._keys] == [32, 32]
     assert "sk-one" not in repr(auth._keys)
+
+
+def test_keys_file_with_plain_keys_hashes_and_limits(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"sk-hashed").hexdigest()
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n"
+        "  - name: alice\n    key: sk-alice\n"
+        f"  - name: jobs\n    key: 'sha256:{digest}'\n"
+        "    rate_limit: 600/minute\n    token_limit: 9000/hour\n"
+    )
+    keys = load_keys_file(path)
+    assert [(k.name, k.rate_limit, k.token_limit) for k in keys] == [
+        ("alice", None, None),
+        ("jobs", "600/minute", "9000/hour"),
+    ]
+    combined = Authenticator.from_plain_keys(["sk-plain"], keys)
+    for presented, name in ((b"sk-alice", "alice"), (b"sk-hashed", "jobs"), (b"sk-plain", "key-1")):
+        found = combined.authenticate(None, presented)
+        assert found is not None
+        assert found.name == name
+    with pytest.raises(AuthenticationFailed):
+        combined.authenticate(None, f"sha256:{digest}".encode())  # the hash is not the key
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("keys: 3", "must hold a 'keys' list"),
+        ("keys:\n  - key: sk-x", "needs a name"),
+        ("keys:\n  - name: a", "needs a key"),
+        ("keys:\n  - name: a\n    key: k\n    limit: 5/minute", "unknown fields limit"),
+        ("keys:\n  - name: a\n    key: k\n    rate_limit: 5", "must be a string"),
+        ("keys: [", "not valid YAML"),
+    ],
+)
+def test_bad_keys_files_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_keys_file(path)
+
+
+def test_key_names_are_unique() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        Authenticator.from_plain_keys(["a"], load_keys_file_like([("key-1", b"x")]))
+
+
+def load_keys_file_like(entries: list[tuple[str, bytes]]) -> list[ApiKey]:
+    return [ApiKey(name, hashlib.sha256(key).digest()) for name, key in entries]

@@ -1,0 +1,252 @@
+"""Request and token limits per key, and a global request limit, through ``limits``.
+
+Requests are counted with the configured strategy (moving window by default), in memory or
+in Redis, where several gateway processes share one count: they admit together exactly what
+one would. Tokens are reserved before the request is forwarded (its ``max_tokens``, or the
+default, plus an estimate of the prompt) and settled when the answer ends, from its
+``usage``: a request that used less gives the difference back. Token budgets are counters in
+fixed windows, since a counter, unlike a moving window's log, can be given back to.
+
+When the storage fails (Redis down), requests are admitted (fail open, the default) or
+refused with 503 (fail closed); either way it is logged and counted, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import Storage
+from limits.aio.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    RateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+from prometheus_client import Counter
+
+from gateway.errors import GatewayError
+
+logger = logging.getLogger("gateway.ratelimit")
+
+STRATEGIES: dict[str, type[RateLimiter]] = {
+    "moving-window": MovingWindowRateLimiter,
+    "fixed-window": FixedWindowRateLimiter,
+    "sliding-window-counter": SlidingWindowCounterRateLimiter,
+}
+STORAGE_FAILURES = (StorageError, OSError, TimeoutError)
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class RateLimitUnavailable(GatewayError):
+    status = 503
+    type = "rate_limit_unavailable"
+
+
+def parse_limits(value: str | None) -> tuple[RateLimitItem, ...]:
+    """``"60/minute;1000/day"`` as limit items; ValueError for a malformed one."""
+    if not value or not value.strip():
+        return ()
+    try:
+        return tuple(parse_many(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a limit like '60/minute' or '100/second;5000/day'") from None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    requests: tuple[RateLimitItem, ...]
+    tokens: tuple[RateLimitItem, ...]
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Tokens held for a request until its answer says how many it used."""
+
+    identity: str
+    amount: int
+    holds: list[tuple[str, float]] = field(default_factory=list)
+    """(storage key, end of its window) for each token limit charged."""
+
+
+class Limiter:
+    def __init__(
+        self,
+        storage_uri: str,
+        strategy: str,
+        global_limit: str | None,
+        fail_closed: bool,
+        failures: Counter,
+        limited: Counter,
+    ) -> None:
+        options: dict[str, Any] = {"wrap_exceptions": True}
+        if storage_uri.startswith(("redis://", "rediss://", "redis+", "valkey")):
+            options.update(implementation="redispy", socket_timeout=1.0, socket_connect_timeout=1.0)
+        storage = storage_from_string("async+" + storage_uri, **options)
+        assert isinstance(storage, Storage)
+        self.storage = storage
+        self.requests = STRATEGIES[strategy](self.storage)
+        self.global_limits = parse_limits(global_limit)
+        self.fail_closed = fail_closed
+        self.failures = failures
+        self.limited = limited
+        self._last_failure_log = 0.0
+
+    async def admit(self, identity: str, limits: KeyLimits, label: str) -> list[tuple[bytes, bytes]]:
+        """Count one request; its rate-limit headers, or RateLimited with them."""
+        checks = [(item, identity) for item in limits.requests]
+        checks += [(item, "*") for item in self.global_limits]
+        if not checks:
+            return []
+        try:
+            tightest: tuple[int, int, float] | None = None
+            for item, who in checks:
+                if not await self.requests.hit(item, "requests", who):
+                    stats = await self.requests.get_window_stats(item, "requests", who)
+                    self.limited.labels(label if who != "*" else "*", str(item)).inc()
+                    headers = _headers("requests", item.amount, 0, stats.reset_time)
+                    wait = max(stats.reset_time - time.time(), 0.001)
+                    scope = "the gateway's" if who == "*" else "this key's"
+                    raise RateLimited(
+                        f"{scope} request limit of {item} is reached; retry in {wait:.1f} s",
+                        code="requests",
+                        headers=_retry_after(wait) | dict(headers),
+                    )
+                stats = await self.requests.get_window_stats(item, "requests", who)
+                if tightest is None or stats.remaining < tightest[1]:
+                    tightest = (item.amount, stats.remaining, stats.reset_time)
+        except STORAGE_FAILURES as exc:
+            self._storage_failed(exc)
+            return []
+        assert tightest is not None
+        return [(k.encode(), v.encode()) for k, v in _headers("requests", *tightest)]
+
+    async def reserve(
+        self, identity: str, limits: KeyLimits, amount: int, label: str
+    ) -> tuple[Reservation, list[tuple[bytes, bytes]]]:
+        """Hold ``amount`` tokens in every token budget of the key, or none of them."""
+        reservation = Reservation(identity, amount)
+        if not limits.tokens:
+            return reservation, []
+        tightest: tuple[int, int, float] | None = None
+        try:
+            for item in limits.tokens:
+                key = item.key_for("tokens", identity)
+                used = await self.storage.incr(key, item.get_expiry(), amount=amount)
+                reset = await self.storage.get_expiry(key)
+                if used > item.amount:
+                    await self.storage.incr(key, item.get_expiry(), amount=-amount)
+                    await self._release(reservation)
+                    self.limited.labels(label, str(item)).inc()
+                    wait = max(reset - time.time(), 0.001)
+                    remaining = max(item.amount - (used - amount), 0)
+                    raise RateLimited(
+                        f"this key's token limit of {item} cannot hold this request's {amount} tokens "
+                        f"({remaining} left); retry in {wait:.1f} s",
+                        code="tokens",
+                        headers=_retry_after(wait) | dict(_headers("tokens", item.amount, remaining, reset)),
+                    )
+                reservation.holds.append((key, reset))
+                remaining = item.amount - used
+                if tightest is None or remaining < tightest[1]:
+                    tightest = (item.amount, remaining, reset)
+        except STORAGE_FAILURES as exc:
+            self._storage_failed(exc)
+            return Reservation(identity, 0), []
+        assert tightest is not None
+        return reservation, [(k.encode(), v.encode()) for k, v in _headers("tokens", *tightest)]
+
+    async def settle(self, reservation: Reservation, used: int | None) -> None:
+        """Charge what the answer used instead of what was held (unknown: keep the hold)."""
+        if used is None or used == reservation.amount or not reservation.holds:
+            return
+        difference = used - reservation.amount
+        now = time.time()
+        try:
+            for key, window_end in reservation.holds:
+                # Past its window the hold has expired with it; a refund would make credit.
+                if window_end > now:
+                    await self.storage.incr(key, max(int(window_end - now), 1), amount=difference)
+        except STORAGE_FAILURES as exc:
+            self._storage_failed(exc, fail=False)
+
+    async def _release(self, reservation: Reservation) -> None:
+        for key, window_end in reservation.holds:
+            await self.storage.incr(key, max(int(window_end - time.time()), 1), amount=-reservation.amount)
+        reservation.holds.clear()
+
+    async def check(self) -> bool:
+        try:
+            return bool(await self.storage.check())
+        except STORAGE_FAILURES:
+            return False
+
+    def _storage_failed(self, exc: BaseException, fail: bool = True) -> None:
+        self.failures.inc()
+        now = time.monotonic()
+        if now - self._last_failure_log > 10:
+            self._last_failure_log = now
+            mode = "refusing requests (fail closed)" if self.fail_closed else "admitting requests (fail open)"
+            logger.error("rate-limit storage failed (%s): %s; %s", type(exc).__name__, exc, mode)
+        if fail and self.fail_closed:
+            raise RateLimitUnavailable(
+                "rate limits cannot be checked right now; retry shortly", code="storage_unavailable"
+            ) from None
+
+
+def estimate_tokens(body_size: int, max_tokens: int) -> int:
+    """Prompt tokens are guessed from the body's size (about four bytes a token)."""
+    return body_size // 4 + max_tokens
+
+
+def requested_max_tokens(body: dict[str, Any], default: int) -> int:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return default
+
+
+def _headers(kind: str, limit: int, remaining: int, reset_time: float) -> list[tuple[str, str]]:
+    return [
+        (f"x-ratelimit-limit-{kind}", str(limit)),
+        (f"x-ratelimit-remaining-{kind}", str(max(remaining, 0))),
+        (f"x-ratelimit-reset-{kind}", _duration(max(reset_time - time.time(), 0.0))),
+    ]
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {
+        "retry-after": str(max(math.ceil(seconds), 1)),
+        "retry-after-ms": str(max(math.ceil(seconds * 1000), 1)),
+    }
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
+
+
+def key_limits(default: KeyLimits, requests: str | None, tokens: str | None) -> KeyLimits:
+    """A key's own limits where its entry names them, the defaults where not."""
+    return KeyLimits(
+        parse_limits(requests) if requests is not None else default.requests,
+        parse_limits(tokens) if tokens is not None else default.tokens,
+    )
