@@ -18,7 +18,7 @@ from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
-from gateway.health import ReadyEndpoint, health
+from gateway.health import Lifecycle, ReadyEndpoint, health
 from gateway.metrics import KnownModels, Metrics, MetricsEndpoint, follow_backend_models
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
@@ -48,10 +48,12 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
     auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
     ready = ReadyEndpoint(backend, upstream, settings.ready_timeout)
+    lifecycle = Lifecycle()
+    ready.gates.append(lifecycle.not_ready_reason)
     supervisor: Supervisor | None = None
     if launch is not None:
         supervisor = Supervisor(launch.argv, ready.is_ready, name=launch.runtime)
-        ready.gate = supervisor.not_ready_reason
+        ready.gates.append(supervisor.not_ready_reason)
 
     admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
     known_models = KnownModels(settings.metrics_models)
@@ -128,6 +130,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     app.state.supervisor = supervisor
     app.state.metrics = metrics
     app.state.limiter = limiter
+    app.state.lifecycle = lifecycle
     return app
 
 

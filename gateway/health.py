@@ -22,6 +22,16 @@ async def health(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 
 
+class Lifecycle:
+    """Whether the process is draining: told to stop, finishing what it has."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def not_ready_reason(self) -> str | None:
+        return "the gateway is shutting down" if self.draining else None
+
+
 class ReadyEndpoint:
     """200 only when the backend answers its health probe; 503 in the envelope otherwise."""
 
@@ -29,13 +39,16 @@ class ReadyEndpoint:
         self.backend = backend
         self.upstream = upstream
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.gate: Callable[[], str | None] | None = None
-        """Says why the backend cannot be ready yet (an embedded one loading), or None."""
+        self.gates: list[Callable[[], str | None]] = []
+        """Each says why the gateway cannot be ready (shutting down, an embedded backend
+        loading), or None."""
 
     async def endpoint(self, request: Request) -> Response:
         try:
-            if self.gate is not None and (reason := self.gate()):
-                raise BackendUnavailable(reason, code="backend_loading")
+            for gate in self.gates:
+                if reason := gate():
+                    code = "shutting_down" if "shutting down" in reason else "backend_loading"
+                    raise BackendUnavailable(reason, code=code)
             await self.probe()
         except GatewayError as exc:
             return Response(exc.body(), status_code=503, media_type=JSON)

@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -19,6 +20,7 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
+from gateway.health import Lifecycle
 from gateway.settings import Settings
 
 logger = logging.getLogger("gateway")
@@ -44,7 +46,7 @@ def run(settings: Settings) -> int:
         return 2
     if settings.metrics_port is not None:
         _serve_metrics_port(settings, app.state.metrics.registry)
-    server = Server(uvicorn_config(app, settings))
+    server = Server(uvicorn_config(app, settings), app.state.lifecycle, settings.shutdown_delay)
     server.run()
     return 0 if server.started else 1
 
@@ -63,6 +65,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "ssl_keyfile": str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         "ssl_certfile": str(settings.ssl_certfile) if settings.ssl_certfile else None,
         "log_config": None,
+        "timeout_graceful_shutdown": settings.drain_timeout,
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
@@ -118,11 +121,20 @@ def _serve_metrics_port(settings: Settings, registry: Any) -> None:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, but a stop asked for by SIGTERM or SIGINT exits with status 0.
+    """uvicorn's server, draining as a gateway behind a load balancer should.
 
-    uvicorn re-raises the signal after shutting down, so the process would die by it; a
-    gateway that drained cleanly on request has not failed, and supervisors should see 0.
+    On SIGTERM or SIGINT, ``/ready`` turns 503 at once; the listener stays open for
+    ``shutdown_delay`` seconds (so load balancers see the 503 and stop sending), then closes;
+    requests and streams in flight get the drain timeout to finish; the process exits 0.
+    uvicorn itself would re-raise the signal after shutting down, so the process would die
+    by it; a gateway that drained cleanly on request has not failed.
     """
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_delay: float = 0.0) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.shutdown_delay = shutdown_delay
+        self._exit_at: float | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -137,7 +149,21 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def _stop(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        else:
+        if self.lifecycle.draining:
+            # Asked again: stop waiting for the delay; a second Ctrl+C also stops the drain.
             self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+            return
+        self.lifecycle.draining = True
+        self._exit_at = time.monotonic() + self.shutdown_delay
+        self.should_exit = not self.shutdown_delay
+        logger.info(
+            "stopping: /ready answers 503; closing the listener in %g s; draining for up to %g s",
+            self.shutdown_delay,
+            self.config.timeout_graceful_shutdown,
+        )
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)

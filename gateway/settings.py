@@ -142,6 +142,18 @@ class Settings(BaseSettings):
         "(comma-separated in the environment).",
     )
     workers: int = Field(1, ge=1, description="Worker processes (metrics are aggregated across them).")
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, seconds in-flight requests and open streams get to finish before they "
+        "are cut.",
+    )
+    shutdown_delay: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, seconds to keep accepting (with /ready at 503) before closing the listener, "
+        "so that load balancers stop sending first.",
+    )
     ssl_keyfile: Path | None = Field(
         None, description="TLS private key file; serve HTTPS with --ssl-certfile."
     )

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import ctypes
 import enum
+import importlib.util
 import logging
 import signal
 import socket
@@ -75,13 +76,11 @@ def plan_launch(settings: Settings, port: int | None = None) -> Launch:
 
 
 def llamacpp_argv(settings: Settings, port: int) -> list[str]:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         raise EmbeddedBackendError(
             "the embedded llama.cpp backend needs the 'llamacpp' extra: "
             "pip install 'inference-gateway[llamacpp]' (or pass --backend-url)"
-        ) from None
+        )
     model, alias, chat_format = _llamacpp_model(settings)
     argv = [
         sys.executable, "-m", "llama_cpp.server",

@@ -68,6 +68,7 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
 
     def start(**overrides: Any) -> Gateway:
         overrides.setdefault("backend_url", fake.url)
+        overrides.setdefault("access_log", False)  # on where a test reads it
         settings = Settings(**overrides)
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on accepted connections as it does
         # for the sockets uvicorn binds itself.

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import GatewayFactory
 
 SECRET_PROMPT = "the launch code is 7-7-alpha"
 
@@ -17,7 +17,10 @@ def lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def test_one_line_per_request_with_its_fields(gateway: Gateway, capfd: pytest.CaptureFixture[str]) -> None:
+def test_one_line_per_request_with_its_fields(
+    start_gateway: GatewayFactory, capfd: pytest.CaptureFixture[str]
+) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1", "sk-test-2"], access_log=True)
     capfd.readouterr()
     httpx.post(
         gateway.url + "/v1/chat/completions",
