@@ -3,6 +3,7 @@ shared by two gateway processes through a real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -321,3 +322,20 @@ def test_redis_stopping_mid_run(fake: Fake, redis: RedisServer, fail_closed: boo
     finally:
         stderr = stop_process(process)
     assert b"rate-limit storage failed" in stderr
+
+
+async def test_memory_moving_window_is_exact_and_forgets_idle_keys() -> None:
+    from gateway.ratelimit import MemoryStorage
+
+    storage = MemoryStorage()
+    assert [await storage.acquire_entry("k", 3, 1) for _ in range(4)] == [True, True, True, False]
+    start, count = await storage.get_moving_window("k", 3, 1)
+    assert count == 3
+    assert start <= time.time()
+    await asyncio.sleep(1.05)
+    assert await storage.acquire_entry("k", 3, 1)  # the window moved on
+    assert await storage.acquire_entry("gone", 1, 1)
+    await asyncio.sleep(1.05)
+    storage._sweep(time.time())
+    assert "gone" not in storage.windows
+    assert not await storage.acquire_entry("big", 2, 1, amount=3)

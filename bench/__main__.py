@@ -1,0 +1,386 @@
+"""The gateway against a direct connection and against nginx, in one run on one machine.
+
+    python -m bench                 # every workload, then a 10-minute soak
+    python -m bench --quick         # a tiny configuration (what the test suite runs)
+
+It starts fake upstreams (nginx serving a fixed JSON body; ``bench.upstream`` sending SSE
+chunks), the gateway in its production configuration (auth, a rate limit too high to
+trigger, metrics and the access log on) and nginx as a plain reverse proxy to the same
+upstreams, then drives each path with wrk, alternating between them for several rounds.
+Results (medians, ratios, targets) go to ``bench/results/<time>/`` as results.md,
+results.json and results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KEY = "sk-bench"
+PATHS = ("direct", "nginx", "gateway")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Plan:
+    seconds: float
+    rounds: int
+    paced_streams: int
+    paced_seconds: float
+    body_sizes: tuple[int, ...]
+    soak_seconds: float
+
+
+FULL = Plan(seconds=10, rounds=3, paced_streams=1000, paced_seconds=30, body_sizes=(1024, 100 * 1024, 1024 * 1024),
+            soak_seconds=600)  # fmt: skip
+QUICK = Plan(seconds=1, rounds=1, paced_streams=20, paced_seconds=2, body_sizes=(1024, 100 * 1024), soak_seconds=3)
+
+
+@dataclass
+class Endpoints:
+    static: dict[str, str] = field(default_factory=dict)
+    sse: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def ensure_tools() -> None:
+    missing = [name for name, binary in (("wrk", "wrk"), ("nginx-light", "nginx")) if not shutil.which(binary)]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, stdout=subprocess.DEVNULL)
+
+
+NGINX_CONF = """
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    client_max_body_size 4m;
+    client_body_buffer_size 4m;
+    keepalive_requests 1000000;
+    upstream static_upstream {{ server 127.0.0.1:{static}; keepalive 256; }}
+    upstream sse_upstream {{ server 127.0.0.1:{sse}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{static};
+        location / {{ default_type application/json; return 200 '{body}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_static};
+        location / {{
+            proxy_pass http://static_upstream; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_buffering off; proxy_request_buffering off;
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{proxy_sse};
+        location / {{
+            proxy_pass http://sse_upstream; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, int]]]:
+    from bench.upstream import JSON_BODY
+
+    ports = {name: free_port() for name in ("static", "sse", "proxy_static", "proxy_sse", "gw_static", "gw_sse")}
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / sub).mkdir(exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, body=JSON_BODY.decode(), **ports))
+    started: list[subprocess.Popen[bytes]] = []
+    pids: dict[str, int] = {}
+    try:
+        started.append(subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"]))
+        started.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(ports["sse"])],
+                                        cwd=ROOT))  # fmt: skip
+        for name, backend in (("gw_static", "static"), ("gw_sse", "sse")):
+            log = open(workdir / f"{name}-access.log", "wb")  # noqa: SIM115 - closed with the process
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--port", str(ports[name]),
+                 "--backend-url", f"http://127.0.0.1:{ports[backend]}", "--api-key", KEY,
+                 "--rate-limit", "1000000000/minute", "--log-level", "warning"],
+                cwd=ROOT, stdout=log, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            started.append(gateway)
+            pids[name] = gateway.pid
+        for port in ports.values():
+            wait_for_port(port)
+        endpoints = Endpoints(
+            static={"direct": f"http://127.0.0.1:{ports['static']}", "nginx": f"http://127.0.0.1:{ports['proxy_static']}",
+                    "gateway": f"http://127.0.0.1:{ports['gw_static']}"},
+            sse={"direct": f"http://127.0.0.1:{ports['sse']}", "nginx": f"http://127.0.0.1:{ports['proxy_sse']}",
+                 "gateway": f"http://127.0.0.1:{ports['gw_sse']}"},
+        )  # fmt: skip
+        yield endpoints, pids
+    finally:
+        for process in reversed(started):
+            process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def request_body(size: int, workdir: Path) -> Path:
+    path = workdir / f"body-{size}.json"
+    if not path.exists():
+        head = b'{"model": "bench", "messages": [{"role": "user", "content": "'
+        tail = b'"}], "max_tokens": 16}'
+        path.write_bytes(head + b"x" * max(size - len(head) - len(tail), 0) + tail)
+    return path
+
+
+def wrk(url: str, connections: int, seconds: float, body: Path, workdir: Path) -> dict[str, float]:
+    script = workdir / f"{body.stem}.lua"
+    script.write_text(WRK_SCRIPT.format(key=KEY, body=body))
+    threads = 1 if connections < 4 else 2
+    output = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(seconds, 1):g}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    median = _millis(re.search(r"\s50%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
+    p99 = _millis(re.search(r"\s99%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
+    return {"rps": rate, "p50_ms": median, "p99_ms": p99, "errors": errors + int(non_2xx.group(1) if non_2xx else 0)}
+
+
+def _millis(text: str) -> float:
+    value = float(re.match(r"[\d.]+", text).group(0))  # type: ignore[union-attr]
+    unit = text[len(re.match(r"[\d.]+", text).group(0)) :]  # type: ignore[union-attr]
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def rounds(plan: Plan, measure: Callable[[str], dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Run ``measure`` on each path, alternating, for every round; medians per path."""
+    samples: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
+    for _ in range(plan.rounds):
+        for path in PATHS:
+            samples[path].append(measure(path))
+    return {
+        path: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for path, runs in samples.items()
+    }
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """Current and peak resident memory of a process, in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    current = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return current / 1024, peak / 1024
+
+
+def paced(url: str, plan: Plan, interval_ms: float = 200) -> dict[str, Any]:
+    output = subprocess.run(
+        [sys.executable, "-m", "bench.streams", url, "--streams", str(plan.paced_streams),
+         "--interval-ms", f"{interval_ms:g}", "--seconds", f"{plan.paced_seconds:g}", "--key", KEY],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(output)
+    return result
+
+
+def soak(url: str, pid: int, plan: Plan, workdir: Path) -> dict[str, Any]:
+    script = workdir / "soak.lua"
+    script.write_text(WRK_SCRIPT.format(key=KEY, body=request_body(1024, workdir)))
+    load = subprocess.Popen(
+        ["wrk", "-t1", "-c8", f"-d{plan.soak_seconds:g}s", "-s", str(script), url + "/v1/chat/completions"],
+        stdout=subprocess.DEVNULL,
+    )
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    interval = max(plan.soak_seconds / 60, 0.5)
+    while load.poll() is None:
+        samples.append((time.monotonic() - started, rss_mb(pid)[0]))
+        time.sleep(interval)
+    # The trend over the second half, after warm-up: MB per minute.
+    half = [s for s in samples if s[0] >= plan.soak_seconds / 2] or samples
+    slope = statistics.linear_regression([t for t, _ in half], [m for _, m in half]).slope * 60 if len(half) > 1 else 0
+    return {"seconds": plan.soak_seconds, "rss_start_mb": round(samples[0][1], 1), "rss_end_mb": round(samples[-1][1], 1),
+            "rss_max_mb": round(max(m for _, m in samples), 1), "trend_mb_per_min": round(slope, 3),
+            "samples": [(round(t, 1), round(m, 2)) for t, m in samples]}  # fmt: skip
+
+
+def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
+    ensure_tools()
+    results: dict[str, Any] = {"plan": plan.__dict__, "machine": {"cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as temp:
+        workdir = Path(temp)
+        with processes(plan, workdir) as (endpoints, pids):
+            small = request_body(256, workdir)
+            chat = "/v1/chat/completions"
+            results["c1"] = rounds(plan, lambda p: wrk(endpoints.static[p] + chat, 1, plan.seconds, small, workdir))
+            results["c32"] = rounds(plan, lambda p: wrk(endpoints.static[p] + chat, 32, plan.seconds, small, workdir))
+            stream = chat + "?chunks=100&interval_ms=0"
+            results["stream100_c16"] = rounds(
+                plan, lambda p: wrk(endpoints.sse[p] + stream, 16, plan.seconds, small, workdir)
+            )
+            results["bodies"] = {
+                str(size): rounds(
+                    plan, lambda p, size=size: wrk(
+                        endpoints.static[p] + chat, 8, plan.seconds, request_body(size, workdir), workdir)
+                )
+                for size in plan.body_sizes
+            }  # fmt: skip
+            results["paced"] = {path: paced(endpoints.sse[path], plan) for path in ("nginx", "gateway")}
+            results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gw_sse"])[1], 1)
+            if soak_on:
+                results["soak"] = soak(endpoints.static["gateway"], pids["gw_static"], plan, workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(report(results))
+    plot(results, out / "results.png")
+    return results
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each target of the performance issue."""
+    rows = []
+    c1 = results["c1"]
+    added = c1["gateway"]["p50_ms"] - c1["direct"]["p50_ms"]
+    rows.append(("c=1: adds at most 0.25 ms to a direct call's median", f"+{added:.3f} ms", added <= 0.25))
+    ratio = results["c32"]["gateway"]["rps"] / results["c32"]["nginx"]["rps"]
+    rows.append(("c=32: at least 15% of nginx's requests/s (stretch 25%)", f"{ratio:.1%}", ratio >= 0.15))
+    ratio = results["stream100_c16"]["gateway"]["rps"] / results["stream100_c16"]["nginx"]["rps"]
+    rows.append(("100-chunk streams, c=16: at least 90% of nginx's responses/s", f"{ratio:.1%}", ratio >= 0.90))
+    gw, ng = results["paced"]["gateway"], results["paced"]["nginx"]
+    extra = gw["late_p99_ms"] - ng["late_p99_ms"]
+    ok = gw["errors"] == 0 and extra <= 5 and gw["peak_rss_mb"] < 200
+    rows.append((f"{gw['streams']} paced streams: no errors, p99 lateness at most 5 ms above nginx's, peak RSS < 200 MB",
+                 f"{gw['errors']} errors, +{extra:.2f} ms, {gw['peak_rss_mb']} MB", ok))  # fmt: skip
+    sizes = sorted(results["bodies"], key=int)
+    first, last = sizes[0], sizes[-1]
+    cost = [results["bodies"][s]["gateway"]["p50_ms"] - results["bodies"][s]["direct"]["p50_ms"] for s in (first, last)]
+    growth = cost[1] / cost[0] if cost[0] > 0 else float("inf")
+    bytes_growth = int(last) / int(first)
+    rows.append((f"request bodies {int(first) // 1024} KB to {int(last) // 1024} KB: cost grows no faster than the bytes",
+                 f"added latency x{growth:.1f} for bytes x{bytes_growth:.0f}", growth <= bytes_growth))  # fmt: skip
+    if "soak" in results:
+        soak_result = results["soak"]
+        flat = abs(soak_result["trend_mb_per_min"]) < 0.5
+        rows.append((f"{soak_result['seconds'] / 60:g}-minute soak: flat memory",
+                     f"{soak_result['rss_start_mb']} -> {soak_result['rss_end_mb']} MB, "
+                     f"trend {soak_result['trend_mb_per_min']} MB/min", flat))  # fmt: skip
+    return rows
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = ["# Benchmark", "", f"Machine: {results['machine']['cpus']} CPUs. Plan: `{results['plan']}`.", "",
+             "| workload | metric | direct | nginx | gateway | gateway / nginx |", "|---|---|---|---|---|---|"]  # fmt: skip
+    def row(name: str, data: dict[str, dict[str, float]], metric: str) -> None:
+        values = [data[p][metric] for p in PATHS]
+        lines.append(f"| {name} | {metric} | " + " | ".join(f"{v:,.3f}" for v in values)
+                     + f" | {values[2] / values[1]:.1%} |")  # fmt: skip
+
+    row("non-streaming, c=1", results["c1"], "p50_ms")
+    row("non-streaming, c=1", results["c1"], "rps")
+    row("non-streaming, c=32", results["c32"], "rps")
+    row("non-streaming, c=32", results["c32"], "p99_ms")
+    row("100-chunk streams, c=16", results["stream100_c16"], "rps")
+    for size, data in results["bodies"].items():
+        row(f"{int(size) // 1024} KB bodies, c=8", data, "rps")
+        row(f"{int(size) // 1024} KB bodies, c=8", data, "p50_ms")
+    paced_result = results["paced"]
+    lines += ["", "| paced streams | errors | lateness p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
+    for path in ("nginx", "gateway"):
+        r = paced_result[path]
+        lines.append(f"| {path} ({r['streams']} streams) | {r['errors']} | {r['late_p50_ms']} | {r['late_p99_ms']} | "
+                     f"{r['late_max_ms']} |")  # fmt: skip
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {measured} | {'yes' if ok else '**no**'} |" for name, measured, ok in targets(results)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    workloads = [("c=32 req/s", results["c32"]), ("streams c=16", results["stream100_c16"])]
+    workloads += [(f"{int(s) // 1024} KB body", d) for s, d in results["bodies"].items()]
+    names = [name for name, _ in workloads]
+    for offset, p in enumerate(PATHS):
+        left.bar([i + offset * 0.27 for i in range(len(names))], [d[p]["rps"] for _, d in workloads], 0.27, label=p)
+    left.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=15)
+    left.set_ylabel("requests / s")
+    left.set_title("Throughput")
+    left.legend()
+    latencies = [results["c1"][p]["p50_ms"] for p in PATHS]
+    right.bar(PATHS, latencies, color=["tab:blue", "tab:orange", "tab:green"])
+    right.set_ylabel("median latency, ms")
+    right.set_title("One client (c=1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration, for tests")
+    parser.add_argument("--no-soak", action="store_true", help="skip the soak")
+    parser.add_argument("--out", type=Path, help="where results go (default: bench/results/<time>)")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    run(plan, out, soak_on=not args.no_soak)
+    print((out / "results.md").read_text())
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
