@@ -17,11 +17,13 @@ class AccessLog:
         # that a crash would lose, and lines from several workers never interleave.
         self._stream = stream
         self._fd = 1 if stream is None else None
+        self._second = -1
+        self._stamp = ""
 
     def write(self, exchange: Exchange) -> None:
         line = orjson.dumps(
             {
-                "time": _utc_now(),
+                "time": self._now(),
                 "request_id": exchange.request_id,
                 "key": exchange.key,
                 "method": exchange.method,
@@ -45,7 +47,11 @@ class AccessLog:
             assert self._stream is not None
             self._stream.write(line)
 
-
-def _utc_now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    def _now(self) -> str:
+        """UTC with milliseconds; the formatted second is reused within the second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters import llamacpp, vllm
 from gateway.accesslog import AccessLog
@@ -32,7 +35,7 @@ logger = logging.getLogger("gateway")
 EMBEDDED_ADAPTERS = {"llamacpp": llamacpp.PYTHON, "vllm": vllm.ADAPTER}
 
 
-def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
+def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp:
     """The gateway as an ASGI app.
 
     ``backend`` defaults to the one the settings describe; with no backend URL configured,
@@ -74,25 +77,24 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
             metrics.rate_limited,
         )
 
-    routes: list[BaseRoute] = [
-        Route(
-            spec.path,
-            ProxyEndpoint(
-                spec,
-                backend,
-                upstream,
-                admin if spec.admin else auth,
-                settings,
-                metrics,
-                access_log,
-                None if spec.admin else limiter,
-                limits_by_key,
-            ),
-            methods=list(spec.methods),
+    endpoints = {
+        spec: ProxyEndpoint(
+            spec,
+            backend,
+            upstream,
+            admin if spec.admin else auth,
+            settings,
+            metrics,
+            access_log,
+            None if spec.admin else limiter,
+            limits_by_key,
         )
         for spec in ROUTES
         # Runtime admin routes exist only for admin keys; with none configured they are 404.
         if not spec.admin or admin.enabled
+    }
+    routes: list[BaseRoute] = [
+        Route(spec.path, endpoint, methods=list(spec.methods)) for spec, endpoint in endpoints.items()
     ]
     routes.append(Route("/health", health, methods=["GET"]))
     routes.append(Route("/ready", ready.endpoint, methods=["GET"]))
@@ -119,11 +121,16 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
                 await supervisor.stop()
             await upstream.close()
 
-    app = Starlette(
+    app = GatewayApp(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, Exception: _unhandled},
     )
+    # The hot routes skip Starlette's middleware and route matching: a dict lookup instead.
+    for spec, endpoint in endpoints.items():
+        if "{" not in spec.path:
+            methods = frozenset(spec.methods) | ({"HEAD"} if "GET" in spec.methods else frozenset())
+            app.fast_routes[spec.path] = (methods, endpoint)
     app.state.settings = settings
     app.state.backend = backend
     app.state.upstream = upstream
@@ -132,6 +139,33 @@ def create_app(settings: Settings, backend: Backend | None = None) -> Starlette:
     app.state.limiter = limiter
     app.state.lifecycle = lifecycle
     return app
+
+
+class GatewayApp(Starlette):
+    """Starlette, with the proxy's fixed paths dispatched before its middleware stack.
+
+    Everything else (path parameters, wrong methods, unknown paths, health, metrics,
+    lifespan) goes through Starlette's routing and error handling as usual.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast_routes: dict[str, tuple[frozenset[str], ASGIApp]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.fast_routes.get(scope["path"])
+            if route is not None and scope["method"] in route[0]:
+                scope["app"] = self
+                try:
+                    await route[1](scope, receive, send)
+                except Exception:
+                    logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                    error = InternalError("the gateway failed to handle this request")
+                    with contextlib.suppress(RuntimeError):  # the answer had already started
+                        await _render(error)(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _render(error: GatewayError, headers: dict[str, str] | None = None) -> Response:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -113,4 +113,4 @@ def connection_listed(tokens: list[bytes]) -> set[bytes]:
 def valid_request_id(value: bytes | None) -> bytes:
     if value and REQUEST_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex.encode()
+    return os.urandom(16).hex().encode()

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -66,6 +67,7 @@ class Metrics:
     def __init__(self, models: KnownModels, registry: CollectorRegistry | None = None) -> None:
         self.models = models
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Requests answered, by route, method, status, backend, model and key name.",
@@ -119,36 +121,48 @@ class Metrics:
             registry=r,
         )  # fmt: skip
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        # labels() validates and locks on every call; the label sets are bounded, so their
+        # children are looked up once and kept.
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def started(self, exchange: Exchange) -> None:
-        self.in_flight.labels(exchange.route).inc()
+        self._child(self.in_flight, exchange.route).inc()
 
     def stream_opened(self, exchange: Exchange) -> None:
-        self.open_streams.labels(exchange.route).inc()
+        self._child(self.open_streams, exchange.route).inc()
 
     def finished(self, exchange: Exchange) -> None:
         route = exchange.route
         model = self.models.label(exchange.model)
         key = exchange.key or ""
-        self.in_flight.labels(route).dec()
-        self.requests.labels(route, exchange.method, str(exchange.status), exchange.backend, model, key).inc()
-        self.duration.labels(route, model).observe(exchange.duration)
-        self.overhead.labels(route).observe(max(exchange.duration - exchange.upstream_wait, 0.0))
+        child = self._child
+        child(self.in_flight, route).dec()
+        child(self.requests, route, exchange.method, str(exchange.status), exchange.backend, model, key).inc()
+        child(self.duration, route, model).observe(exchange.duration)
+        child(self.overhead, route).observe(max(exchange.duration - exchange.upstream_wait, 0.0))
         if exchange.ttfb is not None:
-            self.ttfb.labels(route, model).observe(exchange.ttfb)
+            child(self.ttfb, route, model).observe(exchange.ttfb)
         if exchange.stream:
-            self.open_streams.labels(route).dec()
-            self.stream_duration.labels(route, model).observe(exchange.duration)
+            child(self.open_streams, route).dec()
+            child(self.stream_duration, route, model).observe(exchange.duration)
         if exchange.prompt_tokens:
-            self.tokens.labels("prompt", route, model, key).inc(exchange.prompt_tokens)
+            child(self.tokens, "prompt", route, model, key).inc(exchange.prompt_tokens)
         if exchange.completion_tokens:
-            self.tokens.labels("completion", route, model, key).inc(exchange.completion_tokens)
+            child(self.tokens, "completion", route, model, key).inc(exchange.completion_tokens)
         error = exchange.error
+        if error is None and exchange.status < 400:
+            return
         if error == "client_disconnect":
-            self.disconnects.labels(route).inc()
+            child(self.disconnects, route).inc()
         elif error in BACKEND_ERROR_TYPES:
-            self.backend_errors.labels(exchange.backend, BACKEND_ERROR_TYPES[error]).inc()
-        elif exchange.status >= 400 and error is None:
-            self.backend_errors.labels(exchange.backend, f"status_{exchange.status // 100}xx").inc()
+            child(self.backend_errors, exchange.backend, BACKEND_ERROR_TYPES[error]).inc()
+        elif error is None:
+            child(self.backend_errors, exchange.backend, f"status_{exchange.status // 100}xx").inc()
 
     def close(self) -> None:
         """A worker leaving: its live gauges stop counting in the aggregate."""

@@ -13,6 +13,7 @@ USAGE = b'"usage"'
 PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
 NULL = re.compile(rb"\s*:\s*null")
+OBJECT = re.compile(rb"\{(?:[^{}]|\{[^{}]*\})*\}")
 
 
 def tokens_in(tail: bytes) -> tuple[int | None, int | None]:
@@ -34,17 +35,10 @@ def tokens_in(tail: bytes) -> tuple[int | None, int | None]:
 
 
 def _object_after(data: bytes, start: int) -> bytes:
-    """The JSON object that starts after ``start`` (balanced braces), or what there is of it."""
+    """The JSON object that starts after ``start`` (nested one level deep, as usage's
+    ``*_details`` are), or what there is of it."""
     opening = data.find(b"{", start, start + 16)
     if opening < 0:
         return b""
-    depth = 0
-    for index in range(opening, min(len(data), opening + 1024)):
-        char = data[index]
-        if char == 0x7B:  # {
-            depth += 1
-        elif char == 0x7D:  # }
-            depth -= 1
-            if depth == 0:
-                return data[opening : index + 1]
-    return data[opening : opening + 1024]
+    whole = OBJECT.match(data, opening)
+    return whole.group(0) if whole else data[opening : opening + 1024]
