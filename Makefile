@@ -2,6 +2,7 @@
 #   make serve   install and serve (an embedded llama.cpp backend when none is configured)
 #   make test    install everything the tests need and run them all
 #   make check   format check, lint, types
+#   make bench   the benchmark against a direct connection and nginx (about 20 minutes)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test check format system-packages
+.PHONY: install serve test check format system-packages bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,20 +26,28 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/gateway serve $(ARGS)
 
-# The rate-limit tests run a real redis-server.
+# The rate-limit tests run a real redis-server; the benchmark (and its test) nginx and wrk.
 system-packages:
-	@command -v redis-server >/dev/null || { \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 test: install system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: install system-packages
+	$(BIN)/python -m bench $(ARGS)
+
 check: install
-	$(BIN)/ruff format --check gateway adapters tests
-	$(BIN)/ruff check gateway adapters tests
+	$(BIN)/ruff format --check gateway adapters tests bench
+	$(BIN)/ruff check gateway adapters tests bench
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format gateway adapters tests
-	$(BIN)/ruff check --fix gateway adapters tests
+	$(BIN)/ruff format gateway adapters tests bench
+	$(BIN)/ruff check --fix gateway adapters tests bench

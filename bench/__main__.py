@@ -46,9 +46,17 @@ class Plan:
     soak_seconds: float
 
 
-FULL = Plan(seconds=10, rounds=3, paced_streams=1000, paced_seconds=30, body_sizes=(1024, 100 * 1024, 1024 * 1024),
-            soak_seconds=600)  # fmt: skip
-QUICK = Plan(seconds=1, rounds=1, paced_streams=20, paced_seconds=2, body_sizes=(1024, 100 * 1024), soak_seconds=3)
+FULL = Plan(
+    seconds=10,
+    rounds=3,
+    paced_streams=1000,
+    paced_seconds=30,
+    body_sizes=(1024, 100 * 1024, 1024 * 1024),
+    soak_seconds=600,
+)
+QUICK = Plan(
+    seconds=1, rounds=1, paced_streams=20, paced_seconds=2, body_sizes=(1024, 100 * 1024), soak_seconds=3
+)
 
 
 @dataclass
@@ -76,12 +84,16 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
 
 
 def ensure_tools() -> None:
-    missing = [name for name, binary in (("wrk", "wrk"), ("nginx-light", "nginx")) if not shutil.which(binary)]
+    missing = [
+        name for name, binary in (("wrk", "wrk"), ("nginx-light", "nginx")) if not shutil.which(binary)
+    ]
     if not missing:
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*sudo, "apt-get", "install", "-y", "-qq", *missing], check=True, stdout=subprocess.DEVNULL
+    )
 
 
 NGINX_CONF = """
@@ -124,7 +136,9 @@ http {{
 def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, int]]]:
     from bench.upstream import JSON_BODY
 
-    ports = {name: free_port() for name in ("static", "sse", "proxy_static", "proxy_sse", "gw_static", "gw_sse")}
+    ports = {
+        name: free_port() for name in ("static", "sse", "proxy_static", "proxy_sse", "gw_static", "gw_sse")
+    }
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -133,26 +147,48 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
     pids: dict[str, int] = {}
     try:
         started.append(subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"]))
-        started.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(ports["sse"])],
-                                        cwd=ROOT))  # fmt: skip
+        started.append(
+            subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(ports["sse"])], cwd=ROOT)
+        )
         for name, backend in (("gw_static", "static"), ("gw_sse", "sse")):
             log = open(workdir / f"{name}-access.log", "wb")  # noqa: SIM115 - closed with the process
             gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--port", str(ports[name]),
-                 "--backend-url", f"http://127.0.0.1:{ports[backend]}", "--api-key", KEY,
-                 "--rate-limit", "1000000000/minute", "--log-level", "warning"],
-                cwd=ROOT, stdout=log, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--port",
+                    str(ports[name]),
+                    "--backend-url",
+                    f"http://127.0.0.1:{ports[backend]}",
+                    "--api-key",
+                    KEY,
+                    "--rate-limit",
+                    "1000000000/minute",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.DEVNULL,
+            )
             started.append(gateway)
             pids[name] = gateway.pid
         for port in ports.values():
             wait_for_port(port)
         endpoints = Endpoints(
-            static={"direct": f"http://127.0.0.1:{ports['static']}", "nginx": f"http://127.0.0.1:{ports['proxy_static']}",
-                    "gateway": f"http://127.0.0.1:{ports['gw_static']}"},
-            sse={"direct": f"http://127.0.0.1:{ports['sse']}", "nginx": f"http://127.0.0.1:{ports['proxy_sse']}",
-                 "gateway": f"http://127.0.0.1:{ports['gw_sse']}"},
-        )  # fmt: skip
+            static={
+                "direct": f"http://127.0.0.1:{ports['static']}",
+                "nginx": f"http://127.0.0.1:{ports['proxy_static']}",
+                "gateway": f"http://127.0.0.1:{ports['gw_static']}",
+            },
+            sse={
+                "direct": f"http://127.0.0.1:{ports['sse']}",
+                "nginx": f"http://127.0.0.1:{ports['proxy_sse']}",
+                "gateway": f"http://127.0.0.1:{ports['gw_sse']}",
+            },
+        )
         yield endpoints, pids
     finally:
         for process in reversed(started):
@@ -188,15 +224,31 @@ def wrk(url: str, connections: int, seconds: float, body: Path, workdir: Path) -
     script.write_text(WRK_SCRIPT.format(key=KEY, body=body))
     threads = 1 if connections < 4 else 2
     output = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(seconds, 1):g}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(seconds, 1):g}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     median = _millis(re.search(r"\s50%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
     p99 = _millis(re.search(r"\s99%\s+([\d.]+\w+)", output).group(1))  # type: ignore[union-attr]
-    return {"rps": rate, "p50_ms": median, "p99_ms": p99, "errors": errors + int(non_2xx.group(1) if non_2xx else 0)}
+    return {
+        "rps": rate,
+        "p50_ms": median,
+        "p99_ms": p99,
+        "errors": errors + int(non_2xx.group(1) if non_2xx else 0),
+    }
 
 
 def _millis(text: str) -> float:
@@ -212,7 +264,8 @@ def rounds(plan: Plan, measure: Callable[[str], dict[str, float]]) -> dict[str, 
         for path in PATHS:
             samples[path].append(measure(path))
     return {
-        path: {key: statistics.median(s[key] for s in runs) for key in runs[0]} for path, runs in samples.items()
+        path: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+        for path, runs in samples.items()
     }
 
 
@@ -226,10 +279,25 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 def paced(url: str, plan: Plan, interval_ms: float = 200) -> dict[str, Any]:
     output = subprocess.run(
-        [sys.executable, "-m", "bench.streams", url, "--streams", str(plan.paced_streams),
-         "--interval-ms", f"{interval_ms:g}", "--seconds", f"{plan.paced_seconds:g}", "--key", KEY],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    ).stdout  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.streams",
+            url,
+            "--streams",
+            str(plan.paced_streams),
+            "--interval-ms",
+            f"{interval_ms:g}",
+            "--seconds",
+            f"{plan.paced_seconds:g}",
+            "--key",
+            KEY,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
     result: dict[str, Any] = json.loads(output)
     return result
 
@@ -249,10 +317,19 @@ def soak(url: str, pid: int, plan: Plan, workdir: Path) -> dict[str, Any]:
         time.sleep(interval)
     # The trend over the second half, after warm-up: MB per minute.
     half = [s for s in samples if s[0] >= plan.soak_seconds / 2] or samples
-    slope = statistics.linear_regression([t for t, _ in half], [m for _, m in half]).slope * 60 if len(half) > 1 else 0
-    return {"seconds": plan.soak_seconds, "rss_start_mb": round(samples[0][1], 1), "rss_end_mb": round(samples[-1][1], 1),
-            "rss_max_mb": round(max(m for _, m in samples), 1), "trend_mb_per_min": round(slope, 3),
-            "samples": [(round(t, 1), round(m, 2)) for t, m in samples]}  # fmt: skip
+    slope = (
+        statistics.linear_regression([t for t, _ in half], [m for _, m in half]).slope * 60
+        if len(half) > 1
+        else 0
+    )
+    return {
+        "seconds": plan.soak_seconds,
+        "rss_start_mb": round(samples[0][1], 1),
+        "rss_end_mb": round(samples[-1][1], 1),
+        "rss_max_mb": round(max(m for _, m in samples), 1),
+        "trend_mb_per_min": round(slope, 3),
+        "samples": [(round(t, 1), round(m, 2)) for t, m in samples],
+    }
 
 
 def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
@@ -263,19 +340,25 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
         with processes(plan, workdir) as (endpoints, pids):
             small = request_body(256, workdir)
             chat = "/v1/chat/completions"
-            results["c1"] = rounds(plan, lambda p: wrk(endpoints.static[p] + chat, 1, plan.seconds, small, workdir))
-            results["c32"] = rounds(plan, lambda p: wrk(endpoints.static[p] + chat, 32, plan.seconds, small, workdir))
+            results["c1"] = rounds(
+                plan, lambda p: wrk(endpoints.static[p] + chat, 1, plan.seconds, small, workdir)
+            )
+            results["c32"] = rounds(
+                plan, lambda p: wrk(endpoints.static[p] + chat, 32, plan.seconds, small, workdir)
+            )
             stream = chat + "?chunks=100&interval_ms=0"
             results["stream100_c16"] = rounds(
                 plan, lambda p: wrk(endpoints.sse[p] + stream, 16, plan.seconds, small, workdir)
             )
             results["bodies"] = {
                 str(size): rounds(
-                    plan, lambda p, size=size: wrk(
-                        endpoints.static[p] + chat, 8, plan.seconds, request_body(size, workdir), workdir)
+                    plan,
+                    lambda p, size=size: wrk(
+                        endpoints.static[p] + chat, 8, plan.seconds, request_body(size, workdir), workdir
+                    ),
                 )
                 for size in plan.body_sizes
-            }  # fmt: skip
+            }
             results["paced"] = {path: paced(endpoints.sse[path], plan) for path in ("nginx", "gateway")}
             results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gw_sse"])[1], 1)
             if soak_on:
@@ -296,35 +379,67 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ratio = results["c32"]["gateway"]["rps"] / results["c32"]["nginx"]["rps"]
     rows.append(("c=32: at least 15% of nginx's requests/s (stretch 25%)", f"{ratio:.1%}", ratio >= 0.15))
     ratio = results["stream100_c16"]["gateway"]["rps"] / results["stream100_c16"]["nginx"]["rps"]
-    rows.append(("100-chunk streams, c=16: at least 90% of nginx's responses/s", f"{ratio:.1%}", ratio >= 0.90))
+    rows.append(
+        ("100-chunk streams, c=16: at least 90% of nginx's responses/s", f"{ratio:.1%}", ratio >= 0.90)
+    )
     gw, ng = results["paced"]["gateway"], results["paced"]["nginx"]
     extra = gw["late_p99_ms"] - ng["late_p99_ms"]
     ok = gw["errors"] == 0 and extra <= 5 and gw["peak_rss_mb"] < 200
-    rows.append((f"{gw['streams']} paced streams: no errors, p99 lateness at most 5 ms above nginx's, peak RSS < 200 MB",
-                 f"{gw['errors']} errors, +{extra:.2f} ms, {gw['peak_rss_mb']} MB", ok))  # fmt: skip
+    rows.append(
+        (
+            f"{gw['streams']} paced streams: no errors, p99 lateness at most 5 ms above nginx's, "
+            "peak RSS < 200 MB",
+            f"{gw['errors']} errors, +{extra:.2f} ms, {gw['peak_rss_mb']} MB",
+            ok,
+        )
+    )
     sizes = sorted(results["bodies"], key=int)
     first, last = sizes[0], sizes[-1]
-    cost = [results["bodies"][s]["gateway"]["p50_ms"] - results["bodies"][s]["direct"]["p50_ms"] for s in (first, last)]
+    cost = [
+        results["bodies"][s]["gateway"]["p50_ms"] - results["bodies"][s]["direct"]["p50_ms"]
+        for s in (first, last)
+    ]
     growth = cost[1] / cost[0] if cost[0] > 0 else float("inf")
     bytes_growth = int(last) / int(first)
-    rows.append((f"request bodies {int(first) // 1024} KB to {int(last) // 1024} KB: cost grows no faster than the bytes",
-                 f"added latency x{growth:.1f} for bytes x{bytes_growth:.0f}", growth <= bytes_growth))  # fmt: skip
+    rows.append(
+        (
+            f"request bodies {int(first) // 1024} KB to {int(last) // 1024} KB: "
+            "cost grows no faster than the bytes",
+            f"added latency x{growth:.1f} for bytes x{bytes_growth:.0f}",
+            growth <= bytes_growth,
+        )
+    )
     if "soak" in results:
         soak_result = results["soak"]
         flat = abs(soak_result["trend_mb_per_min"]) < 0.5
-        rows.append((f"{soak_result['seconds'] / 60:g}-minute soak: flat memory",
-                     f"{soak_result['rss_start_mb']} -> {soak_result['rss_end_mb']} MB, "
-                     f"trend {soak_result['trend_mb_per_min']} MB/min", flat))  # fmt: skip
+        rows.append(
+            (
+                f"{soak_result['seconds'] / 60:g}-minute soak: flat memory",
+                f"{soak_result['rss_start_mb']} -> {soak_result['rss_end_mb']} MB, "
+                f"trend {soak_result['trend_mb_per_min']} MB/min",
+                flat,
+            )
+        )
     return rows
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = ["# Benchmark", "", f"Machine: {results['machine']['cpus']} CPUs. Plan: `{results['plan']}`.", "",
-             "| workload | metric | direct | nginx | gateway | gateway / nginx |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Benchmark",
+        "",
+        f"Machine: {results['machine']['cpus']} CPUs. Plan: `{results['plan']}`.",
+        "",
+        "| workload | metric | direct | nginx | gateway | gateway / nginx |",
+        "|---|---|---|---|---|---|",
+    ]
+
     def row(name: str, data: dict[str, dict[str, float]], metric: str) -> None:
         values = [data[p][metric] for p in PATHS]
-        lines.append(f"| {name} | {metric} | " + " | ".join(f"{v:,.3f}" for v in values)
-                     + f" | {values[2] / values[1]:.1%} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {metric} | "
+            + " | ".join(f"{v:,.3f}" for v in values)
+            + f" | {values[2] / values[1]:.1%} |"
+        )
 
     row("non-streaming, c=1", results["c1"], "p50_ms")
     row("non-streaming, c=1", results["c1"], "rps")
@@ -338,10 +453,14 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", "| paced streams | errors | lateness p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
     for path in ("nginx", "gateway"):
         r = paced_result[path]
-        lines.append(f"| {path} ({r['streams']} streams) | {r['errors']} | {r['late_p50_ms']} | {r['late_p99_ms']} | "
-                     f"{r['late_max_ms']} |")  # fmt: skip
+        lines.append(
+            f"| {path} ({r['streams']} streams) | {r['errors']} | {r['late_p50_ms']} | {r['late_p99_ms']} | "
+            f"{r['late_max_ms']} |"
+        )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {name} | {measured} | {'yes' if ok else '**no**'} |" for name, measured, ok in targets(results)]
+    lines += [
+        f"| {name} | {measured} | {'yes' if ok else '**no**'} |" for name, measured, ok in targets(results)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -356,7 +475,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     workloads += [(f"{int(s) // 1024} KB body", d) for s, d in results["bodies"].items()]
     names = [name for name, _ in workloads]
     for offset, p in enumerate(PATHS):
-        left.bar([i + offset * 0.27 for i in range(len(names))], [d[p]["rps"] for _, d in workloads], 0.27, label=p)
+        left.bar(
+            [i + offset * 0.27 for i in range(len(names))], [d[p]["rps"] for _, d in workloads], 0.27, label=p
+        )
     left.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=15)
     left.set_ylabel("requests / s")
     left.set_title("Throughput")
@@ -370,7 +491,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, for tests")
     parser.add_argument("--no-soak", action="store_true", help="skip the soak")
     parser.add_argument("--out", type=Path, help="where results go (default: bench/results/<time>)")

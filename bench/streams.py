@@ -1,6 +1,6 @@
 """Many concurrent paced streams: the delay each chunk arrives late, through a proxy or not.
 
-    python -m bench.streams URL --streams 1000 --interval-ms 200 --seconds 30
+python -m bench.streams URL --streams 1000 --interval-ms 200 --seconds 30
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ async def one_stream(
         return True
 
 
-async def run(url: str, streams: int, interval_ms: float, seconds: float, key: str | None) -> dict[str, object]:
+async def run(
+    url: str, streams: int, interval_ms: float, seconds: float, key: str | None
+) -> dict[str, object]:
     chunks = max(int(seconds * 1000 / interval_ms), 1)
     target = f"{url}/v1/chat/completions?chunks={chunks}&interval_ms={interval_ms:g}"
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -47,7 +49,7 @@ async def run(url: str, streams: int, interval_ms: float, seconds: float, key: s
             await asyncio.sleep(index * interval_ms / 1000 / streams)  # spread the starts over one interval
             try:
                 return await one_stream(session, target, headers, interval_ms / 1000, lateness)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return False
 
         results = await asyncio.gather(*(guarded(i) for i in range(streams)))

@@ -20,12 +20,15 @@ JSON_BODY = json.dumps(
         "object": "chat.completion",
         "created": 1700000000,
         "model": "bench",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}
+        ],
         "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
     }
 ).encode()
 JSON_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(JSON_BODY) + JSON_BODY
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(JSON_BODY)
+    + JSON_BODY
 )
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENT = (
@@ -44,6 +47,7 @@ class Protocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy = False
+        self.streaming: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -76,7 +80,7 @@ class Protocol(asyncio.Protocol):
             chunks = int(query.get("chunks", ["100"])[0])
             interval = float(query.get("interval_ms", ["0"])[0]) / 1000
             self.busy = True
-            asyncio.ensure_future(self._stream(chunks, interval))
+            self.streaming = asyncio.ensure_future(self._stream(chunks, interval))
         else:
             assert self.transport is not None
             self.transport.write(JSON_RESPONSE)

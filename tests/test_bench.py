@@ -1,0 +1,36 @@
+"""The benchmark script runs end to end in a tiny configuration. No timing is asserted:
+speed is what the benchmark reports, not what the suite checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    for workload in ("c1", "c32", "stream100_c16"):
+        for path in ("direct", "nginx", "gateway"):
+            assert data[workload][path]["rps"] > 0, (workload, path)
+            assert data[workload][path]["errors"] == 0, (workload, path)
+    for size in data["bodies"].values():
+        assert size["gateway"]["rps"] > 0
+    for path in ("nginx", "gateway"):
+        assert data["paced"][path]["errors"] == 0, data["paced"]
+    assert data["paced"]["gateway"]["peak_rss_mb"] > 0
+    assert data["soak"]["samples"]
+    report = (tmp_path / "results.md").read_text()
+    assert "| target | measured | met |" in report
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
