@@ -14,7 +14,7 @@ import pytest
 from gateway.cli import FLAG_NAMES, build_parser
 from gateway.settings import Settings
 from tests.conftest import Fake
-from tests.fakes import free_port, wait_until
+from tests.processes import serve, stop
 
 
 def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -57,31 +57,15 @@ def test_invalid_setting_is_explained() -> None:
 
 
 @pytest.fixture
-def served(fake: Fake) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--api-key", "sk-cli"],
-        env={**os.environ, "BACKEND_URL": fake.url + "/v1", "GATEWAY_LOG_LEVEL": "info"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def served(fake: Fake) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    process, url = serve(
+        "--api-key", "sk-cli", env={"BACKEND_URL": fake.url + "/v1", "GATEWAY_LOG_LEVEL": "info"}
     )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(up, timeout=20), process.communicate(timeout=5)
     yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    stop(process, signal.SIGKILL)
 
 
-def test_serves_and_stops_cleanly_on_sigterm(served: tuple[subprocess.Popen[str], str]) -> None:
+def test_serves_and_stops_cleanly_on_sigterm(served: tuple[subprocess.Popen[bytes], str]) -> None:
     process, url = served
     response = httpx.post(
         url + "/v1/chat/completions",
@@ -90,29 +74,13 @@ def test_serves_and_stops_cleanly_on_sigterm(served: tuple[subprocess.Popen[str]
     )
     assert response.status_code == 200
     assert httpx.get(url + "/ready").status_code == 200
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=15)
+    stderr = stop(process)
     assert process.returncode == 0
     assert "sk-cli" not in stderr
 
 
 def test_open_gateway_says_so_at_start_up(fake: Fake) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--backend-url", fake.url],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert wait_until(lambda: _is_up(port), timeout=20)
-    finally:
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=15)
+    process, _ = serve("--backend-url", fake.url)
+    stderr = stop(process, signal.SIGINT)
+    assert process.returncode == 0
     assert "no API keys configured" in stderr
-
-
-def _is_up(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False

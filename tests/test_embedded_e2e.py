@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,14 +12,15 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes import free_port, wait_until
+from tests.fakes import wait_until
+from tests.processes import serve, stop
 
 pytestmark = pytest.mark.llamacpp
 
 
 @dataclass
 class Served:
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
     url: str
 
     def children(self) -> list[int]:
@@ -58,22 +58,9 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def served() -> Iterator[Served]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--api-key", "sk-local",
-         "--context-size", "1024"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    served = Served(process, f"http://127.0.0.1:{port}")
-    assert wait_until(lambda: served.ready_status() == 200, timeout=180), (
-        "embedded backend never became ready"
-    )
-    yield served
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+    process, url = serve("--api-key", "sk-local", "--context-size", "1024", until="/ready", timeout=180)
+    yield Served(process, url)
+    stop(process, signal.SIGKILL)
 
 
 def test_serves_chat_and_streams_then_stops_with_no_child_left(served: Served) -> None:
@@ -96,8 +83,7 @@ def test_serves_chat_and_streams_then_stops_with_no_child_left(served: Served) -
         pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
         assert len(pieces) > 1
         assert "".join(pieces).strip()
-    served.process.send_signal(signal.SIGTERM)
-    _, stderr = served.process.communicate(timeout=30)
+    stderr = stop(served.process)
     assert served.process.returncode == 0, stderr
     assert not alive(children[0])
     assert "sk-local" not in stderr
@@ -124,14 +110,12 @@ def test_a_killed_backend_comes_back_and_ready_shows_the_gap(served: Served) -> 
 
 def test_no_orphan_when_the_gateway_crashes(served: Served) -> None:
     (child,) = served.children()
-    served.process.kill()
-    served.process.communicate()
+    stop(served.process, signal.SIGKILL)
     assert wait_until(lambda: not alive(child), timeout=10)
 
 
 def test_interrupt_stops_the_backend_too(served: Served) -> None:
     (child,) = served.children()
-    served.process.send_signal(signal.SIGINT)
-    served.process.communicate(timeout=30)
+    stop(served.process, signal.SIGINT)
     assert served.process.returncode == 0
     assert not alive(child)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
 from tests.fakes import free_port, wait_until
+from tests.processes import serve, stop
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -132,42 +130,21 @@ def test_a_fresh_registry_per_app(start_gateway: GatewayFactory) -> None:
     assert value(scrape(first), "gateway_requests_total") == 1
 
 
-def run_gateway(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--no-access-log", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(up, timeout=30)
-    return process, url
-
-
 def test_metrics_on_their_own_port(fake: Fake) -> None:
     metrics_port = free_port()
-    process, url = run_gateway("--backend-url", fake.url, "--metrics-port", str(metrics_port))
+    process, url = serve("--backend-url", fake.url, "--metrics-port", str(metrics_port), "--no-access-log")
     try:
         assert httpx.get(url + "/metrics").status_code == 404
         httpx.get(url + "/v1/models")
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert value(samples, "gateway_requests_total", route="models") == 1
     finally:
-        process.terminate()
-        process.wait(15)
+        stop(process)
 
 
 def test_two_workers_aggregate_their_metrics(fake: Fake, tmp_path: Path) -> None:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    process, url = run_gateway("--backend-url", fake.url, "--workers", "2", env=env)
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process, url = serve("--backend-url", fake.url, "--workers", "2", "--no-access-log", env=env)
     try:
         for _ in range(60):
             # A new connection each time, so that both workers take some.
@@ -178,6 +155,5 @@ def test_two_workers_aggregate_their_metrics(fake: Fake, tmp_path: Path) -> None
         workers = {path.stem.rsplit("_", 1)[1] for path in tmp_path.glob("counter_*.db")}
         assert len(workers) == 2, "one worker took every connection"
     finally:
-        process.terminate()
-        process.wait(15)
+        stop(process)
     assert process.returncode == 0

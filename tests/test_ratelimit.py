@@ -4,9 +4,7 @@ shared by two gateway processes through a real redis-server."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +26,8 @@ from gateway.ratelimit import (
     requested_max_tokens,
 )
 from tests.conftest import AUTH, Fake, GatewayFactory
-from tests.fakes import free_port, wait_until
+from tests.fakes import free_port
+from tests.processes import serve, stop
 from tests.redis_server import RedisServer
 
 
@@ -248,30 +247,7 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def start_process(fake: Fake, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--backend-url", fake.url,
-         "--api-key", "sk-shared", "--no-access-log", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(up, timeout=30)
-    return process, url
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> bytes:
-    process.terminate()
-    _, stderr = process.communicate(timeout=15)
-    return stderr
+    return serve("--backend-url", fake.url, "--api-key", "sk-shared", "--no-access-log", *args)
 
 
 def test_two_gateways_sharing_redis_admit_exactly_the_limit(fake: Fake, redis: RedisServer) -> None:
@@ -292,8 +268,8 @@ def test_two_gateways_sharing_redis_admit_exactly_the_limit(fake: Fake, redis: R
         assert statuses.count(200) == 25
         assert statuses.count(429) == 55
     finally:
-        stop_process(first)
-        stop_process(second)
+        stop(first)
+        stop(second)
 
 
 @pytest.mark.parametrize("fail_closed", [False, True])
@@ -320,8 +296,8 @@ def test_redis_stopping_mid_run(fake: Fake, redis: RedisServer, fail_closed: boo
         metrics = httpx.get(url + "/metrics").text
         assert "gateway_rate_limit_storage_errors_total 3.0" in metrics
     finally:
-        stderr = stop_process(process)
-    assert b"rate-limit storage failed" in stderr
+        stderr = stop(process)
+    assert "rate-limit storage failed" in stderr
 
 
 async def test_memory_moving_window_is_exact_and_forgets_idle_keys() -> None:

@@ -5,34 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
 from tests.conftest import Fake
-from tests.fakes import free_port, wait_until
+from tests.fakes import wait_until
+from tests.processes import serve, stop
 
 
 def start(fake: Fake, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--backend-url", fake.url,
-         "--no-access-log", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/ready", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(up, timeout=30)
-    return process, url
+    return serve("--backend-url", fake.url, "--no-access-log", *args, until="/ready")
 
 
 class SlowStream(threading.Thread):
@@ -77,7 +61,7 @@ def test_sigterm_drains_streams_and_exits_zero(fake: Fake) -> None:
     assert stream.error is None, stream.error
     assert stream.events[-1] == "data: [DONE]"
     assert len(stream.events) == 6  # nothing was cut
-    _, stderr = process.communicate(timeout=30)
+    stderr = stop(process, sig=None)
     assert process.returncode == 0, stderr
     # Once the delay has passed the listener is closed.
     try:
@@ -94,7 +78,7 @@ def test_a_stream_longer_than_the_drain_timeout_is_cut_and_the_process_still_exi
     assert stream.started_reading.wait(10)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
+    stderr = stop(process, sig=None)
     assert process.returncode == 0, stderr
     assert time.monotonic() - started < 10
     stream.join(10)
