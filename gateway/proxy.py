@@ -83,6 +83,12 @@ class ProxyEndpoint:
         self.key_limits = key_limits or {}
         self.default_limits = self.key_limits.get("", KeyLimits((), ()))
         self.default_max_tokens = settings.default_max_tokens
+        # A route without parameters, asked without a query, always goes to the same URL.
+        self.fixed_url = (
+            None
+            if "{" in route.path
+            else URL(backend.url + backend.path_for(route.name, route.path), encoded=True)
+        )
         self.max_body = settings.max_body_bytes
         self.idle_timeout = settings.stream_idle_timeout
 
@@ -186,12 +192,17 @@ class ProxyEndpoint:
             if not adapter.serves(route.name):
                 await self._model_from_list(exchange, forward, send)
                 return
-            path = backend.path_for(route.name, scope.get("raw_path", b"").decode("latin-1") or scope["path"])
-            target = backend.url + path
             query = scope.get("query_string", b"")
-            if query:
-                target += "?" + query.decode("latin-1")
-            url = URL(target, encoded=True)
+            if self.fixed_url is not None and not query and scope["path"] == route.path:
+                url = self.fixed_url
+            else:
+                path = backend.path_for(
+                    route.name, scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+                )
+                target = backend.url + path
+                if query:
+                    target += "?" + query.decode("latin-1")
+                url = URL(target, encoded=True)
             await self._forward(scope["method"], url, forward, body, send, exchange)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:

@@ -102,6 +102,10 @@ class Limiter:
             assert isinstance(storage, Storage)
             self.storage = storage
         self.requests = STRATEGIES[strategy](self.storage)
+        # The default setup counts in one step, without the strategy's two storage calls.
+        self._moving_in_memory = (
+            self.storage if isinstance(self.storage, MemoryStorage) and strategy == "moving-window" else None
+        )
         self.global_limits = parse_limits(global_limit)
         self.fail_closed = fail_closed
         self.failures = failures
@@ -117,25 +121,32 @@ class Limiter:
         try:
             tightest: tuple[int, int, float] | None = None
             for item, who in checks:
-                if not await self.requests.hit(item, "requests", who):
-                    stats = await self.requests.get_window_stats(item, "requests", who)
+                admitted, remaining, reset = await self._count(item, who)
+                if not admitted:
                     self.limited.labels(label if who != "*" else "*", str(item)).inc()
-                    headers = _headers("requests", item.amount, 0, stats.reset_time)
-                    wait = max(stats.reset_time - time.time(), 0.001)
+                    headers = _headers("requests", item.amount, 0, reset)
+                    wait = max(reset - time.time(), 0.001)
                     scope = "the gateway's" if who == "*" else "this key's"
                     raise RateLimited(
                         f"{scope} request limit of {item} is reached; retry in {wait:.1f} s",
                         code="requests",
                         headers=_retry_after(wait) | dict(headers),
                     )
-                stats = await self.requests.get_window_stats(item, "requests", who)
-                if tightest is None or stats.remaining < tightest[1]:
-                    tightest = (item.amount, stats.remaining, stats.reset_time)
+                if tightest is None or remaining < tightest[1]:
+                    tightest = (item.amount, remaining, reset)
         except STORAGE_FAILURES as exc:
             self._storage_failed(exc)
             return []
         assert tightest is not None
         return [(k.encode(), v.encode()) for k, v in _headers("requests", *tightest)]
+
+    async def _count(self, item: RateLimitItem, who: str) -> tuple[bool, int, float]:
+        """Hit one request limit: (admitted, remaining, when the window frees a place)."""
+        if self._moving_in_memory is not None:
+            return self._moving_in_memory.take(item.key_for("requests", who), item.amount, item.get_expiry())
+        admitted = await self.requests.hit(item, "requests", who)
+        stats = await self.requests.get_window_stats(item, "requests", who)
+        return admitted, stats.remaining, stats.reset_time
 
     async def reserve(
         self, identity: str, limits: KeyLimits, amount: int, label: str
@@ -248,6 +259,19 @@ class MemoryStorage(limits_memory.MemoryStorage):
         if self._hits % self.SWEEP_EVERY == 0:
             self._sweep(now)
         return True
+
+    def take(self, key: str, limit: int, expiry: int) -> tuple[bool, int, float]:
+        """One hit of a moving window: (admitted, remaining, when its oldest entry leaves)."""
+        now = time.time()
+        window = self._window(key, expiry, now)
+        admitted = len(window) < limit
+        if admitted:
+            window.append(now)
+            self._hits += 1
+            if self._hits % self.SWEEP_EVERY == 0:
+                self._sweep(now)
+        oldest = window[0] if window else now
+        return admitted, limit - len(window), oldest + expiry
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = time.time()

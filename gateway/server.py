@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -47,8 +48,20 @@ def run(settings: Settings) -> int:
     if settings.metrics_port is not None:
         _serve_metrics_port(settings, app.state.metrics.registry)
     server = Server(uvicorn_config(app, settings), app.state.lifecycle, settings.shutdown_delay)
+    tune_garbage_collector()
     server.run()
     return 0 if server.started else 1
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections: the objects made at start-up are frozen out of the
+    collector's sight, and young collections run less often. Each request allocates a few
+    hundred short-lived objects; with the default thresholds, a thousand open streams meant
+    full collections every few seconds, each a pause that every stream's next chunk waited
+    behind."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
