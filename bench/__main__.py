@@ -479,7 +479,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             [i + offset * 0.27 for i in range(len(names))], [d[p]["rps"] for _, d in workloads], 0.27, label=p
         )
     left.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=15)
-    left.set_ylabel("requests / s")
+    left.set_ylabel("requests / s (log scale)")
+    left.set_yscale("log")
     left.set_title("Throughput")
     left.legend()
     latencies = [results["c1"][p]["p50_ms"] for p in PATHS]
