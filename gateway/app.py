@@ -52,11 +52,11 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
     ready = ReadyEndpoint(backend, upstream, settings.ready_timeout)
     lifecycle = Lifecycle()
-    ready.gates.append(lifecycle.not_ready_reason)
+    ready.gates.append((lifecycle.not_ready_reason, "shutting_down"))
     supervisor: Supervisor | None = None
     if launch is not None:
         supervisor = Supervisor(launch.argv, ready.is_ready, name=launch.runtime)
-        ready.gates.append(supervisor.not_ready_reason)
+        ready.gates.append((supervisor.not_ready_reason, "backend_loading"))
 
     admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
     known_models = KnownModels(settings.metrics_models)

@@ -39,15 +39,14 @@ class ReadyEndpoint:
         self.backend = backend
         self.upstream = upstream
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.gates: list[Callable[[], str | None]] = []
-        """Each says why the gateway cannot be ready (shutting down, an embedded backend
-        loading), or None."""
+        self.gates: list[tuple[Callable[[], str | None], str]] = []
+        """(check, error code): each check says why the gateway cannot be ready (shutting
+        down, an embedded backend loading), or None."""
 
     async def endpoint(self, request: Request) -> Response:
         try:
-            for gate in self.gates:
-                if reason := gate():
-                    code = "shutting_down" if "shutting down" in reason else "backend_loading"
+            for check, code in self.gates:
+                if reason := check():
                     raise BackendUnavailable(reason, code=code)
             await self.probe()
         except GatewayError as exc:
