@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.report import PATHS, plot, report
+
 KEY = "sk-bench"
-PATHS = ("direct", "nginx", "gateway")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -368,127 +369,6 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
     (out / "results.md").write_text(report(results))
     plot(results, out / "results.png")
     return results
-
-
-def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for each target of the performance issue."""
-    rows = []
-    c1 = results["c1"]
-    added = c1["gateway"]["p50_ms"] - c1["direct"]["p50_ms"]
-    rows.append(("c=1: adds at most 0.25 ms to a direct call's median", f"+{added:.3f} ms", added <= 0.25))
-    ratio = results["c32"]["gateway"]["rps"] / results["c32"]["nginx"]["rps"]
-    rows.append(("c=32: at least 15% of nginx's requests/s (stretch 25%)", f"{ratio:.1%}", ratio >= 0.15))
-    ratio = results["stream100_c16"]["gateway"]["rps"] / results["stream100_c16"]["nginx"]["rps"]
-    rows.append(
-        ("100-chunk streams, c=16: at least 90% of nginx's responses/s", f"{ratio:.1%}", ratio >= 0.90)
-    )
-    gw, ng = results["paced"]["gateway"], results["paced"]["nginx"]
-    extra = gw["late_p99_ms"] - ng["late_p99_ms"]
-    ok = gw["errors"] == 0 and extra <= 5 and gw["peak_rss_mb"] < 200
-    rows.append(
-        (
-            f"{gw['streams']} paced streams: no errors, p99 lateness at most 5 ms above nginx's, "
-            "peak RSS < 200 MB",
-            f"{gw['errors']} errors, +{extra:.2f} ms, {gw['peak_rss_mb']} MB",
-            ok,
-        )
-    )
-    sizes = sorted(results["bodies"], key=int)
-    first, last = sizes[0], sizes[-1]
-    cost = [
-        results["bodies"][s]["gateway"]["p50_ms"] - results["bodies"][s]["direct"]["p50_ms"]
-        for s in (first, last)
-    ]
-    growth = cost[1] / cost[0] if cost[0] > 0 else float("inf")
-    bytes_growth = int(last) / int(first)
-    rows.append(
-        (
-            f"request bodies {int(first) // 1024} KB to {int(last) // 1024} KB: "
-            "cost grows no faster than the bytes",
-            f"added latency x{growth:.1f} for bytes x{bytes_growth:.0f}",
-            growth <= bytes_growth,
-        )
-    )
-    if "soak" in results:
-        soak_result = results["soak"]
-        flat = abs(soak_result["trend_mb_per_min"]) < 0.5
-        rows.append(
-            (
-                f"{soak_result['seconds'] / 60:g}-minute soak: flat memory",
-                f"{soak_result['rss_start_mb']} -> {soak_result['rss_end_mb']} MB, "
-                f"trend {soak_result['trend_mb_per_min']} MB/min",
-                flat,
-            )
-        )
-    return rows
-
-
-def report(results: dict[str, Any]) -> str:
-    lines = [
-        "# Benchmark",
-        "",
-        f"Machine: {results['machine']['cpus']} CPUs. Plan: `{results['plan']}`.",
-        "",
-        "| workload | metric | direct | nginx | gateway | gateway / nginx |",
-        "|---|---|---|---|---|---|",
-    ]
-
-    def row(name: str, data: dict[str, dict[str, float]], metric: str) -> None:
-        values = [data[p][metric] for p in PATHS]
-        lines.append(
-            f"| {name} | {metric} | "
-            + " | ".join(f"{v:,.3f}" for v in values)
-            + f" | {values[2] / values[1]:.1%} |"
-        )
-
-    row("non-streaming, c=1", results["c1"], "p50_ms")
-    row("non-streaming, c=1", results["c1"], "rps")
-    row("non-streaming, c=32", results["c32"], "rps")
-    row("non-streaming, c=32", results["c32"], "p99_ms")
-    row("100-chunk streams, c=16", results["stream100_c16"], "rps")
-    for size, data in results["bodies"].items():
-        row(f"{int(size) // 1024} KB bodies, c=8", data, "rps")
-        row(f"{int(size) // 1024} KB bodies, c=8", data, "p50_ms")
-    paced_result = results["paced"]
-    lines += ["", "| paced streams | errors | lateness p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
-    for path in ("nginx", "gateway"):
-        r = paced_result[path]
-        lines.append(
-            f"| {path} ({r['streams']} streams) | {r['errors']} | {r['late_p50_ms']} | {r['late_p99_ms']} | "
-            f"{r['late_max_ms']} |"
-        )
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines += [
-        f"| {name} | {measured} | {'yes' if ok else '**no**'} |" for name, measured, ok in targets(results)
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    workloads = [("c=32 req/s", results["c32"]), ("streams c=16", results["stream100_c16"])]
-    workloads += [(f"{int(s) // 1024} KB body", d) for s, d in results["bodies"].items()]
-    names = [name for name, _ in workloads]
-    for offset, p in enumerate(PATHS):
-        left.bar(
-            [i + offset * 0.27 for i in range(len(names))], [d[p]["rps"] for _, d in workloads], 0.27, label=p
-        )
-    left.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=15)
-    left.set_ylabel("requests / s (log scale)")
-    left.set_yscale("log")
-    left.set_title("Throughput")
-    left.legend()
-    latencies = [results["c1"][p]["p50_ms"] for p in PATHS]
-    right.bar(PATHS, latencies, color=["tab:blue", "tab:orange", "tab:green"])
-    right.set_ylabel("median latency, ms")
-    right.set_title("One client (c=1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
