@@ -74,7 +74,6 @@ class StreamedBody:
         self.receive = receive
         self.limit = limit
         self.failure: GatewayError | ClientGone | None = None
-        self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         size = 0
@@ -91,7 +90,6 @@ class StreamedBody:
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
-                self.finished = True
                 return
 
 

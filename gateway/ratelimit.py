@@ -248,25 +248,15 @@ class MemoryStorage(limits_memory.MemoryStorage):
         return window
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        if amount > limit:
-            return False
-        now = time.time()
-        window = self._window(key, expiry, now)
-        if len(window) + amount > limit:
-            return False
-        window.extend(repeat(now, amount))
-        self._hits += 1
-        if self._hits % self.SWEEP_EVERY == 0:
-            self._sweep(now)
-        return True
+        return self.take(key, limit, expiry, amount)[0]
 
-    def take(self, key: str, limit: int, expiry: int) -> tuple[bool, int, float]:
-        """One hit of a moving window: (admitted, remaining, when its oldest entry leaves)."""
+    def take(self, key: str, limit: int, expiry: int, amount: int = 1) -> tuple[bool, int, float]:
+        """Add ``amount`` entries if they fit: (admitted, remaining, when the oldest leaves)."""
         now = time.time()
         window = self._window(key, expiry, now)
-        admitted = len(window) < limit
+        admitted = len(window) + amount <= limit
         if admitted:
-            window.append(now)
+            window.extend(repeat(now, amount))
             self._hits += 1
             if self._hits % self.SWEEP_EVERY == 0:
                 self._sweep(now)

@@ -4,7 +4,6 @@ lists, error bodies and statuses, loading behaviour, stream framing and mid-stre
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from aiohttp import web
@@ -29,7 +28,6 @@ class RuntimeFake:
         self.flavour = flavour
         self.loading = False
         self.paths: list[str] = []
-        self.called = threading.Event()
         self.app = web.Application(client_max_size=1024**3, middlewares=[self._middleware])
         router = self.app.router
         router.add_get("/v1/models", self.models)
@@ -41,7 +39,6 @@ class RuntimeFake:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.headers.get("User-Agent", "").startswith("inference-gateway/"):
             self.paths.append(request.path)  # a client's request, not the gateway's own probes
-        self.called.set()
         if self.loading and self.flavour == "llamacpp":
             # llama-server answers every route, /health included, while it loads.
             return web.json_response(
