@@ -47,7 +47,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         backend = Backend(adapter=EMBEDDED_ADAPTERS[launch.runtime], url=launch.url, auth_header=None)
     elif backend is None:
         backend = Backend.from_settings(settings)
-    upstream = Upstream(settings)
+    upstream = Upstream(settings, backend.url)
     file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
     auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
     ready = ReadyEndpoint(backend, upstream, settings.ready_timeout)
@@ -110,7 +110,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
         if supervisor is not None:
             await supervisor.start()
-        following = asyncio.create_task(follow_backend_models(known_models, upstream.session, backend))
+        following = asyncio.create_task(follow_backend_models(known_models, upstream.pool, backend))
         logger.info("forwarding to the %s backend at %s", backend.name, backend.url)
         try:
             yield

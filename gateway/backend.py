@@ -8,7 +8,7 @@ from adapters import ADAPTERS, Adapter
 from gateway import __version__
 from gateway.settings import Settings
 
-USER_AGENT = f"inference-gateway/{__version__}"
+USER_AGENT = f"inference-gateway/{__version__}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,7 @@ class Backend:
     adapter: Adapter
     url: str
     """Root URL, no trailing slash and no /v1."""
-    auth_header: tuple[str, str] | None
+    auth_header: tuple[bytes, bytes] | None
     """Header that authenticates the gateway to the backend, if it needs one."""
 
     @classmethod
@@ -24,18 +24,18 @@ class Backend:
         if settings.backend_url is None:
             raise ValueError("no backend URL configured")
         key = settings.backend_api_key
-        auth = ("Authorization", f"Bearer {key.get_secret_value()}") if key else None
+        auth = (b"authorization", f"Bearer {key.get_secret_value()}".encode()) if key else None
         return cls(adapter=ADAPTERS[settings.backend], url=settings.backend_url, auth_header=auth)
 
     @property
     def name(self) -> str:
         return self.adapter.name
 
-    def own_headers(self) -> dict[str, str]:
+    def own_headers(self) -> list[tuple[bytes, bytes]]:
         """Headers for the gateway's own requests (probes, model lists), not a client's."""
-        headers = {"User-Agent": USER_AGENT}
+        headers = [(b"user-agent", USER_AGENT)]
         if self.auth_header is not None:
-            headers[self.auth_header[0]] = self.auth_header[1]
+            headers.append(self.auth_header)
         return headers
 
     def path_for(self, route: str, request_path: str) -> str:

@@ -45,7 +45,7 @@ REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 class RequestHeaders:
     """A client's headers, split into what is forwarded and what the gateway reads."""
 
-    forward: list[tuple[str, str]] = field(default_factory=list)
+    forward: list[tuple[bytes, bytes]] = field(default_factory=list)
     authorization: bytes | None = None
     x_api_key: bytes | None = None
     request_id: bytes | None = None
@@ -60,7 +60,7 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
     connection: list[bytes] = []
     for name, value in raw:
         if name not in NOT_FORWARDED:
-            forward.append((name.decode("latin-1"), value.decode("latin-1")))
+            forward.append((name, value))
         elif name == b"authorization":
             headers.authorization = value
         elif name == b"x-api-key":
@@ -75,7 +75,7 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
         elif name == b"connection":
             connection.extend(value.split(b","))
     if connection:
-        drop = {token.decode("latin-1") for token in connection_listed(connection)}
+        drop = connection_listed(connection)
         headers.forward = [(k, v) for k, v in forward if k not in drop]
     return headers
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
-import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
 from adapters.base import Readiness
 from gateway.backend import Backend
+from gateway.client import ReadTimeout
 from gateway.errors import BackendUnavailable, BackendUnreachable, GatewayError
 from gateway.upstream import UPSTREAM_ERRORS, Upstream, before_response_error
 
@@ -38,7 +37,7 @@ class ReadyEndpoint:
     def __init__(self, backend: Backend, upstream: Upstream, timeout: float) -> None:
         self.backend = backend
         self.upstream = upstream
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.timeout = timeout
         self.gates: list[tuple[Callable[[], str | None], str]] = []
         """(check, error code): each check says why the gateway cannot be ready (shutting
         down, an embedded backend loading), or None."""
@@ -63,23 +62,19 @@ class ReadyEndpoint:
     async def probe(self) -> None:
         backend = self.backend
         headers = backend.own_headers()
-        url = backend.url + backend.adapter.health_path
+        pool = self.upstream.pool
         try:
-            async with self.upstream.session.get(url, headers=headers, timeout=self.timeout) as response:
-                status = response.status
+            status, _ = await pool.fetch("GET", backend.adapter.health_path, headers, self.timeout)
             fallback = backend.adapter.health_fallback_path
             if status == 404 and fallback is not None:
-                async with self.upstream.session.get(
-                    backend.url + fallback, headers=headers, timeout=self.timeout
-                ) as response:
-                    status = response.status
+                status, _ = await pool.fetch("GET", fallback, headers, self.timeout)
         except UPSTREAM_ERRORS as exc:
             error = before_response_error(exc, self.upstream.settings)
             if isinstance(error, BackendUnreachable):
                 raise error from None
-            if isinstance(exc, asyncio.TimeoutError):
+            if isinstance(exc, TimeoutError | ReadTimeout):
                 raise BackendUnavailable(
-                    f"backend health probe got no answer within {self.timeout.total:g} s",
+                    f"backend health probe got no answer within {self.timeout:g} s",
                     code="backend_timeout",
                 ) from None
             raise BackendUnavailable(f"backend health probe failed: {error.message}") from None

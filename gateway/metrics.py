@@ -15,7 +15,6 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from pydantic import SecretStr
@@ -23,8 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.backend import Backend
+from gateway.client import Pool
 from gateway.errors import AuthenticationFailed
 from gateway.exchange import Exchange
+from gateway.upstream import UPSTREAM_ERRORS
 
 logger = logging.getLogger("gateway.metrics")
 
@@ -204,21 +205,20 @@ class MetricsEndpoint:
 
 
 async def follow_backend_models(
-    models: KnownModels, session: aiohttp.ClientSession, backend: Backend, every: float = 60.0
+    models: KnownModels, pool: Pool, backend: Backend, every: float = 60.0
 ) -> None:
     """Keep the model label's allowed values in step with the backend's model list."""
     headers = backend.own_headers()
-    timeout = aiohttp.ClientTimeout(total=10)
     while True:
         delay = every
         try:
-            async with session.get(backend.url + "/v1/models", headers=headers, timeout=timeout) as response:
-                data = orjson.loads(await response.read()) if response.status == 200 else None
+            status, body = await pool.fetch("GET", "/v1/models", headers, seconds=10)
+            data = orjson.loads(body) if status == 200 else None
             entries = data.get("data") if isinstance(data, dict) else None
             if isinstance(entries, list):
                 models.update(str(e["id"]) for e in entries if isinstance(e, dict) and "id" in e)
             else:
                 delay = 5.0
-        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+        except (*UPSTREAM_ERRORS, orjson.JSONDecodeError):
             delay = 5.0  # not up yet (an embedded backend loading): look again soon
         await asyncio.sleep(delay)

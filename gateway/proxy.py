@@ -16,9 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from adapters import normalise
 from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MODEL, MODELS, RESPONSES
@@ -26,6 +24,7 @@ from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.backend import Backend
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
+from gateway.client import Response
 from gateway.errors import (
     BackendError,
     GatewayError,
@@ -83,12 +82,8 @@ class ProxyEndpoint:
         self.key_limits = key_limits or {}
         self.default_limits = self.key_limits.get("", KeyLimits((), ()))
         self.default_max_tokens = settings.default_max_tokens
-        # A route without parameters, asked without a query, always goes to the same URL.
-        self.fixed_url = (
-            None
-            if "{" in route.path
-            else URL(backend.url + backend.path_for(route.name, route.path), encoded=True)
-        )
+        # A route without parameters, asked without a query, always goes to the same path.
+        self.fixed_target = None if "{" in route.path else backend.path_for(route.name, route.path)
         self.max_body = settings.max_body_bytes
         self.idle_timeout = settings.stream_idle_timeout
 
@@ -168,17 +163,17 @@ class ProxyEndpoint:
         forward = headers.forward
         if isinstance(body, StreamedBody) and headers.content_length is not None:
             # A fixed-size upload stays fixed-size: some runtimes do not take chunked bodies.
-            forward.append(("content-length", headers.content_length.decode("latin-1")))
+            forward.append((b"content-length", headers.content_length))
         if backend.auth_header is not None:
             forward.append(backend.auth_header)
-        forward.append(("x-request-id", exchange.request_id))
+        forward.append((b"x-request-id", exchange.request_id.encode()))
         client = scope.get("client")
         if client:
             chain = headers.forwarded_for
-            peer = client[0]
-            forward.append(("x-forwarded-for", f"{chain.decode('latin-1')}, {peer}" if chain else peer))
+            peer = client[0].encode("latin-1")
+            forward.append((b"x-forwarded-for", chain + b", " + peer if chain else peer))
         elif headers.forwarded_for:
-            forward.append(("x-forwarded-for", headers.forwarded_for.decode("latin-1")))
+            forward.append((b"x-forwarded-for", headers.forwarded_for))
 
         task = asyncio.current_task()
         assert task is not None
@@ -193,17 +188,15 @@ class ProxyEndpoint:
                 await self._model_from_list(exchange, forward, send)
                 return
             query = scope.get("query_string", b"")
-            if self.fixed_url is not None and not query and scope["path"] == route.path:
-                url = self.fixed_url
+            if self.fixed_target is not None and not query and scope["path"] == route.path:
+                target = self.fixed_target
             else:
-                path = backend.path_for(
+                target = backend.path_for(
                     route.name, scope.get("raw_path", b"").decode("latin-1") or scope["path"]
                 )
-                target = backend.url + path
                 if query:
                     target += "?" + query.decode("latin-1")
-                url = URL(target, encoded=True)
-            await self._forward(scope["method"], url, forward, body, send, exchange)
+            await self._forward(scope["method"], target, forward, body, send, exchange)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
                 exchange.error = CLIENT_DISCONNECT
@@ -216,17 +209,15 @@ class ProxyEndpoint:
     async def _forward(
         self,
         method: str,
-        url: URL,
-        headers: list[tuple[str, str]],
+        target: str,
+        headers: list[tuple[bytes, bytes]],
         body: bytes | StreamedBody | None,
         send: Send,
         exchange: Exchange,
     ) -> None:
         waited = time.perf_counter()
         try:
-            response = await self.upstream.session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
-            )
+            response = await self.upstream.pool.request(method, target, headers, body)
         except UPSTREAM_ERRORS as exc:
             exchange.upstream_wait += time.perf_counter() - waited
             if isinstance(body, StreamedBody) and body.failure is not None:
@@ -259,14 +250,14 @@ class ProxyEndpoint:
             else:
                 response.close()
 
-    def _reshapes(self, response: aiohttp.ClientResponse) -> bool:
-        if "Content-Encoding" in response.headers:
+    def _reshapes(self, response: Response) -> bool:
+        if response.header(b"content-encoding") is not None:
             return False
         return response.status >= 400 or (self.route.name == MODELS and response.status == 200)
 
     async def _send_reshaped(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         headers: list[tuple[bytes, bytes]],
         send: Send,
         exchange: Exchange,
@@ -274,7 +265,7 @@ class ProxyEndpoint:
         """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
         status = response.status
         waited = time.perf_counter()
-        head, whole = await _read_up_to(response.content, SMALL_BODY)
+        head, whole = await _read_up_to(response, SMALL_BODY)
         exchange.upstream_wait += time.perf_counter() - waited
         exchange.ttfb = time.perf_counter() - exchange.start
         if whole:
@@ -295,17 +286,16 @@ class ProxyEndpoint:
     async def _model_from_list(
         self,
         exchange: Exchange,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         send: Send,
     ) -> None:
         """``GET /v1/models/{id}`` for a runtime without that route: the entry from its list."""
         backend = self.backend
-        url = URL(backend.url + "/v1/models")
         waited = time.perf_counter()
         try:
-            async with self.upstream.session.get(url, headers=headers) as response:
-                status = response.status
-                body = await response.read()
+            status, body = await self.upstream.pool.fetch(
+                "GET", "/v1/models", headers, self.settings.backend_timeout
+            )
         except UPSTREAM_ERRORS as exc:
             await send_error(send, before_response_error(exc, self.settings), exchange)
             return
@@ -323,16 +313,9 @@ class ProxyEndpoint:
             return
         await _send_json(send, 200, orjson.dumps(entry), exchange)
 
-    async def _relay(
-        self, response: aiohttp.ClientResponse, send: Send, streaming: bool, exchange: Exchange
-    ) -> bool:
+    async def _relay(self, response: Response, send: Send, streaming: bool, exchange: Exchange) -> bool:
         """Send the body on as it arrives; True when the backend finished it."""
-        content = response.content
-        if not content.is_eof() and response.connection is not None:
-            protocol = response.connection.protocol
-            if protocol is not None:
-                protocol.read_timeout = self.idle_timeout
-                protocol.start_timeout()
+        response.set_read_timeout(self.idle_timeout)
         clock = time.perf_counter
         previous = last = b""
         waiting = 0.0
@@ -340,14 +323,14 @@ class ProxyEndpoint:
         try:
             while not done:
                 waited = clock()
-                chunk = await content.readany()
+                chunk = await response.read()
                 waiting += clock() - waited
                 if not chunk:
                     break
                 if exchange.ttfb is None:
                     exchange.ttfb = clock() - exchange.start
                 previous, last = last, chunk
-                done = content.at_eof()
+                done = response.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
         except UPSTREAM_ERRORS as exc:
             exchange.upstream_wait += waiting
@@ -377,12 +360,12 @@ def _final_event(error: BackendError, last: bytes) -> bytes:
     return event if last.endswith(b"\n\n") else b"\n\n" + event
 
 
-async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+async def _read_up_to(response: Response, limit: int) -> tuple[bytes, bool]:
     """Up to ``limit`` bytes of a body, and whether that was all of it."""
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = await content.readany()
+        chunk = await response.read()
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)

@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from adapters import ADAPTERS
+from gateway.client import Origin
 
 MiB = 1024 * 1024
 
@@ -186,7 +187,15 @@ class Settings(BaseSettings):
             raise ValueError(f"backend URL must start with http:// or https://, got {value!r}")
         if url.endswith("/v1"):
             url = url[: -len("/v1")]
+        Origin.from_url(url)  # a host and, if given, a valid port
         return url
+
+    @field_validator("backend_api_key")
+    @classmethod
+    def _printable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().isprintable():
+            raise ValueError("backend API key must be printable text (no line breaks)")
+        return value
 
     @field_validator("rate_limit", "global_rate_limit", "token_limit")
     @classmethod

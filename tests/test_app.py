@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import httpx
+import pytest
 
 from adapters.base import CHAT_COMPLETIONS, MODELS, Adapter
 from gateway.app import create_app
@@ -32,10 +33,12 @@ async def test_route_the_backend_lacks_is_501_without_calling_it(fake: Fake) -> 
     assert [r["path"] for r in fake.seen.requests] == ["/v1/models"]
 
 
-async def test_lifespan_owns_the_upstream_session(fake: Fake) -> None:
+async def test_lifespan_owns_the_upstream_pool(fake: Fake) -> None:
     app = create_app(Settings(backend_url=fake.url))
     upstream = app.state.upstream
     async with app.router.lifespan_context(app):
-        session = upstream.session
-        assert not session.closed
-    assert session.closed
+        pool = upstream.pool
+        assert not pool.closed
+    assert pool.closed
+    with pytest.raises(RuntimeError, match="lifespan"):
+        _ = upstream.pool
