@@ -380,7 +380,7 @@ class Response:
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.read_timeout = read_timeout
         """Seconds the backend may stay silent: before the status line, and between chunks."""
-        self.last_read = self.loop.time()
+        self.last_read = self.waiting_since = self.loop.time()
         self.upload: asyncio.Future[None] | None = None
         self._head = False
         self._chunks: list[bytes] = []
@@ -514,8 +514,11 @@ class Response:
         if self._complete:
             return
         waiter = self._waiter = self.loop.create_future()
+        # Silence counts from the last byte or from the start of this wait, whichever is
+        # later: time spent relaying to a slow client is not the backend's.
+        self.waiting_since = now = self.loop.time()
         if self._timer is None:
-            self._timer = self.loop.call_at(self.last_read + self.read_timeout, self._check_timeout)
+            self._timer = self.loop.call_at(max(self.last_read, now) + self.read_timeout, self._check_timeout)
         try:
             await waiter
         finally:
@@ -527,7 +530,7 @@ class Response:
         self._timer = None
         if self._waiter is None or self._complete or self._error is not None:
             return
-        deadline = self.last_read + self.read_timeout
+        deadline = max(self.last_read, self.waiting_since) + self.read_timeout
         if self.loop.time() >= deadline:
             self._error = ReadTimeout(f"the backend sent nothing for {self.read_timeout:g} s")
             self._wake()

@@ -255,6 +255,26 @@ async def test_silence_before_the_answer_and_between_chunks_times_out() -> None:
 
 
 @on_both_loops
+async def test_time_spent_away_from_reading_is_not_the_backends_silence() -> None:
+    async def paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(b"1\r\nb\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with scripted(paced, read_timeout=0.3) as (pool, _):
+        response = await pool.request("GET", "/", [])
+        assert await response.read() == b"a"
+        await asyncio.sleep(0.35)  # a slow client: the timer armed for the head has run out
+        assert await response.read() == b"b"
+        assert await response.read() == b""
+        response.release()
+
+
+@on_both_loops
 async def test_the_pool_limit_queues_requests_and_hands_connections_on() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
