@@ -5,8 +5,10 @@
 
 It starts fake upstreams (nginx serving a fixed JSON body; ``bench.upstream`` sending SSE
 chunks), the gateway in its production configuration (auth, a rate limit too high to
-trigger, metrics and the access log on) and nginx as a plain reverse proxy to the same
-upstreams, then drives each path with wrk, alternating between them for several rounds.
+trigger, metrics and the access log on), as one process and as two workers, and nginx as a
+reverse proxy to the same upstreams in two configurations: plain (``proxy_pass`` as it
+comes, a new upstream connection per request) and tuned (HTTP/1.1 keep-alive to the
+upstream). Then it drives each path with wrk, alternating between them for several rounds.
 Results (medians, ratios, targets) go to ``bench/results/<time>/`` as results.md,
 results.json and results.png.
 """
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import PATHS, plot, report
+from bench.report import PATHS, SINGLE_GATEWAY, plot, report
 
 KEY = "sk-bench"
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,15 +117,25 @@ http {{
         listen 127.0.0.1:{static};
         location / {{ default_type application/json; return 200 '{body}'; }}
     }}
+    # Plain: proxy_pass as it comes (HTTP/1.0 upstream, a connection per request).
     server {{
-        listen 127.0.0.1:{proxy_static};
+        listen 127.0.0.1:{nginx_static};
+        location / {{ proxy_pass http://127.0.0.1:{static}; }}
+    }}
+    server {{
+        listen 127.0.0.1:{nginx_sse};
+        location / {{ proxy_pass http://127.0.0.1:{sse}; proxy_buffering off; proxy_read_timeout 300s; }}
+    }}
+    # Tuned: keep-alive connections to the upstream, nothing buffered.
+    server {{
+        listen 127.0.0.1:{nginx_ka_static};
         location / {{
             proxy_pass http://static_upstream; proxy_http_version 1.1; proxy_set_header Connection "";
             proxy_buffering off; proxy_request_buffering off;
         }}
     }}
     server {{
-        listen 127.0.0.1:{proxy_sse};
+        listen 127.0.0.1:{nginx_ka_sse};
         location / {{
             proxy_pass http://sse_upstream; proxy_http_version 1.1; proxy_set_header Connection "";
             proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 300s;
@@ -138,8 +150,11 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
     from bench.upstream import JSON_BODY
 
     ports = {
-        name: free_port() for name in ("static", "sse", "proxy_static", "proxy_sse", "gw_static", "gw_sse")
+        f"{path.replace('-', '_')}_{upstream}": free_port()
+        for path in ("nginx", "nginx-ka", "gateway", "gateway-2w")
+        for upstream in ("static", "sse")
     }
+    ports |= {"static": free_port(), "sse": free_port()}
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -151,45 +166,49 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
         started.append(
             subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(ports["sse"])], cwd=ROOT)
         )
-        for name, backend in (("gw_static", "static"), ("gw_sse", "sse")):
-            log = open(workdir / f"{name}-access.log", "wb")  # noqa: SIM115 - closed with the process
-            gateway = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "serve",
-                    "--port",
-                    str(ports[name]),
-                    "--backend-url",
-                    f"http://127.0.0.1:{ports[backend]}",
-                    "--api-key",
-                    KEY,
-                    "--rate-limit",
-                    "1000000000/minute",
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.DEVNULL,
-            )
-            started.append(gateway)
-            pids[name] = gateway.pid
+        for upstream in ("static", "sse"):
+            for path, workers in (("gateway", 1), ("gateway_2w", 2)):
+                name = f"{path}_{upstream}"
+                log = open(workdir / f"{name}-access.log", "wb")  # noqa: SIM115 - closed with the process
+                gateway = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gateway",
+                        "serve",
+                        "--port",
+                        str(ports[name]),
+                        "--workers",
+                        str(workers),
+                        "--backend-url",
+                        f"http://127.0.0.1:{ports[upstream]}",
+                        "--api-key",
+                        KEY,
+                        "--rate-limit",
+                        "1000000000/minute",
+                        "--log-level",
+                        "warning",
+                    ],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{name}")}
+                    if workers > 1
+                    else None,
+                )
+                if workers > 1:
+                    (workdir / f"metrics-{name}").mkdir()
+                started.append(gateway)
+                pids[name] = gateway.pid
         for port in ports.values():
             wait_for_port(port)
         endpoints = Endpoints(
-            static={
-                "direct": f"http://127.0.0.1:{ports['static']}",
-                "nginx": f"http://127.0.0.1:{ports['proxy_static']}",
-                "gateway": f"http://127.0.0.1:{ports['gw_static']}",
-            },
-            sse={
-                "direct": f"http://127.0.0.1:{ports['sse']}",
-                "nginx": f"http://127.0.0.1:{ports['proxy_sse']}",
-                "gateway": f"http://127.0.0.1:{ports['gw_sse']}",
-            },
+            static={"direct": f"http://127.0.0.1:{ports['static']}"},
+            sse={"direct": f"http://127.0.0.1:{ports['sse']}"},
         )
+        for path in PATHS[1:]:
+            endpoints.static[path] = f"http://127.0.0.1:{ports[path.replace('-', '_') + '_static']}"
+            endpoints.sse[path] = f"http://127.0.0.1:{ports[path.replace('-', '_') + '_sse']}"
         yield endpoints, pids
     finally:
         for process in reversed(started):
@@ -258,11 +277,13 @@ def _millis(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def rounds(plan: Plan, measure: Callable[[str], dict[str, float]]) -> dict[str, dict[str, float]]:
+def rounds(
+    plan: Plan, measure: Callable[[str], dict[str, float]], paths: tuple[str, ...] = PATHS
+) -> dict[str, dict[str, float]]:
     """Run ``measure`` on each path, alternating, for every round; medians per path."""
-    samples: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
+    samples: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
     for _ in range(plan.rounds):
-        for path in PATHS:
+        for path in paths:
             samples[path].append(measure(path))
     return {
         path: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
@@ -342,7 +363,9 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
             small = request_body(256, workdir)
             chat = "/v1/chat/completions"
             results["c1"] = rounds(
-                plan, lambda p: wrk(endpoints.static[p] + chat, 1, plan.seconds, small, workdir)
+                plan,
+                lambda p: wrk(endpoints.static[p] + chat, 1, plan.seconds, small, workdir),
+                SINGLE_GATEWAY,
             )
             results["c32"] = rounds(
                 plan, lambda p: wrk(endpoints.static[p] + chat, 32, plan.seconds, small, workdir)
@@ -357,13 +380,14 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
                     lambda p, size=size: wrk(
                         endpoints.static[p] + chat, 8, plan.seconds, request_body(size, workdir), workdir
                     ),
+                    SINGLE_GATEWAY,
                 )
                 for size in plan.body_sizes
             }
             results["paced"] = {path: paced(endpoints.sse[path], plan) for path in ("nginx", "gateway")}
-            results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gw_sse"])[1], 1)
+            results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gateway_sse"])[1], 1)
             if soak_on:
-                results["soak"] = soak(endpoints.static["gateway"], pids["gw_static"], plan, workdir)
+                results["soak"] = soak(endpoints.static["gateway"], pids["gateway_static"], plan, workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(report(results))

@@ -22,9 +22,12 @@ def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     for workload in ("c1", "c32", "stream100_c16"):
-        for path in ("direct", "nginx", "gateway"):
+        for path in ("direct", "nginx", "nginx-ka", "gateway"):
             assert data[workload][path]["rps"] > 0, (workload, path)
             assert data[workload][path]["errors"] == 0, (workload, path)
+    for workload in ("c32", "stream100_c16"):
+        assert data[workload]["gateway-2w"]["rps"] > 0, workload
+        assert data[workload]["gateway-2w"]["errors"] == 0, workload
     for size in data["bodies"].values():
         assert size["gateway"]["rps"] > 0
     for path in ("nginx", "gateway"):
