@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from array import array
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 from limits import RateLimitItem, parse_many
@@ -221,30 +220,96 @@ class Limiter:
             ) from None
 
 
+class Window:
+    """A key's hit times, oldest first, in a ring of doubles: 8 bytes a hit.
+
+    Under a generous limit a moving window holds every hit of its span (a minute at a few
+    thousand requests a second is hundreds of thousands); as floats in a deque that was
+    about 32 bytes each. The ring grows by doubling and shrinks to half full when under a quarter full, so its
+    memory follows the request rate down as well as up.
+    """
+
+    __slots__ = ("head", "size", "times")
+    SMALLEST = 16
+
+    def __init__(self) -> None:
+        self.times = array("d", bytes(8 * self.SMALLEST))
+        self.head = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def oldest(self) -> float:
+        return self.times[self.head]
+
+    def newest(self) -> float:
+        return self.times[(self.head + self.size - 1) % len(self.times)]
+
+    def trim(self, cutoff: float) -> None:
+        """Forget the hits at or before ``cutoff``."""
+        times = self.times
+        capacity = len(times)
+        head, size = self.head, self.size
+        while size and times[head] <= cutoff:
+            head += 1
+            if head == capacity:
+                head = 0
+            size -= 1
+        self.head, self.size = head, size
+        if size < capacity // 4 and capacity > self.SMALLEST:
+            smaller = self.SMALLEST
+            while smaller < size * 2:
+                smaller *= 2
+            self._resize(smaller)
+
+    def add(self, when: float, amount: int = 1) -> None:
+        needed = self.size + amount
+        if needed > len(self.times):
+            capacity = len(self.times)
+            while capacity < needed:
+                capacity *= 2
+            self._resize(capacity)
+        times = self.times
+        capacity = len(times)
+        at = (self.head + self.size) % capacity
+        for _ in range(amount):
+            times[at] = when
+            at += 1
+            if at == capacity:
+                at = 0
+        self.size = needed
+
+    def _resize(self, capacity: int) -> None:
+        times, head, size = self.times, self.head, self.size
+        end = head + size
+        kept = times[head:end] if end <= len(times) else times[head:] + times[: end - len(times)]
+        self.times = kept + array("d", bytes(8 * (capacity - size)))
+        self.head = 0
+
+
 class MemoryStorage(limits_memory.MemoryStorage):
     """``limits``' in-process storage, with a moving window that costs O(1) a request.
 
     The stock one inserts every hit at the front of a list (a copy of the whole window each
     time: at a few thousand requests a second against a generous limit, most of the
-    gateway's time). Here each key's window is a deque, oldest first, trimmed as it is read.
+    gateway's time). Here each key's window is a ``Window`` ring, trimmed as it is read.
     """
 
     SWEEP_EVERY = 10_000
 
     def __init__(self) -> None:
         super().__init__()
-        self.windows: dict[str, deque[float]] = {}
+        self.windows: dict[str, Window] = {}
         self.spans: dict[str, float] = {}
         self._hits = 0
 
-    def _window(self, key: str, expiry: float, now: float) -> deque[float]:
+    def _window(self, key: str, expiry: float, now: float) -> Window:
         window = self.windows.get(key)
         if window is None:
-            window = self.windows[key] = deque()
+            window = self.windows[key] = Window()
             self.spans[key] = expiry
-        cutoff = now - expiry
-        while window and window[0] <= cutoff:
-            window.popleft()
+        window.trim(now - expiry)
         return window
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
@@ -256,22 +321,24 @@ class MemoryStorage(limits_memory.MemoryStorage):
         window = self._window(key, expiry, now)
         admitted = len(window) + amount <= limit
         if admitted:
-            window.extend(repeat(now, amount))
+            window.add(now, amount)
             self._hits += 1
             if self._hits % self.SWEEP_EVERY == 0:
                 self._sweep(now)
-        oldest = window[0] if window else now
+        oldest = window.oldest() if window else now
         return admitted, limit - len(window), oldest + expiry
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = time.time()
         window = self._window(key, expiry, now)
-        return (window[0], len(window)) if window else (now, 0)
+        return (window.oldest(), len(window)) if window else (now, 0)
 
     def _sweep(self, now: float) -> None:
         """Forget keys (clients that went away) whose window has emptied."""
         stale = [
-            key for key, window in self.windows.items() if not window or window[-1] <= now - self.spans[key]
+            key
+            for key, window in self.windows.items()
+            if not window or window.newest() <= now - self.spans[key]
         ]
         for key in stale:
             del self.windows[key]

@@ -4,6 +4,7 @@ shared by two gateway processes through a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -315,3 +316,27 @@ async def test_memory_moving_window_is_exact_and_forgets_idle_keys() -> None:
     storage._sweep(time.time())
     assert "gone" not in storage.windows
     assert not await storage.acquire_entry("big", 2, 1, amount=3)
+
+
+def test_window_ring_keeps_hits_in_order_through_growth_wraps_and_shrinks() -> None:
+    from gateway.ratelimit import Window
+
+    rng = random.Random(8)
+    window, reference = Window(), []
+    now = 0.0
+    for _ in range(20_000):
+        now += rng.random()
+        if rng.random() < 0.55:
+            amount = rng.choice((1, 1, 1, 3, 40))
+            window.add(now, amount)
+            reference += [now] * amount
+        else:
+            cutoff = now - rng.uniform(0, 60)
+            window.trim(cutoff)
+            reference = [t for t in reference if t > cutoff]
+        assert len(window) == len(reference)
+        if reference:
+            assert (window.oldest(), window.newest()) == (reference[0], reference[-1])
+    window.trim(now)
+    assert len(window) == 0
+    assert len(window.times) == Window.SMALLEST  # a burst's memory is given back
