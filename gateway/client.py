@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import httptools
 
 # Buffered body bytes at which reading from the backend pauses until the client catches up.
 HIGH_WATER = 256 * 1024
+# What a request target must not hold; bytes above 0x7f pass as the client sent them.
+BREAKS_REQUEST_LINE = re.compile(r"[\x00-\x20\x7f]")
 # Methods whose requests carry a body: an empty one is sent with Content-Length: 0.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -120,6 +123,8 @@ class Pool:
         is sent with its length, an iterable one chunked unless ``headers`` give a
         Content-Length. The caller must ``release()`` or ``close()`` the response.
         """
+        if not target.startswith("/") or BREAKS_REQUEST_LINE.search(target):
+            raise ValueError(f"not a request target: {target!r}")
         connection = await self._acquire()
         response = Response(connection, method, self.read_timeout if read_timeout is None else read_timeout)
         try:

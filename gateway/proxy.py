@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -192,7 +193,7 @@ class ProxyEndpoint:
                 target = self.fixed_target
             else:
                 target = backend.path_for(
-                    route.name, scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+                    route.name, scope.get("raw_path", b"").decode("latin-1") or quote(scope["path"])
                 )
                 if query:
                     target += "?" + query.decode("latin-1")

@@ -383,6 +383,19 @@ async def test_an_idle_connection_closed_by_the_server_is_not_reused() -> None:
         assert script.connections == 2
 
 
+@on_both_loops
+async def test_a_target_that_would_break_the_request_line_is_refused() -> None:
+    async with serving(OK) as (pool, script):
+        for target in ("/a b", "/a\r\nx-injected: 1", "no-slash"):
+            with pytest.raises(ValueError, match="not a request target"):
+                await pool.request("GET", target, [])
+    assert script.connections == 0
+    async with serving(OK) as (pool, script):
+        response = await pool.request("GET", "/v1/models/mod\u00c3\u00a8le\u0085", [])  # raw bytes, latin-1
+        response.close()
+    assert script.requests[0].startswith(b"GET /v1/models/mod\xc3\xa8le\x85 HTTP/1.1\r\n")
+
+
 def test_origins_keep_the_prefix_and_spell_the_host_header() -> None:
     origin = Origin.from_url("https://models.example:8443/prefix/")
     assert (origin.host, origin.port, origin.tls, origin.prefix) == ("models.example", 8443, True, "/prefix")
