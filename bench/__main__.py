@@ -324,6 +324,24 @@ def paced(url: str, plan: Plan, interval_ms: float = 200) -> dict[str, Any]:
     return result
 
 
+def paced_rounds(endpoints: Endpoints, plan: Plan) -> dict[str, dict[str, Any]]:
+    """The paced streams through nginx and the gateway, alternating, for every round.
+
+    Lateness is the medians of the rounds' percentiles; errors are the rounds' sum.
+    """
+    paths = ("nginx", "gateway")
+    samples: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
+    for _ in range(plan.rounds):
+        for path in paths:
+            samples[path].append(paced(endpoints.sse[path], plan))
+    results: dict[str, dict[str, Any]] = {}
+    for path, runs in samples.items():
+        results[path] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        results[path] |= {"streams": runs[0]["streams"], "errors": sum(run["errors"] for run in runs)}
+        results[path]["rounds"] = [{k: run[k] for k in ("errors", "late_p99_ms")} for run in runs]
+    return results
+
+
 def soak(url: str, pid: int, plan: Plan, workdir: Path) -> dict[str, Any]:
     script = workdir / "soak.lua"
     script.write_text(WRK_SCRIPT.format(key=KEY, body=request_body(1024, workdir)))
@@ -384,7 +402,7 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
                 )
                 for size in plan.body_sizes
             }
-            results["paced"] = {path: paced(endpoints.sse[path], plan) for path in ("nginx", "gateway")}
+            results["paced"] = paced_rounds(endpoints, plan)
             results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gateway_sse"])[1], 1)
             if soak_on:
                 results["soak"] = soak(endpoints.static["gateway"], pids["gateway_static"], plan, workdir)

@@ -281,7 +281,7 @@ class Connection(asyncio.Protocol):
             self._closed = True
             self.pool._forget()
         if self._write_ready is not None and not self._write_ready.done():
-            self._write_ready.set_exception(Disconnected("the backend closed the connection"))
+            self._write_ready.set_result(None)  # an upload waiting on it sees the close
         response = self.response
         if response is not None:
             response.connection_lost()
@@ -346,9 +346,7 @@ class Connection(asyncio.Protocol):
                     await self._write_ready
             if chunked and not self._closed:
                 transport.write(b"0\r\n\r\n")
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
+        except Exception:
             # The client's side failed (gone, or too large): the request cannot be finished.
             response.fail(Disconnected("the request body could not be sent"))
             self.close()

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,71 +222,61 @@ class Limiter:
 
 
 class Window:
-    """A key's hit times, oldest first, in a ring of doubles: 8 bytes a hit.
+    """A key's hit times, oldest first, in blocks of doubles: 8 bytes a hit.
 
     Under a generous limit a moving window holds every hit of its span (a minute at a few
     thousand requests a second is hundreds of thousands); as floats in a deque that was
-    about 32 bytes each. The ring grows by doubling and shrinks to half full when under a quarter full, so its
-    memory follows the request rate down as well as up.
+    about 32 bytes each. Blocks are sized to the window (16 hits to start, 4,096 at most),
+    added at the new end and dropped from the old one, so memory follows the request rate
+    up and down without ever copying the window.
     """
 
-    __slots__ = ("head", "size", "times")
+    __slots__ = ("blocks", "end", "size", "start")
     SMALLEST = 16
+    LARGEST = 4096
 
     def __init__(self) -> None:
-        self.times = array("d", bytes(8 * self.SMALLEST))
-        self.head = 0
+        self.blocks: deque[array[float]] = deque()
+        self.start = 0
+        """Index of the oldest hit in the first block."""
+        self.end = 0
+        """Index after the newest hit in the last block."""
         self.size = 0
 
     def __len__(self) -> int:
         return self.size
 
     def oldest(self) -> float:
-        return self.times[self.head]
+        return self.blocks[0][self.start]
 
     def newest(self) -> float:
-        return self.times[(self.head + self.size - 1) % len(self.times)]
+        return self.blocks[-1][self.end - 1]
+
+    def add(self, when: float, amount: int = 1) -> None:
+        blocks = self.blocks
+        for _ in range(amount):
+            if not blocks or self.end == len(blocks[-1]):
+                length = min(max(self.size, self.SMALLEST), self.LARGEST)
+                blocks.append(array("d", bytes(8 * length)))
+                self.end = 0
+            blocks[-1][self.end] = when
+            self.end += 1
+        self.size += amount
 
     def trim(self, cutoff: float) -> None:
         """Forget the hits at or before ``cutoff``."""
-        times = self.times
-        capacity = len(times)
-        head, size = self.head, self.size
-        while size and times[head] <= cutoff:
-            head += 1
-            if head == capacity:
-                head = 0
-            size -= 1
-        self.head, self.size = head, size
-        if size < capacity // 4 and capacity > self.SMALLEST:
-            smaller = self.SMALLEST
-            while smaller < size * 2:
-                smaller *= 2
-            self._resize(smaller)
-
-    def add(self, when: float, amount: int = 1) -> None:
-        needed = self.size + amount
-        if needed > len(self.times):
-            capacity = len(self.times)
-            while capacity < needed:
-                capacity *= 2
-            self._resize(capacity)
-        times = self.times
-        capacity = len(times)
-        at = (self.head + self.size) % capacity
-        for _ in range(amount):
-            times[at] = when
-            at += 1
-            if at == capacity:
-                at = 0
-        self.size = needed
-
-    def _resize(self, capacity: int) -> None:
-        times, head, size = self.times, self.head, self.size
-        end = head + size
-        kept = times[head:end] if end <= len(times) else times[head:] + times[: end - len(times)]
-        self.times = kept + array("d", bytes(8 * (capacity - size)))
-        self.head = 0
+        blocks = self.blocks
+        while self.size:
+            first = blocks[0]
+            if first[self.start] > cutoff:
+                return
+            self.start += 1
+            self.size -= 1
+            if self.start == len(first) or self.size == 0:
+                blocks.popleft()
+                self.start = 0
+                if not blocks:
+                    self.end = 0
 
 
 class MemoryStorage(limits_memory.MemoryStorage):

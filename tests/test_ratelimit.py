@@ -318,7 +318,7 @@ async def test_memory_moving_window_is_exact_and_forgets_idle_keys() -> None:
     assert not await storage.acquire_entry("big", 2, 1, amount=3)
 
 
-def test_window_ring_keeps_hits_in_order_through_growth_wraps_and_shrinks() -> None:
+def test_window_keeps_hits_in_order_as_it_grows_and_empties() -> None:
     from gateway.ratelimit import Window
 
     rng = random.Random(8)
@@ -337,6 +337,9 @@ def test_window_ring_keeps_hits_in_order_through_growth_wraps_and_shrinks() -> N
         assert len(window) == len(reference)
         if reference:
             assert (window.oldest(), window.newest()) == (reference[0], reference[-1])
+    assert max(len(block) for block in window.blocks) <= Window.LARGEST
     window.trim(now)
     assert len(window) == 0
-    assert len(window.times) == Window.SMALLEST  # a burst's memory is given back
+    assert not window.blocks  # a burst's memory is given back
+    window.add(now + 1)
+    assert window.oldest() == window.newest() == now + 1
