@@ -145,16 +145,16 @@ http {{
 """
 
 
+def port_key(path: str, upstream: str) -> str:
+    """The name of a path's port to an upstream; the direct path's is the upstream's own."""
+    return upstream if path == "direct" else f"{path}_{upstream}".replace("-", "_")
+
+
 @contextmanager
 def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, int]]]:
     from bench.upstream import JSON_BODY
 
-    ports = {
-        f"{path.replace('-', '_')}_{upstream}": free_port()
-        for path in ("nginx", "nginx-ka", "gateway", "gateway-2w")
-        for upstream in ("static", "sse")
-    }
-    ports |= {"static": free_port(), "sse": free_port()}
+    ports = {port_key(path, upstream): free_port() for path in PATHS for upstream in ("static", "sse")}
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -167,8 +167,8 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
             subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(ports["sse"])], cwd=ROOT)
         )
         for upstream in ("static", "sse"):
-            for path, workers in (("gateway", 1), ("gateway_2w", 2)):
-                name = f"{path}_{upstream}"
+            for path, workers in (("gateway", 1), ("gateway-2w", 2)):
+                name = port_key(path, upstream)
                 log = open(workdir / f"{name}-access.log", "wb")  # noqa: SIM115 - closed with the process
                 gateway = subprocess.Popen(
                     [
@@ -192,23 +192,15 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
                     cwd=ROOT,
                     stdout=log,
                     stderr=subprocess.DEVNULL,
-                    env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{name}")}
-                    if workers > 1
-                    else None,
                 )
-                if workers > 1:
-                    (workdir / f"metrics-{name}").mkdir()
                 started.append(gateway)
                 pids[name] = gateway.pid
         for port in ports.values():
             wait_for_port(port)
         endpoints = Endpoints(
-            static={"direct": f"http://127.0.0.1:{ports['static']}"},
-            sse={"direct": f"http://127.0.0.1:{ports['sse']}"},
+            static={path: f"http://127.0.0.1:{ports[port_key(path, 'static')]}" for path in PATHS},
+            sse={path: f"http://127.0.0.1:{ports[port_key(path, 'sse')]}" for path in PATHS},
         )
-        for path in PATHS[1:]:
-            endpoints.static[path] = f"http://127.0.0.1:{ports[path.replace('-', '_') + '_static']}"
-            endpoints.sse[path] = f"http://127.0.0.1:{ports[path.replace('-', '_') + '_sse']}"
         yield endpoints, pids
     finally:
         for process in reversed(started):
@@ -278,15 +270,21 @@ def _millis(text: str) -> float:
 
 
 def rounds(
-    plan: Plan, measure: Callable[[str], dict[str, float]], paths: tuple[str, ...] = PATHS
-) -> dict[str, dict[str, float]]:
-    """Run ``measure`` on each path, alternating, for every round; medians per path."""
-    samples: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
+    plan: Plan, measure: Callable[[str], dict[str, Any]], paths: tuple[str, ...] = PATHS
+) -> dict[str, dict[str, Any]]:
+    """Run ``measure`` on each path, alternating, for every round.
+
+    Per path: the medians of the rounds' figures, and the errors of all rounds summed.
+    """
+    samples: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
     for _ in range(plan.rounds):
         for path in paths:
             samples[path].append(measure(path))
     return {
-        path: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+        path: {
+            key: sum(s[key] for s in runs) if key == "errors" else statistics.median(s[key] for s in runs)
+            for key in runs[0]
+        }
         for path, runs in samples.items()
     }
 
@@ -322,24 +320,6 @@ def paced(url: str, plan: Plan, interval_ms: float = 200) -> dict[str, Any]:
     ).stdout
     result: dict[str, Any] = json.loads(output)
     return result
-
-
-def paced_rounds(endpoints: Endpoints, plan: Plan) -> dict[str, dict[str, Any]]:
-    """The paced streams through nginx and the gateway, alternating, for every round.
-
-    Lateness is the medians of the rounds' percentiles; errors are the rounds' sum.
-    """
-    paths = ("nginx", "gateway")
-    samples: dict[str, list[dict[str, Any]]] = {path: [] for path in paths}
-    for _ in range(plan.rounds):
-        for path in paths:
-            samples[path].append(paced(endpoints.sse[path], plan))
-    results: dict[str, dict[str, Any]] = {}
-    for path, runs in samples.items():
-        results[path] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        results[path] |= {"streams": runs[0]["streams"], "errors": sum(run["errors"] for run in runs)}
-        results[path]["rounds"] = [{k: run[k] for k in ("errors", "late_p99_ms")} for run in runs]
-    return results
 
 
 def soak(url: str, pid: int, plan: Plan, workdir: Path) -> dict[str, Any]:
@@ -402,7 +382,7 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
                 )
                 for size in plan.body_sizes
             }
-            results["paced"] = paced_rounds(endpoints, plan)
+            results["paced"] = rounds(plan, lambda p: paced(endpoints.sse[p], plan), ("nginx", "gateway"))
             results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gateway_sse"])[1], 1)
             if soak_on:
                 results["soak"] = soak(endpoints.static["gateway"], pids["gateway_static"], plan, workdir)

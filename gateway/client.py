@@ -114,7 +114,6 @@ class Pool:
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: Body = None,
-        read_timeout: float | None = None,
     ) -> Response:
         """Send a request; return once the backend's status line and headers have arrived.
 
@@ -126,9 +125,9 @@ class Pool:
         if not target.startswith("/") or BREAKS_REQUEST_LINE.search(target):
             raise ValueError(f"not a request target: {target!r}")
         connection = await self._acquire()
-        response = Response(connection, method, self.read_timeout if read_timeout is None else read_timeout)
+        response = Response(connection, method, self.read_timeout)
         try:
-            connection.send(response, _head(method, self.origin, target, headers, body), body)
+            connection.send(response, *_head(method, self.origin, target, headers, body), body)
             await response.wait_head()
         except BaseException:
             response.close()
@@ -142,7 +141,7 @@ class Pool:
         async with asyncio.timeout(seconds):
             response = await self.request(method, target, headers)
             try:
-                body = await response.read_all()
+                body, _ = await response.read_up_to(None)
             except BaseException:
                 response.close()
                 raise
@@ -168,16 +167,15 @@ class Pool:
             if self._closed:
                 raise Disconnected("the gateway is shutting down")
             idle = self._idle
-            if idle:
-                stale = loop.time() - self.keepalive
-                while idle:
-                    connection = idle.pop()
-                    if connection.is_closed():
-                        continue
-                    if connection.idle_since < stale:
-                        connection.close()
-                        continue
-                    return connection
+            stale = loop.time() - self.keepalive
+            while idle:
+                connection = idle.pop()
+                if connection.is_closed():
+                    continue
+                if connection.idle_since < stale:
+                    connection.close()
+                    continue
+                return connection
             if not self.limit or self._count < self.limit:
                 break
             # At the limit: wait for a connection to come back or to close.
@@ -314,7 +312,7 @@ class Connection(asyncio.Protocol):
 
     # used by Response and Pool
 
-    def send(self, response: Response, head: bytes, body: Body) -> None:
+    def send(self, response: Response, head: bytes, chunked: bool, body: Body) -> None:
         if self.transport is None or self._closed:
             raise Disconnected("the connection to the backend is closed")
         self.response = response
@@ -326,7 +324,6 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.write(head)
             if body is not None:
-                chunked = head.endswith(b"transfer-encoding: chunked\r\n\r\n")
                 response.upload = asyncio.ensure_future(self._upload(response, body, chunked))
 
     async def _upload(self, response: Response, body: AsyncIterable[bytes], chunked: bool) -> None:
@@ -433,11 +430,17 @@ class Response:
                 return b""
             await self._wait()
 
-    async def read_all(self) -> bytes:
-        chunks = []
-        while chunk := await self.read():
+    async def read_up_to(self, limit: int | None) -> tuple[bytes, bool]:
+        """The body, or its first ``limit`` bytes and more, and whether that was all of it."""
+        chunks: list[bytes] = []
+        size = 0
+        while limit is None or size <= limit:
+            chunk = await self.read()
+            if not chunk:
+                return b"".join(chunks), True
             chunks.append(chunk)
-        return b"".join(chunks)
+            size += len(chunk)
+        return b"".join(chunks), False
 
     def at_eof(self) -> bool:
         return self._complete and not self._chunks
@@ -565,7 +568,10 @@ class Response:
             connection.close()
 
 
-def _head(method: str, origin: Origin, target: str, headers: list[tuple[bytes, bytes]], body: Body) -> bytes:
+def _head(
+    method: str, origin: Origin, target: str, headers: list[tuple[bytes, bytes]], body: Body
+) -> tuple[bytes, bool]:
+    """The request line and headers, and whether the body goes chunked."""
     start = f"{method} {origin.prefix}{target} HTTP/1.1\r\n".encode("latin-1")
     lines = [start, b"host: %s\r\n" % origin.host_header]
     has_length = False
@@ -573,6 +579,7 @@ def _head(method: str, origin: Origin, target: str, headers: list[tuple[bytes, b
         if name == b"content-length":
             has_length = True
         lines.append(b"%s: %s\r\n" % (name, value))
+    chunked = False
     if isinstance(body, bytes):
         if not has_length:
             lines.append(b"content-length: %d\r\n" % len(body))
@@ -580,6 +587,7 @@ def _head(method: str, origin: Origin, target: str, headers: list[tuple[bytes, b
         if method in BODY_METHODS and not has_length:
             lines.append(b"content-length: 0\r\n")
     elif not has_length:
+        chunked = True
         lines.append(b"transfer-encoding: chunked\r\n")
     lines.append(b"\r\n")
-    return b"".join(lines)
+    return b"".join(lines), chunked

@@ -266,7 +266,7 @@ class ProxyEndpoint:
         """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
         status = response.status
         waited = time.perf_counter()
-        head, whole = await _read_up_to(response, SMALL_BODY)
+        head, whole = await response.read_up_to(SMALL_BODY)
         exchange.upstream_wait += time.perf_counter() - waited
         exchange.ttfb = time.perf_counter() - exchange.start
         if whole:
@@ -359,19 +359,6 @@ def _final_event(error: BackendError, last: bytes) -> bytes:
     event = sse_error_event(error)
     # Close an event the backend left half-sent, so that ours is read on its own.
     return event if last.endswith(b"\n\n") else b"\n\n" + event
-
-
-async def _read_up_to(response: Response, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of a body, and whether that was all of it."""
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        chunk = await response.read()
-        if not chunk:
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks), False
 
 
 def _has_dot_segment(path: str) -> bool:

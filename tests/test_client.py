@@ -18,6 +18,7 @@ from gateway.client import (
     Origin,
     Pool,
     ReadTimeout,
+    Response,
 )
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -105,6 +106,12 @@ async def serving(*responses: bytes, **options: float) -> AsyncIterator[tuple[Po
         yield pool, script
 
 
+async def whole(response: Response) -> bytes:
+    body, complete = await response.read_up_to(None)
+    assert complete
+    return body
+
+
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
 
@@ -114,7 +121,7 @@ async def test_a_request_goes_out_with_host_framing_and_headers_as_given() -> No
         response = await pool.request("POST", "/v1/chat?x=1", [(b"x-custom", b"A b")], b'{"a":1}')
         assert response.status == 200
         assert response.header(b"content-type") == b"application/json"
-        assert await response.read_all() == b"{}"
+        assert await whole(response) == b"{}"
         response.release()
     sent = script.requests[0]
     assert sent.startswith(b"POST /v1/chat?x=1 HTTP/1.1\r\n")
@@ -131,11 +138,11 @@ async def test_keep_alive_reuses_the_connection_and_close_does_not() -> None:
     async with serving(OK, OK, closing) as (pool, script):
         for _ in range(3):
             response = await pool.request("GET", "/", [])
-            await response.read_all()
+            await whole(response)
             response.release()
         assert script.connections == 1
         response = await pool.request("GET", "/", [])  # the server closed: a new connection
-        await response.read_all()
+        await whole(response)
         response.release()
         assert script.connections == 2
 
@@ -145,7 +152,7 @@ async def test_chunked_and_close_delimited_bodies_arrive_whole() -> None:
     chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     async with serving(chunked) as (pool, _):
         response = await pool.request("GET", "/", [])
-        assert await response.read_all() == b"hello world"
+        assert await whole(response) == b"hello world"
         assert response.at_eof()
         response.release()
 
@@ -158,7 +165,7 @@ async def test_chunked_and_close_delimited_bodies_arrive_whole() -> None:
 
     async with scripted(until_close) as (pool, _):
         response = await pool.request("GET", "/", [])
-        assert await response.read_all() == b"all of it"
+        assert await whole(response) == b"all of it"
         response.release()
 
 
@@ -191,14 +198,14 @@ async def test_head_interim_and_no_content_answers_end_without_a_body() -> None:
         response = await pool.request("POST", "/", [], b"x")
         assert response.status == 201
         assert response.raw_headers == [(b"content-length", b"2"), (b"x-a", b"b")]
-        assert await response.read_all() == b"ok"
+        assert await whole(response) == b"ok"
         response.release()
         response = await pool.request("DELETE", "/", [])
         assert response.status == 204
         assert await response.read() == b""
         response.release()
         response = await pool.request("GET", "/", [])
-        assert await response.read_all() == b"{}"
+        assert await whole(response) == b"{}"
         response.release()
         assert script.connections == 1
 
@@ -287,7 +294,7 @@ async def test_the_pool_limit_queues_requests_and_hands_connections_on() -> None
 
         async def one() -> int:
             response = await pool.request("GET", "/", [])
-            await response.read_all()
+            await whole(response)
             response.release()
             return response.status
 
@@ -308,7 +315,7 @@ async def test_a_cancelled_wait_for_a_connection_gives_its_turn_away() -> None:
         waiting = asyncio.ensure_future(pool.request("GET", "/", []))
         await asyncio.sleep(0.05)
         waiting.cancel()
-        await held.read_all()
+        await whole(held)
         held.release()
         response = await asyncio.wait_for(pool.request("GET", "/", []), 2)
         assert response.status == 200
@@ -323,10 +330,10 @@ async def test_uploads_stream_chunked_or_with_their_length() -> None:
 
     async with serving(OK, OK) as (pool, script):
         response = await pool.request("POST", "/", [], parts())
-        await response.read_all()
+        await whole(response)
         response.release()
         response = await pool.request("POST", "/", [(b"content-length", b"7")], parts())
-        await response.read_all()
+        await whole(response)
         response.release()
     chunked, sized = script.requests
     assert b"transfer-encoding: chunked" in chunked
@@ -377,7 +384,7 @@ async def test_an_idle_connection_closed_by_the_server_is_not_reused() -> None:
     async with scripted(once) as (pool, script):
         for _ in range(2):
             response = await pool.request("GET", "/", [])
-            await response.read_all()
+            await whole(response)
             response.release()
             await asyncio.sleep(0.1)
         assert script.connections == 2
