@@ -61,6 +61,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
     known_models = KnownModels(settings.metrics_models)
     metrics = Metrics(known_models)
+    upstream.on_retry = metrics.retries.labels(backend.name).inc
     access_log = AccessLog() if settings.access_log else None
     default_limits = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))
     limits_by_key = {"": default_limits} | {

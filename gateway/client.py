@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import select
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -28,6 +29,15 @@ HIGH_WATER = 256 * 1024
 BREAKS_REQUEST_LINE = re.compile(r"[\x00-\x20\x7f]")
 # Methods whose requests carry a body: an empty one is sent with Content-Length: 0.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Requests that may be sent again when a reused connection fails before any answer byte
+# (RFC 9110 9.2.2, and Go's net/http rule: an Idempotency-Key header makes any method so).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENCY_KEY = b"idempotency-key"
+# Defaults for the backend's response head: Envoy's 60 KiB and 100 headers, rounded up.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+# Bodies the gateway reads whole for itself: probes, model lists, error bodies.
+MAX_READ_BYTES = 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -48,12 +58,32 @@ class ReadTimeout(UpstreamError):
     """The backend sent nothing for the read timeout."""
 
 
+class HeadTimeout(ReadTimeout):
+    """The backend's final status line did not come before the request's deadline."""
+
+
 class Disconnected(UpstreamError):
     """The backend closed the connection before the response was complete."""
 
 
+class PoolTimeout(UpstreamError):
+    """No connection to the backend became free before the request's deadline."""
+
+
 class BadResponse(UpstreamError):
-    """The backend's bytes are not an HTTP/1.x response."""
+    """The backend's bytes are not an HTTP/1.x response, or not one the gateway accepts."""
+
+
+class TooLarge(BadResponse):
+    """A body the gateway reads whole for itself is larger than it accepts."""
+
+
+class _Poisoned(Exception):
+    """Raised inside a parser callback: bytes past the end of the one expected message."""
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: a response head the gateway does not accept."""
 
 
 Body = bytes | AsyncIterable[bytes] | None
@@ -85,7 +115,14 @@ class Origin:
 
 
 class Pool:
-    """Keep-alive connections to one origin, most recently used first."""
+    """Keep-alive connections to one origin, most recently used first.
+
+    Deadlines: ``connect_timeout`` bounds opening a connection; ``read_timeout`` bounds the
+    wait for the final status line, counted from the call (so it covers the wait for a free
+    connection) and stretched by the time spent uploading a streamed body; interim answers
+    and bytes trickling in do not extend it. Once the head has arrived, the response's
+    read timeout counts silence between chunks instead (``Response.set_read_timeout``).
+    """
 
     def __init__(
         self,
@@ -95,12 +132,23 @@ class Pool:
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
         keepalive: float = 4.0,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+        max_headers: int = MAX_HEADERS,
+        max_read_bytes: int = MAX_READ_BYTES,
+        on_retry: Callable[[], object] | None = None,
     ) -> None:
         self.origin = origin
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive = keepalive
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.max_read_bytes = max_read_bytes
+        """The most ``fetch`` reads: bodies the gateway reads whole for itself."""
+        self.retries = 0
+        """Requests sent again after a reused connection failed before answering."""
+        self.on_retry = on_retry
         self._idle: list[Connection] = []
         self._count = 0
         """Connections open, in use or being opened: what ``limit`` bounds."""
@@ -121,30 +169,65 @@ class Pool:
         as they are, after Host and before the framing header this adds. A bytes body
         is sent with its length, an iterable one chunked unless ``headers`` give a
         Content-Length. The caller must ``release()`` or ``close()`` the response.
+
+        A request on a reused connection that fails before any byte of an answer (the
+        backend closed the idle connection as the request went out) is sent once more on
+        a fresh connection when it is safe to repeat: an idempotent method, or an
+        ``Idempotency-Key`` header, and a body that can be sent again.
         """
         if not target.startswith("/") or BREAKS_REQUEST_LINE.search(target):
             raise ValueError(f"not a request target: {target!r}")
-        connection = await self._acquire()
-        response = Response(connection, method, self.read_timeout)
-        try:
-            connection.send(response, *_head(method, self.origin, target, headers, body), body)
-            await response.wait_head()
-        except BaseException:
-            response.close()
-            raise
-        return response
-
-    async def fetch(
-        self, method: str, target: str, headers: list[tuple[bytes, bytes]], seconds: float
-    ) -> tuple[int, bytes]:
-        """A whole small answer, for the gateway's own calls (probes, model lists)."""
-        async with asyncio.timeout(seconds):
-            response = await self.request(method, target, headers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout
+        head, chunked = _head(method, self.origin, target, headers, body)
+        retried = False
+        while True:
+            connection, reused = await self._acquire(loop, deadline, fresh=retried)
+            response = Response(connection, method, self.read_timeout, deadline)
+            sent = False
             try:
-                body, _ = await response.read_up_to(None)
+                connection.send(response, head, chunked, body)
+                sent = True
+                await response.wait_head()
+            except Disconnected:
+                response.close()
+                # Nothing written yet is always safe to send elsewhere; written, only if
+                # repeating it is harmless.
+                safe = not sent or _repeatable(method, headers, body)
+                if retried or not reused or response.received or not safe:
+                    raise
+                retried = True
+                self.retries += 1
+                if self.on_retry is not None:
+                    self.on_retry()
+                continue
             except BaseException:
                 response.close()
                 raise
+            return response
+
+    async def fetch(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        seconds: float,
+    ) -> tuple[int, bytes]:
+        """A whole small answer, for the gateway's own calls (probes, model lists).
+
+        A body larger than ``max_read_bytes`` raises ``TooLarge`` after reading just past it.
+        """
+        limit = self.max_read_bytes
+        async with asyncio.timeout(seconds):
+            response = await self.request(method, target, headers)
+            try:
+                body, whole = await response.read_up_to(limit)
+            except BaseException:
+                response.close()
+                raise
+            if not whole:
+                response.close()
+                raise TooLarge(f"the backend's answer to {target} is larger than {limit} bytes")
             response.release()
         return response.status, body
 
@@ -161,35 +244,52 @@ class Pool:
             if not waiter.done():
                 waiter.set_exception(Disconnected("the gateway is shutting down"))
 
-    async def _acquire(self) -> Connection:
-        loop = asyncio.get_running_loop()
+    async def _acquire(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, fresh: bool = False
+    ) -> tuple[Connection, bool]:
+        """A connection, and whether it was used before; ``fresh`` opens a new one."""
         while True:
             if self._closed:
                 raise Disconnected("the gateway is shutting down")
             idle = self._idle
             stale = loop.time() - self.keepalive
-            while idle:
+            while idle and not fresh:
                 connection = idle.pop()
                 if connection.is_closed():
+                    continue
+                if connection.readable():
+                    # An idle connection has nothing to say: this is the backend's close (or
+                    # surplus bytes) not yet handled by the loop. Never send into it.
+                    connection.close()
                     continue
                 if connection.idle_since < stale:
                     connection.close()
                     continue
-                return connection
+                return connection, True
             if not self.limit or self._count < self.limit:
                 break
+            if fresh and idle:
+                idle.pop(0).close()  # make room: the oldest idle connection goes
+                continue
             # At the limit: wait for a connection to come back or to close.
             waiter = loop.create_future()
             self._waiting.append(waiter)
             try:
-                await waiter
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()
+                raise PoolTimeout(
+                    f"no connection to the backend became free within {self.read_timeout:g} s"
+                ) from None
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # pass the turn on to the next in line
                 raise
         self._count += 1
         try:
-            return await self._connect(loop)
+            return await self._connect(loop), False
         except BaseException:
             self._count -= 1
             self._wake_one()
@@ -213,7 +313,7 @@ class Pool:
         return connection
 
     def _put_back(self, connection: Connection) -> None:
-        if self._closed:
+        if self._closed or self.keepalive <= 0:
             connection.close()
             return
         loop_time = connection.idle_since
@@ -238,7 +338,12 @@ class Pool:
 
 
 class Connection(asyncio.Protocol):
-    """One keep-alive connection; it carries one request at a time."""
+    """One keep-alive connection; it carries one request at a time.
+
+    Exactly one response is accepted per request. A byte past its end, in the same read
+    or a later one, poisons the connection: it is closed and never reused, and the bytes
+    reach nobody. Trailers are parsed and dropped, never taken for headers.
+    """
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -248,27 +353,56 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._closed = False
         self._write_ready: asyncio.Future[None] | None = None
+        self._fd = -1
+        self._ended = False
+        """The current request's one response is complete: any further byte is a fault."""
+        self._head_only = False
+        self._in_head = False
+        self._head_bytes = 0
+        """Bytes read before the final head was complete: bounds the parser's buffering."""
+        self._head_size = 0
+        self._headers = 0
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the methods without being asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         response = self.response
-        if response is None:
+        if response is None or self._ended:
             # Bytes nobody asked for: this connection cannot be trusted with a request.
             self.close()
             return
         response.last_read = response.loop.time()
+        response.received = True
+        head = not response._head
+        if head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(BadResponse("the backend switched protocols"))
             self.close()
+            return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Refused):
+                response.fail(BadResponse(str(cause)))
+            elif not isinstance(cause, _Poisoned):
+                response.fail(BadResponse(f"the backend's response could not be parsed: {exc}"))
+            self.close()
+            return
         except httptools.HttpParserError as exc:
             response.fail(BadResponse(f"the backend's response could not be parsed: {exc}"))
+            self.close()
+            return
+        if head and not response._head and self._head_bytes > self.pool.max_head_bytes:
+            limit = self.pool.max_head_bytes
+            response.fail(BadResponse(f"the backend's response head is larger than {limit} bytes"))
             self.close()
 
     def eof_received(self) -> bool:
@@ -292,30 +426,66 @@ class Connection(asyncio.Protocol):
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_result(None)
 
-    # httptools callbacks
+    # httptools callbacks: an exception raised here stops the parser in its tracks.
+
+    def on_message_begin(self) -> None:
+        if self._ended or self.response is None:
+            raise _Poisoned
+        self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response.raw_headers.append((name, value))
+        if not self._in_head:
+            return  # a trailer: dropped
+        self._headers += 1
+        self._head_size += len(name) + len(value) + 4
+        if self._headers > self.pool.max_headers:
+            raise _Refused(f"the backend's response has more than {self.pool.max_headers} headers")
+        if self._head_size > self.pool.max_head_bytes:
+            raise _Refused(f"the backend's response head is larger than {self.pool.max_head_bytes} bytes")
+        response = self.response
+        assert response is not None
+        response.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.response is not None:
-            self.response.head_complete(self.parser.get_status_code())
+        self._in_head = False
+        response = self.response
+        assert response is not None
+        status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Refused(f"the backend answered with status {status}, outside 100-599")
+        response.head_complete(status)
+        if response._complete:
+            # A HEAD answer is whole with its head; httptools may still call the end of
+            # the message, and anything else that follows is not ours.
+            self._ended = self._head_only = True
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response.feed(body)
+        if self._ended:
+            raise _Poisoned
+        response = self.response
+        assert response is not None
+        response.feed(body)
 
     def on_message_complete(self) -> None:
-        if self.response is not None:
-            self.response.message_complete(self.parser.should_keep_alive())
+        response = self.response
+        if self._head_only:
+            self._head_only = False
+            return
+        if self._ended or response is None:
+            raise _Poisoned
+        if response._head:
+            self._ended = True
+            response.message_complete(self.parser.should_keep_alive())
+        # else: the end of an interim (1xx) answer; the final one follows.
 
     # used by Response and Pool
 
     def send(self, response: Response, head: bytes, chunked: bool, body: Body) -> None:
-        if self.transport is None or self._closed:
+        if self.transport is None or self.is_closed():
             raise Disconnected("the connection to the backend is closed")
         self.response = response
+        self._ended = self._head_only = False
+        self._head_bytes = self._head_size = self._headers = 0
         if isinstance(body, bytes):
             if len(body) < 65536:
                 self.transport.write(head + body)  # one segment for the usual small request
@@ -329,6 +499,8 @@ class Connection(asyncio.Protocol):
     async def _upload(self, response: Response, body: AsyncIterable[bytes], chunked: bool) -> None:
         transport = self.transport
         assert transport is not None
+        loop = response.loop
+        started = loop.time()
         try:
             async for chunk in body:
                 if self._closed:
@@ -339,17 +511,37 @@ class Connection(asyncio.Protocol):
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
                     transport.write(chunk)
-                if self._write_ready is not None:
-                    await self._write_ready
+                if self._write_ready is not None and not self._write_ready.done():
+                    try:
+                        async with asyncio.timeout(self.pool.read_timeout):
+                            await self._write_ready
+                    except TimeoutError:
+                        response.fail(
+                            ReadTimeout(
+                                f"the backend read none of the request for {self.pool.read_timeout:g} s"
+                            )
+                        )
+                        self.close()
+                        return
             if chunked and not self._closed:
                 transport.write(b"0\r\n\r\n")
         except Exception:
             # The client's side failed (gone, or too large): the request cannot be finished.
             response.fail(Disconnected("the request body could not be sent"))
             self.close()
+        finally:
+            response.upload_done(loop.time() - started)
 
     def is_closed(self) -> bool:
         return self._closed or self.transport is None or self.transport.is_closing()
+
+    def readable(self) -> bool:
+        """Whether the socket holds input (an end of file, or bytes) the loop has not read yet."""
+        if self._fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         transport = self.transport
@@ -372,15 +564,19 @@ class Connection(asyncio.Protocol):
 class Response:
     """A response as it arrives: status and headers, then the body chunk by chunk."""
 
-    def __init__(self, connection: Connection, method: str, read_timeout: float) -> None:
+    def __init__(self, connection: Connection, method: str, read_timeout: float, deadline: float) -> None:
         self.connection: Connection | None = connection
         self.loop = asyncio.get_running_loop()
         self.method = method
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.read_timeout = read_timeout
-        """Seconds the backend may stay silent: before the status line, and between chunks."""
+        """Seconds the backend may stay silent between body chunks."""
+        self.deadline = deadline
+        """Loop time by which the final status line must have come (the upload stretches it)."""
         self.last_read = self.waiting_since = self.loop.time()
+        self.received = False
+        """Whether any byte came from the backend for this request."""
         self.upload: asyncio.Future[None] | None = None
         self._head = False
         self._chunks: list[bytes] = []
@@ -392,6 +588,13 @@ class Response:
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+
+    def upload_done(self, seconds: float) -> None:
+        """The deadline for the status line counts from the end of the upload."""
+        self.deadline += seconds
+        if self._timer is not None and not self._head:
+            self._timer.cancel()
+            self._timer = self.loop.call_at(self._expiry(self.loop.time()), self._check_timeout)
 
     def set_read_timeout(self, seconds: float) -> None:
         self.read_timeout = seconds
@@ -524,7 +727,7 @@ class Response:
         # later: time spent relaying to a slow client is not the backend's.
         self.waiting_since = now = self.loop.time()
         if self._timer is None:
-            self._timer = self.loop.call_at(max(self.last_read, now) + self.read_timeout, self._check_timeout)
+            self._timer = self.loop.call_at(self._expiry(now), self._check_timeout)
         try:
             await waiter
         finally:
@@ -532,18 +735,29 @@ class Response:
         if self._error is not None:
             raise self._error
 
+    def _expiry(self, now: float) -> float:
+        if not self._head:
+            if self.upload is not None and not self.upload.done():
+                return now + self.read_timeout  # the deadline waits for the upload's end
+            return self.deadline
+        return max(self.last_read, self.waiting_since) + self.read_timeout
+
     def _check_timeout(self) -> None:
         self._timer = None
         if self._waiter is None or self._complete or self._error is not None:
             return
-        deadline = max(self.last_read, self.waiting_since) + self.read_timeout
-        if self.loop.time() >= deadline:
-            self._error = ReadTimeout(f"the backend sent nothing for {self.read_timeout:g} s")
+        now = self.loop.time()
+        expiry = self._expiry(now)
+        if now >= expiry:
+            if self._head:
+                self._error = ReadTimeout(f"the backend sent nothing for {self.read_timeout:g} s")
+            else:
+                self._error = HeadTimeout("the backend's status line did not come in time")
             self._wake()
             if self.connection is not None:
                 self.connection.close()
         else:
-            self._timer = self.loop.call_at(deadline, self._check_timeout)
+            self._timer = self.loop.call_at(expiry, self._check_timeout)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -566,6 +780,13 @@ class Response:
             connection.finished(reusable)
         elif not reusable:
             connection.close()
+
+
+def _repeatable(method: str, headers: list[tuple[bytes, bytes]], body: Body) -> bool:
+    """Whether a request that got no answer may be sent again."""
+    if not (body is None or isinstance(body, bytes)):
+        return False  # a streamed body is gone once sent
+    return method in IDEMPOTENT_METHODS or any(name.lower() == IDEMPOTENCY_KEY for name, _ in headers)
 
 
 def _head(

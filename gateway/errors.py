@@ -8,7 +8,9 @@ Every error a client sees from the gateway itself is a ``GatewayError`` rendered
     ├── AuthenticationFailed  401 authentication_error
     ├── NotFound              404 not_found
     ├── MethodNotAllowed      405 method_not_allowed
+    ├── RequestTimeout        408 request_timeout (the connection is closed)
     ├── RequestTooLarge       413 request_too_large
+    │   └── RequestHeadTooLarge   431 request_too_large (the connection is closed)
     ├── Unsupported           501 unsupported (x-should-retry: false)
     ├── BackendError
     │   ├── BackendUnreachable    502 backend_unreachable
@@ -76,9 +78,18 @@ class MethodNotAllowed(GatewayError):
     type = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "request_timeout"
+
+
 class RequestTooLarge(GatewayError):
     status = 413
     type = "request_too_large"
+
+
+class RequestHeadTooLarge(RequestTooLarge):
+    status = 431
 
 
 class Unsupported(GatewayError):

@@ -33,6 +33,9 @@ NOT_FORWARDED = HOP_BY_HOP | {
     b"expect",
 }
 NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+# Statuses whose answers never have a body (RFC 9110 6.4.1): their framing headers go too.
+BODILESS = frozenset({204, 304})
+NOT_RETURNED_BODILESS = NOT_RETURNED | {b"content-length"}
 
 SSE = b"text/event-stream"
 # Tell nginx-style proxies in front of the gateway not to buffer a stream either.
@@ -81,15 +84,20 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
 
 
 def response_headers(
-    raw: Iterable[tuple[bytes, bytes]], added: list[tuple[bytes, bytes]]
+    status: int, raw: Iterable[tuple[bytes, bytes]], added: list[tuple[bytes, bytes]]
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The backend's headers as they go to the client, with ``added``, and whether the body is SSE."""
-    headers = list(added)
+    """The backend's headers as they go to the client, with ``added``, and whether the body is SSE.
+
+    The backend's Connection header names only the backend's own headers, never one the
+    gateway adds. A 204 or 304 answer goes without framing headers: it has no body.
+    """
+    headers: list[tuple[bytes, bytes]] = []
     streaming = False
     connection: list[bytes] = []
+    skip = NOT_RETURNED if status not in BODILESS else NOT_RETURNED_BODILESS
     for name, value in raw:
         name = name.lower()
-        if name in NOT_RETURNED:
+        if name in skip:
             if name == b"connection":
                 connection.extend(value.split(b","))
             continue
@@ -102,7 +110,7 @@ def response_headers(
     if streaming:
         headers = [h for h in headers if h[0] not in SSE_HEADER_NAMES]
         headers.extend(SSE_HEADERS)
-    return headers, streaming
+    return added + headers, streaming
 
 
 def connection_listed(tokens: list[bytes]) -> set[bytes]:

@@ -117,6 +117,11 @@ class Metrics:
             "mid_stream.",
             ["backend", "type"], registry=r,
         )  # fmt: skip
+        self.retries = Counter(
+            "gateway_backend_retries",
+            "Requests sent again on a fresh connection after a reused one died before answering.",
+            ["backend"], registry=r,
+        )  # fmt: skip
         self.disconnects = Counter(
             "gateway_client_disconnects", "Clients that left before their answer was complete.", ["route"],
             registry=r,

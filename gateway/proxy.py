@@ -49,8 +49,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("gateway.proxy")
 
-# Bodies the gateway reads whole to bring to the OpenAI shape: errors and model lists.
-SMALL_BODY = 1024 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MAX_MODEL_NAME = 256
 CLIENT_DISCONNECT = "client_disconnect"
@@ -235,7 +233,9 @@ class ProxyEndpoint:
 
         complete = False
         try:
-            returned, streaming = response_headers(response.raw_headers, exchange.headers_out)
+            returned, streaming = response_headers(
+                response.status, response.raw_headers, exchange.headers_out
+            )
             exchange.status = response.status
             if self.backend.adapter.normalise and not streaming and self._reshapes(response):
                 complete = await self._send_reshaped(response, returned, send, exchange)
@@ -266,7 +266,7 @@ class ProxyEndpoint:
         """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
         status = response.status
         waited = time.perf_counter()
-        head, whole = await response.read_up_to(SMALL_BODY)
+        head, whole = await response.read_up_to(self.upstream.pool.max_read_bytes)
         exchange.upstream_wait += time.perf_counter() - waited
         exchange.ttfb = time.perf_counter() - exchange.start
         if whole:

@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from gateway.health import Lifecycle
+from gateway.protocol import ClientLimits, LimitedHttpToolsProtocol
 from gateway.settings import Settings
 
 logger = logging.getLogger("gateway")
@@ -79,9 +80,22 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "ssl_certfile": str(settings.ssl_certfile) if settings.ssl_certfile else None,
         "log_config": None,
         "timeout_graceful_shutdown": settings.drain_timeout,
+        "http": client_protocol(settings),
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
+
+def client_protocol(settings: Settings) -> Any:
+    """uvicorn's httptools protocol with the client-side limits and deadlines."""
+    return LimitedHttpToolsProtocol.with_limits(
+        ClientLimits(
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            header_timeout=settings.client_header_timeout,
+            body_timeout=settings.client_body_timeout,
+        )
+    )
 
 
 def _run_workers(settings: Settings) -> int:

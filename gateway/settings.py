@@ -99,8 +99,9 @@ class Settings(BaseSettings):
     backend_timeout: float = Field(
         600.0,
         gt=0,
-        description="Seconds to wait for the backend's first byte (for a non-streaming request, "
-        "the whole generation).",
+        description="Seconds to wait for the backend's status line, counted from the end of the upload "
+        "and covering the wait for a free connection; interim (1xx) answers do not extend it. For a "
+        "non-streaming request this is the whole generation.",
     )
     stream_idle_timeout: float = Field(
         300.0,
@@ -112,6 +113,40 @@ class Settings(BaseSettings):
     )
     backend_max_connections: int = Field(
         4096, ge=0, description="Most connections open to the backend at once (0: no limit)."
+    )
+    backend_keepalive_timeout: float = Field(
+        4.0,
+        ge=0,
+        description="Seconds an idle connection to the backend is kept for reuse; keep it below the "
+        "backend's own idle timeout (5 s for uvicorn-based runtimes and llama-server).",
+    )
+    backend_max_header_bytes: int = Field(
+        64 * 1024, gt=0, description="Largest backend response head, in bytes (larger: 502)."
+    )
+    backend_max_headers: int = Field(
+        100, gt=0, description="Most header lines in a backend response (more: 502)."
+    )
+    backend_max_read_bytes: int = Field(
+        MiB,
+        gt=0,
+        description="Largest backend body the gateway reads whole for itself: health probes, model "
+        "lists, error bodies it brings to the OpenAI shape (a larger error body is relayed as it is).",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        gt=0,
+        description="Largest client request head (request line and headers), in bytes "
+        "(larger: 431 and the connection is closed).",
+    )
+    max_headers: int = Field(100, gt=0, description="Most header lines in a client request (more: 431).")
+    client_header_timeout: float = Field(
+        60.0, gt=0, description="Seconds a client has to send a whole request head (then 408, closed)."
+    )
+    client_body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client may go without sending a byte of a request body it has begun "
+        "(then 408, or the connection is closed).",
     )
     ready_timeout: float = Field(5.0, gt=0, description="Seconds the readiness probe waits for the backend.")
     model: str | None = Field(

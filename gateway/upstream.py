@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.client import (
     BadResponse,
     ConnectFailed,
@@ -9,15 +11,13 @@ from gateway.client import (
     Disconnected,
     Origin,
     Pool,
+    PoolTimeout,
     ReadTimeout,
+    TooLarge,
     UpstreamError,
 )
 from gateway.errors import BackendBadResponse, BackendError, BackendTimeout, BackendUnreachable
 from gateway.settings import Settings
-
-# Backends behind uvicorn (vLLM, SGLang, llama-cpp-python) close idle connections after
-# 5 s; dropping ours first avoids sending a request into a socket being closed.
-KEEPALIVE_SECONDS = 4.0
 
 
 class Upstream:
@@ -26,6 +26,8 @@ class Upstream:
     def __init__(self, settings: Settings, url: str) -> None:
         self.settings = settings
         self.origin = Origin.from_url(url)
+        self.on_retry: Callable[[], object] | None = None
+        """Called when a request is sent again on a fresh connection (a metric)."""
         self._pool: Pool | None = None
 
     @property
@@ -43,7 +45,11 @@ class Upstream:
             # Bounds the wait for the status line; the proxy narrows it to the stream
             # idle timeout once the response has started.
             read_timeout=settings.backend_timeout,
-            keepalive=KEEPALIVE_SECONDS,
+            keepalive=settings.backend_keepalive_timeout,
+            max_head_bytes=settings.backend_max_header_bytes,
+            max_headers=settings.backend_max_headers,
+            max_read_bytes=settings.backend_max_read_bytes,
+            on_retry=self.on_retry,
         )
 
     async def close(self) -> None:
@@ -58,12 +64,19 @@ def before_response_error(exc: BaseException, settings: Settings) -> BackendErro
         return BackendUnreachable(
             f"could not connect to the backend within {settings.backend_connect_timeout:g} s"
         )
+    if isinstance(exc, PoolTimeout):
+        return BackendTimeout(
+            f"no connection to the backend became free within {settings.backend_timeout:g} s "
+            f"(--backend-max-connections {settings.backend_max_connections})"
+        )
     if isinstance(exc, ReadTimeout | TimeoutError):
-        return BackendTimeout(f"the backend sent nothing within {settings.backend_timeout:g} s")
+        return BackendTimeout(f"the backend did not answer within {settings.backend_timeout:g} s")
     if isinstance(exc, ConnectFailed):
         return BackendUnreachable(f"cannot connect to the backend: {exc}")
     if isinstance(exc, Disconnected):
         return BackendBadResponse("the backend closed the connection without answering")
+    if isinstance(exc, TooLarge):
+        return BackendBadResponse(f"the backend's answer is too large: {exc}")
     if isinstance(exc, BadResponse):
         return BackendBadResponse(f"bad answer from the backend: {exc}")
     return BackendBadResponse(f"bad answer from the backend: {type(exc).__name__}")

@@ -13,6 +13,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from tests.fakes import FakeBackend, LoopThread, Seen, start_fake
 
@@ -76,16 +77,7 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            proxy_headers=False,
-            server_header=False,
-            date_header=False,
-            timeout_graceful_shutdown=2,
-        )
+        config = uvicorn_config(app, settings, log_level="warning", timeout_graceful_shutdown=2)
         server = uvicorn.Server(config)
         future = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), loop_thread.loop)
         for _ in range(500):

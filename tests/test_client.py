@@ -17,8 +17,10 @@ from gateway.client import (
     Disconnected,
     Origin,
     Pool,
+    PoolTimeout,
     ReadTimeout,
     Response,
+    TooLarge,
 )
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -413,3 +415,126 @@ def test_origins_keep_the_prefix_and_spell_the_host_header() -> None:
         Origin.from_url("ftp://x")
     with pytest.raises(ValueError, match="Port"):
         Origin.from_url("http://host:notaport")
+
+
+# Framing, limits, deadlines and retries on the client's own terms (tests/test_hostile.py
+# tries the same through the whole gateway).
+
+
+@on_both_loops
+async def test_a_surplus_response_poisons_the_connection_and_reaches_nobody() -> None:
+    surplus = b"HTTP/1.1 201 Created\r\nx-evil: 1\r\ncontent-length: 4\r\n\r\nEVIL"
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi" + surplus if first else OK)
+        await reader.read()
+
+    async with scripted(handler) as (pool, script):
+        response = await pool.request("GET", "/", [])
+        assert response.status == 200
+        assert response.raw_headers == [(b"content-length", b"2")]
+        assert await whole(response) == b"hi"
+        response.release()
+        response = await pool.request("GET", "/", [])  # a fresh connection, its own answer
+        assert await whole(response) == b"{}"
+        response.release()
+        assert script.connections == 2
+
+
+@on_both_loops
+async def test_trailers_are_dropped_and_the_connection_kept() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nx-injected: 1\r\n\r\n"
+    async with serving(chunked, OK) as (pool, script):
+        response = await pool.request("GET", "/", [])
+        assert await whole(response) == b"hi"
+        assert response.header(b"x-injected") is None
+        response.release()
+        response = await pool.request("GET", "/", [])
+        assert await whole(response) == b"{}"
+        response.release()
+        assert script.connections == 1
+
+
+@on_both_loops
+async def test_statuses_outside_100_to_599_and_oversized_heads_are_bad_responses() -> None:
+    many = b"HTTP/1.1 200 OK\r\n" + b"x-h: 1\r\n" * 11 + b"content-length: 0\r\n\r\n"
+    big = b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 2000 + b"\r\ncontent-length: 0\r\n\r\n"
+    for answer in (b"HTTP/1.1 600 X\r\ncontent-length: 0\r\n\r\n", b"HTTP/1.1 099 X\r\n\r\n", many, big):
+        async with serving(answer, max_head_bytes=1024, max_headers=10) as (pool, _):
+            with pytest.raises(BadResponse):
+                await pool.request("GET", "/", [])
+
+
+@on_both_loops
+async def test_fetch_refuses_a_body_over_its_limit() -> None:
+    large = b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"x" * 5000
+    async with serving(large, max_read_bytes=1000) as (pool, _):
+        with pytest.raises(TooLarge):
+            await pool.fetch("GET", "/health", [], seconds=5)
+
+
+@on_both_loops
+async def test_interim_answers_do_not_extend_the_deadline() -> None:
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for _ in range(20):
+            writer.write(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(OK)
+        await reader.read()
+
+    async with scripted(hints, read_timeout=0.3) as (pool, _):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ReadTimeout):
+            await pool.request("GET", "/", [])
+        assert asyncio.get_running_loop().time() - started < 0.6
+
+
+@on_both_loops
+async def test_the_wait_for_a_free_connection_counts_against_the_deadline() -> None:
+    async def holds(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await reader.read()
+
+    async with scripted(holds, read_timeout=0.3, limit=1) as (pool, _):
+        held = await pool.request("GET", "/", [])
+        with pytest.raises(PoolTimeout):
+            await pool.request("GET", "/", [])
+        held.close()
+
+
+@on_both_loops
+async def test_a_dead_reused_connection_is_retried_only_when_safe() -> None:
+    async def dies_on_reuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request: closed unanswered
+
+    cases = [
+        ("GET", [], None, True),
+        ("POST", [(b"idempotency-key", b"k")], b"{}", True),
+        ("POST", [], b"{}", False),
+    ]
+    for method, headers, body, retried in cases:
+        async with scripted(dies_on_reuse) as (pool, script):
+            response = await pool.request(method, "/", headers, body)
+            await whole(response)
+            response.release()
+            if retried:
+                response = await pool.request(method, "/", headers, body)
+                assert await whole(response) == b"{}"
+                response.release()
+                assert pool.retries == 1
+            else:
+                with pytest.raises(Disconnected):
+                    await pool.request(method, "/", headers, body)
+                assert pool.retries == 0
+            assert script.connections == (2 if retried else 1)

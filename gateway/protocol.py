@@ -1,0 +1,223 @@
+"""The client side of the wire: uvicorn's httptools protocol with limits and deadlines.
+
+uvicorn's protocol reads a request head of any size and waits for a slow client for ever.
+This subclass adds what nginx has (``large_client_header_buffers``,
+``client_header_timeout``, ``client_body_timeout``) and Envoy's header count:
+
+- a request head larger than ``max_header_bytes`` or with more than ``max_headers`` lines
+  gets 431 and the connection is closed, before any of it reaches the app: memory stays
+  at the limit plus one read, whoever sends it, with a key or without;
+- a connection has ``header_timeout`` seconds from its first byte (or from being opened)
+  to finish a request head, then 408 and closed;
+- a request body may go ``body_timeout`` seconds without a byte while the app waits for
+  it; then 408 if no answer has started, else the connection is closed. Time the app
+  holds reading back (flow control) is not the client's.
+
+The common request, whose head and body come in one read, arms no timer at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import GatewayError, RequestHeadTooLarge, RequestTimeout
+
+logger = logging.getLogger("gateway.protocol")
+
+# Where a connection is in its current request.
+IDLE, HEAD, BODY = 0, 1, 2
+
+
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop reading a head past a limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout: float = 60.0
+    body_timeout: float = 60.0
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, limits: ClientLimits = ClientLimits(), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.header_timeout = limits.header_timeout
+        self.body_timeout = limits.body_timeout
+        self._phase = IDLE
+        self._head_started = 0.0
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_bytes_exact = 0
+        self._last_body = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._refused: GatewayError | None = None
+
+    @classmethod
+    def with_limits(cls, limits: ClientLimits) -> Callable[..., LimitedHttpToolsProtocol]:
+        """The protocol factory to hand uvicorn (``Config(http=...)``); it pickles for workers."""
+        return functools.partial(cls, limits=limits)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection that never sends a byte is held no longer than a slow head would be.
+        self._head_started = self.loop.time()
+        self._timer = self.loop.call_at(self._head_started + self.header_timeout, self._check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == IDLE:
+            self._start_head()
+        if self._phase == HEAD:
+            self._head_bytes += len(data)
+        # A limit met in a parser callback raises; uvicorn turns the parser's error into
+        # send_400_response, which answers with the refusal instead.
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        phase = self._phase
+        if phase == HEAD:
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(self._head_too_large())
+            elif self._timer is None:
+                self._timer = self.loop.call_at(self._head_started + self.header_timeout, self._check)
+        elif phase == BODY:
+            self._last_body = self.loop.time()
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._last_body + self.body_timeout, self._check)
+
+    def send_400_response(self, msg: str) -> None:
+        refused = self._refused
+        if refused is not None:
+            self._refused = None
+            self._refuse(refused)
+            return
+        super().send_400_response(msg)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._phase != HEAD:
+            # A pipelined request begun in the read that ended the previous one.
+            self._start_head()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.max_header_bytes:
+            self._refused = self._head_too_large()
+            raise _HeadRefused(self._refused.message)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._head_bytes_exact += len(name) + len(value) + 4
+        if self._header_count > self.max_headers:
+            self._refused = RequestHeadTooLarge(
+                f"the request has more than {self.max_headers} headers", code="too_many_headers"
+            )
+            raise _HeadRefused(self._refused.message)
+        if self._head_bytes_exact > self.max_header_bytes:
+            self._refused = self._head_too_large()
+            raise _HeadRefused(self._refused.message)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._phase = BODY
+        self._last_body = self.loop.time()
+        self._cancel_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = IDLE
+        self._cancel_timer()
+        super().on_message_complete()
+
+    # internals
+
+    def _start_head(self) -> None:
+        self._phase = HEAD
+        self._head_started = self.loop.time()
+        self._head_bytes = 0
+        self._head_bytes_exact = 0
+        self._header_count = 0
+        self._refused = None
+
+    def _head_too_large(self) -> GatewayError:
+        return RequestHeadTooLarge(
+            f"the request head is larger than {self.max_header_bytes} bytes", code="headers_too_large"
+        )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        phase = self._phase
+        if phase == IDLE:
+            if self.cycle is None:  # opened, and not a byte since
+                expiry = self._head_started + self.header_timeout
+                if now >= expiry:
+                    self.transport.close()
+                else:
+                    self._timer = self.loop.call_at(expiry, self._check)
+            return
+        if phase == HEAD:
+            expiry = self._head_started + self.header_timeout
+            if now >= expiry:
+                self._refuse(
+                    RequestTimeout(f"the request head did not come within {self.header_timeout:g} s")
+                )
+                return
+        else:
+            if self.flow.read_paused:
+                self._last_body = now  # the app is not reading: the client is not late
+            expiry = self._last_body + self.body_timeout
+            if now >= expiry:
+                message = f"the request body stopped for {self.body_timeout:g} s"
+                self._refuse(RequestTimeout(message, code="body_timeout"))
+                return
+        self._timer = self.loop.call_at(expiry, self._check)
+
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer ``error`` if this request has no answer under way, and close the connection."""
+        self._cancel_timer()
+        cycle = self.cycle
+        if self._phase == HEAD:
+            # The request being read has no cycle yet; the one before it may still be answering.
+            free = cycle is None or cycle.response_complete
+        else:
+            free = cycle is not None and not cycle.response_started
+        if cycle is not None and not cycle.response_complete:
+            # The app sees a disconnect and its answer goes nowhere.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if free and not self.transport.is_closing():
+            body = error.body()
+            head = [b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode())]
+            head += [b"%s: %s\r\n" % header for header in error.response_headers()]
+            head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+            self.transport.write(b"".join(head) + body)
+        logger.info("closing a client connection: %s", error.message)
+        self.transport.close()
