@@ -6,12 +6,18 @@ This subclass adds what nginx has (``large_client_header_buffers``,
 
 - a request head larger than ``max_header_bytes`` or with more than ``max_headers`` lines
   gets 431 and the connection is closed, before any of it reaches the app: memory stays
-  at the limit plus one read, whoever sends it, with a key or without;
+  at the limit plus a read or two (a head pipelined behind another request is counted
+  from the read after the one it began in), whoever sends it, with a key or without;
 - a connection has ``header_timeout`` seconds from its first byte (or from being opened)
   to finish a request head, then 408 and closed;
 - a request body may go ``body_timeout`` seconds without a byte while the app waits for
   it; then 408 if no answer has started, else the connection is closed. Time the app
-  holds reading back (flow control) is not the client's.
+  holds reading back (flow control) is not the client's;
+- a request that is not HTTP/1.1 the parser accepts (a bad request line, a control byte
+  in a header, two framings) gets 400 ``invalid_request`` in the gateway's envelope, and
+  the connection is closed;
+- a refusal of a pipelined request waits for the answers to the requests before it, which
+  go out whole (uvicorn writes its own 400 over them).
 
 The common request, whose head and body come in one read, arms no timer at all.
 """
@@ -28,9 +34,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.errors import GatewayError, RequestHeadTooLarge, RequestTimeout
+from gateway.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 
 logger = logging.getLogger("gateway.protocol")
+
+NOT_HTTP = (
+    "the request is not valid HTTP/1.1: check the request line, the header names and values, "
+    "and that the body is framed by one Content-Length or by chunked encoding"
+)
 
 # Where a connection is in its current request.
 IDLE, HEAD, BODY = 0, 1, 2
@@ -63,6 +74,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._last_body = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._refused: GatewayError | None = None
+        self._deferred: GatewayError | None = None
 
     @classmethod
     def with_limits(cls, limits: ClientLimits) -> Callable[..., LimitedHttpToolsProtocol]:
@@ -82,6 +94,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred is not None:
+            return  # a refusal waits for the answers before it; nothing more is read
         phase = self._phase
         if phase == IDLE:
             self._start_head()
@@ -90,12 +104,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # A limit met in a parser callback raises; uvicorn turns the parser's error into
         # send_400_response, which answers with the refusal instead.
         super().data_received(data)
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._deferred is not None:
             return
         phase = self._phase
         if phase == HEAD:
             if self._head_bytes > self.max_header_bytes:
-                self._refuse(self._head_too_large())
+                self._reject(self._head_too_large())
             elif self._timer is None:
                 self._timer = self.loop.call_at(self._head_started + self.header_timeout, self._check)
         elif phase == BODY:
@@ -104,12 +118,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._timer = self.loop.call_at(self._last_body + self.body_timeout, self._check)
 
     def send_400_response(self, msg: str) -> None:
-        refused = self._refused
-        if refused is not None:
-            self._refused = None
-            self._refuse(refused)
+        # uvicorn's own answer is plain text, and written even over an answer under way.
+        refused, self._refused = self._refused, None
+        self._reject(refused or InvalidRequest(NOT_HTTP, code="invalid_http"))
+
+    def on_response_complete(self) -> None:
+        deferred = self._deferred
+        if deferred is not None and not self.pipeline:
+            # The last answer before a refused request is out: now the refusal.
+            self._deferred = None
+            self.server_state.total_requests += 1
+            self._refuse(deferred)
             return
-        super().send_400_response(msg)
+        super().on_response_complete()
 
     # httptools callbacks
 
@@ -186,7 +207,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if phase == HEAD:
             expiry = self._head_started + self.header_timeout
             if now >= expiry:
-                self._refuse(
+                self._reject(
                     RequestTimeout(f"the request head did not come within {self.header_timeout:g} s")
                 )
                 return
@@ -199,6 +220,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(RequestTimeout(message, code="body_timeout"))
                 return
         self._timer = self.loop.call_at(expiry, self._check)
+
+    def _reject(self, error: GatewayError) -> None:
+        """Refuse the request being read: at once, or after the answers to the requests before it.
+
+        A pipelining client gets those answers whole, then the refusal, then the close.
+        """
+        bad = self.cycle if self._phase == BODY else None
+        if bad is not None and self.pipeline and self.pipeline[0][0] is bad:
+            self.pipeline.popleft()  # it never runs; the requests before it are answered first
+            waiting = True
+        elif bad is None:
+            waiting = self.cycle is not None and not self.cycle.response_complete
+        else:
+            waiting = False  # the bad request is the one being answered
+        if waiting:
+            self._deferred = error
+            self._cancel_timer()
+            self.transport.pause_reading()
+            return
+        self._refuse(error)
 
     def _refuse(self, error: GatewayError) -> None:
         """Answer ``error`` if this request has no answer under way, and close the connection."""

@@ -391,6 +391,69 @@ def test_a_long_request_line_is_a_431(start_gateway: GatewayFactory) -> None:
             assert [r for r in backend.requests if not r.own] == []
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",  # CL.TE smuggling
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"G\x00T /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nx-bad\x01name: 1\r\n\r\n",
+        b"GET /v1/models HTTX/1.1\r\n\r\n",
+    ],
+    ids=["cl-te", "two-lengths", "bad-chunk-size", "nul-method", "control-byte-name", "bad-version"],
+)
+def test_a_request_that_is_not_http_is_a_400_envelope_then_closed(
+    start_gateway: GatewayFactory, request_bytes: bytes
+) -> None:
+    with raw_backend(lambda request: Reply(JSON_OK)) as backend:
+        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
+        with RawClient(gateway.url) as client:
+            client.send(
+                request_bytes.replace(b"host: x\r\n", b"host: x\r\nauthorization: Bearer sk-test-1\r\n")
+            )
+            answer = client.read_all(timeout=5)  # read_all returns at the close
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ")
+        assert b"\r\nconnection: close" in head
+        assert json.loads(body)["error"]["type"] == "invalid_request"
+        assert [r for r in backend.requests if not r.own] == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "status"),
+    [
+        (b"GET /v1/models HTTX/1.1\r\n\r\n", b"400"),
+        (b"GET /v1/models HTTP/1.1\r\nx: " + b"a" * 400_000, b"431"),
+    ],
+    ids=["not-http", "head-too-large"],
+)
+def test_a_bad_request_pipelined_behind_a_stream_does_not_cut_into_it(
+    start_gateway: GatewayFactory, bad: bytes, status: bytes
+) -> None:
+    chunks = [b'data: {"n":%d}\n\n' % i for i in range(5)]
+    stream = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    with raw_backend(lambda request: Reply(head, 0.3, stream)) as backend:
+        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
+        with RawClient(gateway.url) as client:
+            client.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-1\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s%s" % (len(BODY), BODY, bad)
+            )
+            answer = client.read_all(timeout=5)
+        # The stream arrives whole, then the bad request's refusal, then the close.
+        stream_answer, _, after = answer.partition(b"\r\n0\r\n\r\n")
+        assert stream_answer.startswith(b"HTTP/1.1 200 ")
+        for chunk in chunks:
+            assert chunk in stream_answer
+        refusal, _, body = after.partition(b"\r\n\r\n")
+        assert refusal.startswith(b"HTTP/1.1 %s " % status)
+        assert json.loads(body)["error"]["type"] in {"invalid_request", "request_too_large"}
+        assert len([r for r in backend.requests if not r.own]) == 1
+
+
 # Client side: deadlines
 
 
