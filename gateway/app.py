@@ -21,14 +21,14 @@ from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
-from gateway.health import Lifecycle, ReadyEndpoint, health
-from gateway.metrics import KnownModels, Metrics, MetricsEndpoint, follow_backend_models
+from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, health
+from gateway.metrics import KnownModels, Metrics, MetricsEndpoint
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
 from gateway.routes import ROUTES
+from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.supervisor import Launch, Supervisor, plan_launch
-from gateway.upstream import Upstream
 
 logger = logging.getLogger("gateway")
 
@@ -42,15 +42,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     that is an embedded runtime the app starts and supervises for its lifetime.
     """
     launch: Launch | None = None
-    if backend is None and settings.backend_url is None:
+    if backend is None and settings.backend_url is None and settings.backends is None:
         launch = plan_launch(settings)
         backend = Backend(adapter=EMBEDDED_ADAPTERS[launch.runtime], url=launch.url, auth_header=None)
-    elif backend is None:
-        backend = Backend.from_settings(settings)
-    upstream = Upstream(settings, backend.url)
+    router = Router.for_backend(backend, settings) if backend is not None else Router.from_settings(settings)
     file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
     auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
-    ready = ReadyEndpoint(backend, upstream, settings.ready_timeout)
+    ready = ReadyEndpoint(router, settings.ready_timeout)
     lifecycle = Lifecycle()
     ready.gates.append((lifecycle.not_ready_reason, "shutting_down"))
     supervisor: Supervisor | None = None
@@ -61,7 +59,12 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
     known_models = KnownModels(settings.metrics_models)
     metrics = Metrics(known_models)
-    upstream.on_retry = metrics.retries.labels(backend.name).inc
+    for group in router.groups:
+        for replica in group.replicas:
+            replica.upstream.on_retry = metrics.retries.labels(group.name).inc
+    metrics.fleet = router.collector()
+    metrics.registry.register(metrics.fleet)
+    router.on_models = known_models.update
     access_log = AccessLog() if settings.access_log else None
     default_limits = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))
     limits_by_key = {"": default_limits} | {
@@ -81,8 +84,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     endpoints = {
         spec: ProxyEndpoint(
             spec,
-            backend,
-            upstream,
+            router,
             admin if spec.admin else auth,
             settings,
             metrics,
@@ -99,6 +101,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     ]
     routes.append(Route("/health", health, methods=["GET"]))
     routes.append(Route("/ready", ready.endpoint, methods=["GET"]))
+    if admin.enabled:
+        routes.append(Route("/admin/backends", AdminBackends(router, admin).endpoint, methods=["GET"]))
     if settings.metrics_port is None:
         routes.append(
             Route("/metrics", MetricsEndpoint(metrics, settings.metrics_token).endpoint, methods=["GET"])
@@ -106,21 +110,28 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await upstream.open()
+        await router.open()
         if not auth.enabled:
             logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
         if supervisor is not None:
             await supervisor.start()
-        following = asyncio.create_task(follow_backend_models(known_models, upstream.pool, backend))
-        logger.info("forwarding to the %s backend at %s", backend.name, backend.url)
+        tasks = [asyncio.create_task(router.follow_lists())]
+        if not router.single:
+            tasks.append(asyncio.create_task(router.run_probes()))
+        for group in router.groups:
+            urls = ", ".join(replica.url for replica in group.replicas)
+            logger.info(
+                "forwarding to the %s backend (%s) at %s", group.name, group.backend.adapter.name, urls
+            )
         try:
             yield
         finally:
-            following.cancel()
+            for task in tasks:
+                task.cancel()
             metrics.close()
             if supervisor is not None:
                 await supervisor.stop()
-            await upstream.close()
+            await router.close()
 
     app = GatewayApp(
         routes=routes,
@@ -133,8 +144,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             methods = frozenset(spec.methods) | ({"HEAD"} if "GET" in spec.methods else frozenset())
             app.fast_routes[spec.path] = (methods, endpoint)
     app.state.settings = settings
-    app.state.backend = backend
-    app.state.upstream = upstream
+    app.state.router = router
+    app.state.backend = router.default.backend
+    app.state.upstream = router.default.replicas[0].upstream
     app.state.supervisor = supervisor
     app.state.metrics = metrics
     app.state.limiter = limiter

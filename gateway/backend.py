@@ -1,4 +1,4 @@
-"""A backend: one runtime at one URL, as handed to the proxy."""
+"""A backend: one kind of runtime, how to reach it and what it is called."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ class Backend:
     """Root URL, no trailing slash and no /v1."""
     auth_header: tuple[bytes, bytes] | None
     """Header that authenticates the gateway to the backend, if it needs one."""
+    label: str | None = None
+    """Its name in metrics, logs and ``x-gateway-backend``; the adapter's name by default."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Backend:
@@ -29,7 +31,7 @@ class Backend:
 
     @property
     def name(self) -> str:
-        return self.adapter.name
+        return self.label or self.adapter.name
 
     def own_headers(self) -> list[tuple[bytes, bytes]]:
         """Headers for the gateway's own requests (probes, model lists), not a client's."""

@@ -162,8 +162,12 @@ class Pool:
         target: str,
         headers: list[tuple[bytes, bytes]],
         body: Body = None,
+        deadline: float | None = None,
     ) -> Response:
         """Send a request; return once the backend's status line and headers have arrived.
+
+        ``deadline`` (the loop's clock) ends the wait for the status line sooner than
+        ``read_timeout`` would: what is left of a request's time after a failed attempt.
 
         ``target`` is the path and query, appended to the origin's prefix; ``headers`` go
         as they are, after Host and before the framing header this adds. A bytes body
@@ -178,7 +182,8 @@ class Pool:
         if not target.startswith("/") or BREAKS_REQUEST_LINE.search(target):
             raise ValueError(f"not a request target: {target!r}")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.read_timeout
+        own = loop.time() + self.read_timeout
+        deadline = own if deadline is None else min(deadline, own)
         head, chunked = _head(method, self.origin, target, headers, body)
         retried = False
         while True:

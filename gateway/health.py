@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from adapters.base import Readiness
-from gateway.backend import Backend
+from gateway.auth import Authenticator
 from gateway.client import ReadTimeout
 from gateway.errors import BackendUnavailable, BackendUnreachable, GatewayError
-from gateway.upstream import UPSTREAM_ERRORS, Upstream, before_response_error
+from gateway.routing import EJECTED, LOADING, READY, Router
+from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 
 JSON = "application/json"
 
@@ -32,11 +35,11 @@ class Lifecycle:
 
 
 class ReadyEndpoint:
-    """200 only when the backend answers its health probe; 503 in the envelope otherwise."""
+    """200 when the backend answers its health probe (with several backends: when at least one
+    has a ready replica); 503 in the envelope otherwise."""
 
-    def __init__(self, backend: Backend, upstream: Upstream, timeout: float) -> None:
-        self.backend = backend
-        self.upstream = upstream
+    def __init__(self, router: Router, timeout: float) -> None:
+        self.router = router
         self.timeout = timeout
         self.gates: list[tuple[Callable[[], str | None], str]] = []
         """(check, error code): each check says why the gateway cannot be ready (shutting
@@ -47,10 +50,34 @@ class ReadyEndpoint:
             for check, code in self.gates:
                 if reason := check():
                     raise BackendUnavailable(reason, code=code)
-            await self.probe()
+            if self.router.single:
+                await self.probe()
+                body = b'{"status":"ready","backend":"%s"}' % self.router.default.name.encode()
+                return Response(body, media_type=JSON)
         except GatewayError as exc:
             return Response(exc.body(), status_code=503, media_type=JSON)
-        return Response(b'{"status":"ready","backend":"%s"}' % self.backend.name.encode(), media_type=JSON)
+        return await self._fleet()
+
+    async def _fleet(self) -> Response:
+        """Several backends: ready while any one has a ready replica, so that one backend
+        down does not take every gateway out of its Service."""
+        router = self.router
+        await router.probe_all(self.timeout)
+        now = time.monotonic()
+        backends = {}
+        for group in router.groups:
+            states = [replica.state(now) for replica in group.replicas]
+            backends[group.name] = {
+                "ready": states.count(READY),
+                "replicas": len(states),
+                "loading": states.count(LOADING),
+                "ejected": states.count(EJECTED),
+            }
+        if any(state["ready"] for state in backends.values()):
+            return Response(orjson.dumps({"status": "ready", "backends": backends}), media_type=JSON)
+        error = BackendUnavailable("no backend has a ready replica", code="no_ready_backend")
+        body = orjson.dumps({**orjson.loads(error.body()), "backends": backends})
+        return Response(body, status_code=503, media_type=JSON)
 
     async def is_ready(self) -> bool:
         try:
@@ -60,16 +87,18 @@ class ReadyEndpoint:
         return True
 
     async def probe(self) -> None:
-        backend = self.backend
+        """Probe the one backend's replica, raising the reason it is not ready."""
+        group = self.router.default
+        backend = group.backend
         headers = backend.own_headers()
-        pool = self.upstream.pool
+        pool = group.replicas[0].upstream.pool
         try:
             status, _ = await pool.fetch("GET", backend.adapter.health_path, headers, self.timeout)
             fallback = backend.adapter.health_fallback_path
             if status == 404 and fallback is not None:
                 status, _ = await pool.fetch("GET", fallback, headers, self.timeout)
         except UPSTREAM_ERRORS as exc:
-            error = before_response_error(exc, self.upstream.settings)
+            error = before_response_error(exc, self.router.settings)
             if isinstance(error, BackendUnreachable):
                 raise error from None
             if isinstance(exc, TimeoutError | ReadTimeout):
@@ -83,3 +112,23 @@ class ReadyEndpoint:
             raise BackendUnavailable("backend loading", code="backend_loading")
         if state is Readiness.FAILING:
             raise BackendUnavailable(f"backend health probe answered {status}", code="backend_unhealthy")
+
+
+class AdminBackends:
+    """``GET /admin/backends`` (admin keys): every backend and replica as the gateway sees it."""
+
+    def __init__(self, router: Router, admin: Authenticator) -> None:
+        self.router = router
+        self.admin = admin
+
+    async def endpoint(self, request: Request) -> Response:
+        headers = request.headers
+        try:
+            self.admin.authenticate(
+                headers.get("authorization", "").encode("latin-1") or None,
+                headers.get("x-api-key", "").encode("latin-1") or None,
+            )
+        except GatewayError as exc:
+            return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
+        body = {"object": "list", "data": self.router.describe()}
+        return Response(orjson.dumps(body), media_type=JSON)

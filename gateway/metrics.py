@@ -8,24 +8,20 @@ live in shared files and ``/metrics`` aggregates them.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.registry import Collector
 from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.backend import Backend
-from gateway.client import Pool
 from gateway.errors import AuthenticationFailed
 from gateway.exchange import Exchange
-from gateway.upstream import UPSTREAM_ERRORS
 
 logger = logging.getLogger("gateway.metrics")
 
@@ -126,6 +122,22 @@ class Metrics:
             "gateway_client_disconnects", "Clients that left before their answer was complete.", ["route"],
             registry=r,
         )  # fmt: skip
+        self.failovers = Counter(
+            "gateway_backend_failovers",
+            "Requests sent to another replica after one failed before answering, by the failed one's "
+            "backend.",
+            ["backend"], registry=r,
+        )  # fmt: skip
+        self.retry_budget_exhausted = Counter(
+            "gateway_retry_budget_exhausted",
+            "Failed attempts that could have gone to another replica but the retry budget was spent.",
+            registry=r,
+        )  # fmt: skip
+        self.fleet: Collector | None = None
+        """Replica state read at scrape time (``gateway.routing``), this process's view."""
+
+    def failover(self, backend: str) -> None:
+        self._child(self.failovers, backend).inc()
 
     def _child(self, metric: Any, *values: str) -> Any:
         # labels() validates and locks on every call; the label sets are bounded, so their
@@ -180,6 +192,8 @@ class Metrics:
         if directory:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+            if self.fleet is not None:
+                registry.register(self.fleet)
             return generate_latest(registry)
         return generate_latest(self.registry)
 
@@ -207,23 +221,3 @@ class MetricsEndpoint:
                 error = AuthenticationFailed("/metrics needs the metrics token", code="invalid_metrics_token")
                 return Response(error.body(), status_code=401, media_type="application/json")
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
-
-
-async def follow_backend_models(
-    models: KnownModels, pool: Pool, backend: Backend, every: float = 60.0
-) -> None:
-    """Keep the model label's allowed values in step with the backend's model list."""
-    headers = backend.own_headers()
-    while True:
-        delay = every
-        try:
-            status, body = await pool.fetch("GET", "/v1/models", headers, seconds=10)
-            data = orjson.loads(body) if status == 200 else None
-            entries = data.get("data") if isinstance(data, dict) else None
-            if isinstance(entries, list):
-                models.update(str(e["id"]) for e in entries if isinstance(e, dict) and "id" in e)
-            else:
-                delay = 5.0
-        except (*UPSTREAM_ERRORS, orjson.JSONDecodeError):
-            delay = 5.0  # not up yet (an embedded backend loading): look again soon
-        await asyncio.sleep(delay)

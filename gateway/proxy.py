@@ -23,11 +23,11 @@ from adapters import normalise
 from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MODEL, MODELS, RESPONSES
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
-from gateway.backend import Backend
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
-from gateway.client import Response
+from gateway.client import PoolTimeout, Response
 from gateway.errors import (
     BackendError,
+    BackendUnavailable,
     GatewayError,
     NotFound,
     Unsupported,
@@ -38,8 +38,9 @@ from gateway.headers import RequestHeaders, response_headers, split_request_head
 from gateway.metrics import Metrics
 from gateway.ratelimit import KeyLimits, Limiter, estimate_tokens, requested_max_tokens
 from gateway.routes import Body, RouteSpec
+from gateway.routing import Group, Replica, Router
 from gateway.settings import Settings
-from gateway.upstream import UPSTREAM_ERRORS, Upstream, before_response_error, mid_stream_error
+from gateway.upstream import UPSTREAM_ERRORS, before_response_error, mid_stream_error
 from gateway.usage import TAIL_BYTES, tokens_in
 
 Scope = MutableMapping[str, Any]
@@ -55,14 +56,15 @@ CLIENT_DISCONNECT = "client_disconnect"
 MID_STREAM = "mid_stream"
 # Routes whose answers are generated, so a token reservation counts their max_tokens.
 GENERATING = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES})
+# Answers after which a request goes to another replica, if one is left and the budget allows.
+FAILOVER_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class ProxyEndpoint:
     def __init__(
         self,
         route: RouteSpec,
-        backend: Backend,
-        upstream: Upstream,
+        router: Router,
         auth: Authenticator,
         settings: Settings,
         metrics: Metrics,
@@ -71,8 +73,7 @@ class ProxyEndpoint:
         key_limits: Mapping[str, KeyLimits] | None = None,
     ) -> None:
         self.route = route
-        self.backend = backend
-        self.upstream = upstream
+        self.router = router
         self.auth = auth
         self.settings = settings
         self.metrics = metrics
@@ -82,14 +83,18 @@ class ProxyEndpoint:
         self.default_limits = self.key_limits.get("", KeyLimits((), ()))
         self.default_max_tokens = settings.default_max_tokens
         # A route without parameters, asked without a query, always goes to the same path.
-        self.fixed_target = None if "{" in route.path else backend.path_for(route.name, route.path)
+        self.fixed_targets = {
+            group.name: None if "{" in route.path else group.backend.path_for(route.name, route.path)
+            for group in router.groups
+        }
         self.max_body = settings.max_body_bytes
+        self.max_read_bytes = settings.backend_max_read_bytes
         self.idle_timeout = settings.stream_idle_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = split_request_headers(scope["headers"])
         request_id = valid_request_id(headers.request_id)
-        exchange = Exchange(request_id.decode(), self.route.name, scope["method"], self.backend.name)
+        exchange = Exchange(request_id.decode(), self.route.name, scope["method"], self.router.default.name)
         self.metrics.started(exchange)
         try:
             exchange.headers_out.append((b"x-request-id", request_id))
@@ -112,11 +117,11 @@ class ProxyEndpoint:
         headers: RequestHeaders,
         exchange: Exchange,
     ) -> None:
-        backend = self.backend
-        adapter = backend.adapter
+        router = self.router
         route = self.route
 
         body: bytes | StreamedBody | None = None
+        parsed: dict[str, Any] | None = None
         try:
             path: str = scope["path"]
             if "/." in path and _has_dot_segment(path):
@@ -131,10 +136,11 @@ class ProxyEndpoint:
                 exchange.headers_out += await limiter.admit(identity, limits, exchange.key or "anonymous")
             if route.name == MODEL:
                 exchange.model = scope["path_params"]["model"][:MAX_MODEL_NAME]
-            if not adapter.serves(route.name) and not (route.name == MODEL and adapter.normalise):
-                raise Unsupported(
-                    f"{route.path} is not served by the {adapter.name} backend", code="unsupported_route"
-                )
+            if router.single:
+                self._check_served(router.default)
+            elif route.name in {MODELS, MODEL}:
+                await self._send_model_list(send, exchange)
+                return
             if route.body is Body.JSON:
                 check_declared_length(headers.content_length, self.max_body)
                 body, parsed = await read_json_object(receive, self.max_body)
@@ -152,6 +158,13 @@ class ProxyEndpoint:
             elif route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
+            if router.single:
+                groups = [router.default]
+            else:
+                named = parsed.get("model") if parsed is not None else exchange.model
+                groups = await router.groups_for(named if isinstance(named, str) else None)
+                groups = [group for group in groups if self._serves(group)] or groups[:1]
+                self._check_served(groups[0])
         except GatewayError as exc:
             await send_error(send, exc, exchange)
             return
@@ -163,8 +176,6 @@ class ProxyEndpoint:
         if isinstance(body, StreamedBody) and headers.content_length is not None:
             # A fixed-size upload stays fixed-size: some runtimes do not take chunked bodies.
             forward.append((b"content-length", headers.content_length))
-        if backend.auth_header is not None:
-            forward.append(backend.auth_header)
         forward.append((b"x-request-id", exchange.request_id.encode()))
         client = scope.get("client")
         if client:
@@ -183,19 +194,24 @@ class ProxyEndpoint:
             else asyncio.ensure_future(_cancel_on_disconnect(receive, task))
         )
         try:
-            if not adapter.serves(route.name):
-                await self._model_from_list(exchange, forward, send)
+            if not groups[0].backend.adapter.serves(route.name):
+                await self._model_from_list(groups[0], exchange, forward, send)
                 return
             query = scope.get("query_string", b"")
-            if self.fixed_target is not None and not query and scope["path"] == route.path:
-                target = self.fixed_target
-            else:
-                target = backend.path_for(
-                    route.name, scope.get("raw_path", b"").decode("latin-1") or quote(scope["path"])
-                )
-                if query:
-                    target += "?" + query.decode("latin-1")
-            await self._forward(scope["method"], target, forward, body, send, exchange)
+            fixed = not query and scope["path"] == route.path
+            raw_target = ""
+            if not fixed or self.fixed_targets[groups[0].name] is None:
+                raw_target = scope.get("raw_path", b"").decode("latin-1") or quote(scope["path"])
+
+            def target_for(group: Group) -> str:
+                if fixed:
+                    target = self.fixed_targets[group.name]
+                    if target is not None:
+                        return target
+                target = group.backend.path_for(route.name, raw_target)
+                return target + "?" + query.decode("latin-1") if query else target
+
+            await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
                 exchange.error = CLIENT_DISCONNECT
@@ -205,40 +221,137 @@ class ProxyEndpoint:
             if watcher is not None:
                 watcher.cancel()
 
+    def _serves(self, group: Group) -> bool:
+        adapter = group.backend.adapter
+        return adapter.serves(self.route.name) or (self.route.name == MODEL and adapter.normalise)
+
+    def _check_served(self, group: Group) -> None:
+        if not self._serves(group):
+            raise Unsupported(
+                f"{self.route.path} is not served by the {group.name} backend", code="unsupported_route"
+            )
+
     async def _forward(
         self,
         method: str,
-        target: str,
-        headers: list[tuple[bytes, bytes]],
+        target_for: Callable[[Group], str],
+        forward: list[tuple[bytes, bytes]],
         body: bytes | StreamedBody | None,
+        parsed: dict[str, Any] | None,
+        groups: list[Group],
         send: Send,
         exchange: Exchange,
     ) -> None:
-        waited = time.perf_counter()
-        try:
-            response = await self.upstream.pool.request(method, target, headers, body)
-        except UPSTREAM_ERRORS as exc:
-            exchange.upstream_wait += time.perf_counter() - waited
-            if isinstance(body, StreamedBody) and body.failure is not None:
-                if isinstance(body.failure, ClientGone):
-                    exchange.error = CLIENT_DISCONNECT
-                    return
-                error: GatewayError = body.failure
-            else:
-                error = before_response_error(exc, self.settings)
-                logger.warning("backend request failed (request %s): %s", exchange.request_id, error.message)
-            await send_error(send, error, exchange)
+        """Send the request to a replica and relay its answer; before the answer's first byte
+        has gone to the client, a failed attempt may go to another replica."""
+        router = self.router
+        router.admit()
+        tried: list[Replica] = []
+        choice = router.choose(groups, tried)
+        if choice is None:  # pragma: no cover - a group always has a replica
+            await send_error(send, BackendUnavailable("no replica of the backend is configured"), exchange)
             return
-        exchange.upstream_wait += time.perf_counter() - waited
+        deadline: float | None = None
+        holding: Replica | None = None  # counted in its in_flight until the answer ends
+        try:
+            while True:
+                group, replica = choice
+                exchange.backend = group.name
+                backend = group.backend
+                headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
+                payload = body
+                if parsed is not None and group.aliases:
+                    model = parsed.get("model")
+                    if isinstance(model, str) and model in group.aliases:
+                        # The one case where the gateway re-encodes a body: an alias is renamed.
+                        payload = orjson.dumps({**parsed, "model": group.aliases[model]})
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.settings.backend_timeout
+                waited = time.perf_counter()
+                replica.in_flight += 1
+                holding = replica
+                try:
+                    response = await replica.upstream.pool.request(
+                        method, target_for(group), headers, payload, deadline
+                    )
+                except UPSTREAM_ERRORS as exc:
+                    replica.in_flight -= 1
+                    holding = None
+                    exchange.upstream_wait += time.perf_counter() - waited
+                    if isinstance(body, StreamedBody) and body.failure is not None:
+                        if isinstance(body.failure, ClientGone):
+                            exchange.error = CLIENT_DISCONNECT
+                            return
+                        await send_error(send, body.failure, exchange)
+                        return
+                    if not isinstance(exc, PoolTimeout):  # the gateway's own limit, not the replica
+                        router.failed(group, replica, exc)
+                    tried.append(replica)
+                    error = before_response_error(exc, self.settings)
+                    choice = self._next_attempt(body, groups, tried, deadline)
+                    if choice is not None:
+                        self._failing_over(group, replica, error.message, exchange)
+                        continue
+                    logger.warning(
+                        "backend request failed (request %s): %s", exchange.request_id, error.message
+                    )
+                    await send_error(send, error, exchange)
+                    return
+                exchange.upstream_wait += time.perf_counter() - waited
+                status = response.status
+                if status >= 500:
+                    router.failed(group, replica)
+                else:
+                    router.succeeded(replica)
+                if status in FAILOVER_STATUSES:
+                    tried.append(replica)
+                    choice = self._next_attempt(body, groups, tried, deadline)
+                    if choice is not None:
+                        replica.in_flight -= 1
+                        holding = None
+                        response.close()
+                        self._failing_over(group, replica, f"it answered {status}", exchange)
+                        continue
+                await self._answer(response, group, send, exchange)
+                return
+        finally:
+            if holding is not None:
+                holding.in_flight -= 1
 
+    def _next_attempt(
+        self, body: bytes | StreamedBody | None, groups: list[Group], tried: list[Replica], deadline: float
+    ) -> tuple[Group, Replica] | None:
+        """Another replica for a request that failed before any answer, if it may have one."""
+        router = self.router
+        if router.single or isinstance(body, StreamedBody):  # an upload is not held to be sent again
+            return None
+        if asyncio.get_running_loop().time() >= deadline or not router.has_candidate(groups, tried):
+            return None
+        if not router.may_retry():
+            self.metrics.retry_budget_exhausted.inc()
+            return None
+        return router.choose(groups, tried)
+
+    def _failing_over(self, group: Group, replica: Replica, why: str, exchange: Exchange) -> None:
+        self.metrics.failover(group.name)
+        logger.info(
+            "request %s: replica %s of backend %s failed (%s); trying another",
+            exchange.request_id,
+            replica.url,
+            group.name,
+            why,
+        )
+
+    async def _answer(self, response: Response, group: Group, send: Send, exchange: Exchange) -> None:
         complete = False
         try:
+            exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
             returned, streaming = response_headers(
                 response.status, response.raw_headers, exchange.headers_out
             )
             exchange.status = response.status
-            if self.backend.adapter.normalise and not streaming and self._reshapes(response):
-                complete = await self._send_reshaped(response, returned, send, exchange)
+            if group.backend.adapter.normalise and not streaming and self._reshapes(response):
+                complete = await self._send_reshaped(response, group, returned, send, exchange)
             else:
                 await send({"type": "http.response.start", "status": response.status, "headers": returned})
                 if streaming:
@@ -259,6 +372,7 @@ class ProxyEndpoint:
     async def _send_reshaped(
         self,
         response: Response,
+        group: Group,
         headers: list[tuple[bytes, bytes]],
         send: Send,
         exchange: Exchange,
@@ -266,14 +380,14 @@ class ProxyEndpoint:
         """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
         status = response.status
         waited = time.perf_counter()
-        head, whole = await response.read_up_to(self.upstream.pool.max_read_bytes)
+        head, whole = await response.read_up_to(self.max_read_bytes)
         exchange.upstream_wait += time.perf_counter() - waited
         exchange.ttfb = time.perf_counter() - exchange.start
         if whole:
             if status >= 400:
                 reshaped = normalise.error_body(status, head)
             else:
-                reshaped = normalise.model_list(head, self.backend.name)
+                reshaped = normalise.model_list(head, group.name)
             if reshaped is not None:
                 headers = [h for h in headers if h[0] not in {b"content-type", b"content-length"}]
                 headers += [*JSON_HEADERS, (b"content-length", str(len(reshaped)).encode())]
@@ -286,15 +400,21 @@ class ProxyEndpoint:
 
     async def _model_from_list(
         self,
+        group: Group,
         exchange: Exchange,
         headers: list[tuple[bytes, bytes]],
         send: Send,
     ) -> None:
         """``GET /v1/models/{id}`` for a runtime without that route: the entry from its list."""
-        backend = self.backend
+        backend = group.backend
+        exchange.backend = group.name
+        if backend.auth_header is not None:
+            headers = [*headers, backend.auth_header]
+        replica = self.router.pick(group)
+        assert replica is not None
         waited = time.perf_counter()
         try:
-            status, body = await self.upstream.pool.fetch(
+            status, body = await replica.upstream.pool.fetch(
                 "GET", "/v1/models", headers, self.settings.backend_timeout
             )
         except UPSTREAM_ERRORS as exc:
@@ -303,13 +423,35 @@ class ProxyEndpoint:
         finally:
             exchange.upstream_wait += time.perf_counter() - waited
         exchange.status = status
+        exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
         if status != 200:
             reshaped = normalise.error_body(status, body) or body
             await _send_json(send, status, reshaped, exchange)
             return
-        entry = normalise.find_model(body, exchange.model or "", backend.name)
+        wanted = group.backend_model(exchange.model or "")
+        entry = normalise.find_model(body, wanted, backend.name)
         if entry is None:
             error = NotFound(f"model {exchange.model!r} not found", code="model_not_found")
+            await send_error(send, error, exchange)
+            return
+        await _send_json(send, 200, orjson.dumps({**entry, "id": exchange.model}), exchange)
+
+    async def _send_model_list(self, send: Send, exchange: Exchange) -> None:
+        """``GET /v1/models`` and ``/v1/models/{id}`` across several backends, from their lists:
+        every model and alias, each once."""
+        router = self.router
+        if any(group.models is None and group.listed_at is None for group in router.groups):
+            await asyncio.gather(*(router.refresh(g) for g in router.groups if g.listed_at is None))
+        entries = router.all_models()
+        exchange.status = 200
+        if self.route.name == MODELS:
+            await _send_json(send, 200, orjson.dumps({"object": "list", "data": entries}), exchange)
+            return
+        entry = next((e for e in entries if e["id"] == exchange.model), None)
+        if entry is None:
+            error = NotFound(
+                f"the model {exchange.model!r} does not exist", code="model_not_found", param="model"
+            )
             await send_error(send, error, exchange)
             return
         await _send_json(send, 200, orjson.dumps(entry), exchange)

@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from adapters import ADAPTERS
 from gateway.client import Origin
+from gateway.fleet import BackendConfig, load_backends_file, parse_backends
 
 MiB = 1024 * 1024
 
@@ -47,6 +48,44 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("backend_url", "gateway_backend_url"),
         description="Root URL of the backend runtime, e.g. http://vllm:8000 (a trailing /v1 is "
         "accepted and means the same).",
+    )
+    backends: Annotated[list[BackendConfig] | None, NoDecode] = Field(
+        None,
+        validation_alias=AliasChoices("backends", "gateway_backends"),
+        description="YAML or TOML file listing several backends, each with its replicas and models "
+        "(README, Routing); instead of --backend-url. In the --config file, a 'backends' list.",
+    )
+    balance: Literal["least-outstanding", "round-robin"] = Field(
+        "least-outstanding",
+        description="How a backend's replicas share requests: least-outstanding (the less busy of two "
+        "random replicas; streams count until they end) or round-robin; weights apply to both.",
+    )
+    retry_budget: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of requests that may be sent again to another replica when the first failed "
+        "before answering (a burst of 10 is allowed beyond it).",
+    )
+    eject_after: int = Field(
+        3,
+        ge=1,
+        description="Consecutive timeouts or 5xx answers after which a replica is ejected (a refused "
+        "connection ejects at once); 4xx answers never count.",
+    )
+    eject_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How long a first ejection lasts; it doubles with each ejection in a row, up to 64 "
+        "times, until an active probe finds the replica ready.",
+    )
+    probe_interval: float = Field(
+        5.0, gt=0, description="Seconds between active health probes of each replica (with --backends)."
+    )
+    slow_start: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds over which a replica back from ejection ramps up to its full share.",
     )
     backend_api_key: SecretStr | None = Field(
         None,
@@ -204,6 +243,17 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _load_backends(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if isinstance(value, str | Path):
+            return load_backends_file(Path(value))
+        if isinstance(value, list) and not all(isinstance(entry, BackendConfig) for entry in value):
+            return parse_backends(value, "the config file")
+        return value
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
@@ -268,6 +318,8 @@ class Settings(BaseSettings):
                 f"refusing to listen on {self.host} with no API keys: set API_KEYS (or --api-key), "
                 "or pass --no-auth to run an open gateway on purpose"
             )
+        if self.backends is not None and self.backend_url is not None:
+            raise ValueError("give --backend-url (one backend) or --backends (several), not both")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("--ssl-keyfile and --ssl-certfile go together")
         return self

@@ -1,0 +1,524 @@
+"""Which backend and which replica a request goes to, and what the gateway knows of their health.
+
+Between the proxy and the connection pools: a ``Router`` holds the configured backends,
+each a ``Group`` of ``Replica``s with a pool apiece. It answers three questions:
+
+- which backends serve a model (``groups_for``): by the configured ``models`` and
+  ``aliases``, or by each backend's own ``/v1/models``, read at start and refreshed;
+- which replica of a backend takes the next request (``pick``): the less loaded of two
+  drawn by weight (least outstanding requests, streams counted until they end), or smooth
+  weighted round robin; ejected and loading replicas are skipped while any other is left;
+- whether a failed attempt may go to another replica (``may_retry``): a budget that lets
+  a share of requests be retried, so that a sick fleet is not sent every request twice.
+
+Health is passive and active. Passive: a refused connection ejects a replica at once;
+``eject_after`` timeouts or 5xx answers in a row eject it; 4xx answers and clients that
+leave never count. An ejection lasts ``eject_seconds``, doubling with each one in a row.
+Active: every ``probe_interval`` seconds each replica's readiness route (the adapter's;
+no generation) is asked; a replica that says it is loading gets no traffic, one that is
+back from ejection ramps up over ``slow_start`` seconds.
+
+With ``--backend-url`` there is one backend with one replica: no probes, no ejection, and
+every model goes to it, as before routing existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adapters import ADAPTERS
+from adapters.base import Readiness
+from gateway.backend import Backend
+from gateway.client import ConnectFailed, ConnectTimeout
+from gateway.errors import NotFound
+from gateway.fleet import BackendConfig
+from gateway.settings import Settings
+from gateway.upstream import UPSTREAM_ERRORS, Upstream
+
+logger = logging.getLogger("gateway.routing")
+
+MAX_EJECTION_DOUBLINGS = 6  # 2 s doubles to 128 s at most
+RETRY_BURST = 10.0
+LIST_REFRESH = 60.0
+LIST_RETRY = 5.0
+
+# Replica states, as /admin/backends and the metrics show them.
+READY = "ready"
+EJECTED = "ejected"
+LOADING = "loading"
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    upstream: Upstream
+    weight: float = 1.0
+    in_flight: int = 0
+    picks: int = 0
+    failures: int = 0
+    """Failures in a row (timeouts, 5xx, refused connections); a success resets it."""
+    ejections: int = 0
+    """Ejections in a row: each one lasts twice as long as the one before. Reset once the
+    replica has served well for as long as its last ejection lasted."""
+    ejected_total: int = 0
+    ejected: bool = False
+    ejected_until: float = 0.0
+    """The earliest a probe may bring an ejected replica back."""
+    next_probe: float = 0.0
+    loading: bool = False
+    ramp_from: float = 0.0
+    """When the replica came back; it gets its full share ``slow_start`` seconds later."""
+    last_probe: str | None = None
+    last_probe_at: float | None = None
+    current: float = 0.0
+    """Smooth weighted round robin's running score."""
+
+    def state(self, now: float) -> str:
+        if self.ejected:
+            return EJECTED
+        if self.loading:
+            return LOADING
+        return READY
+
+    def available(self, now: float) -> bool:
+        return not self.ejected and not self.loading
+
+    def load(self, now: float, slow_start: float) -> float:
+        weight = self.weight
+        if slow_start and now - self.ramp_from < slow_start:
+            weight *= max(0.1, (now - self.ramp_from) / slow_start)
+        return (self.in_flight + 1) / weight
+
+
+@dataclass(eq=False)
+class Group:
+    """One configured backend: a runtime, its replicas, the models it serves."""
+
+    backend: Backend
+    replicas: list[Replica]
+    models: frozenset[str] | None = None
+    """Configured; None means the backend's own list decides."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    default: bool = False
+    listed: list[dict[str, object]] = field(default_factory=list)
+    """The entries of the backend's last model list."""
+    listed_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def model_names(self) -> set[str]:
+        """The names clients may use for this backend's models (aliases included)."""
+        names = set(self.models) if self.models is not None else {str(e["id"]) for e in self.listed}
+        return names | set(self.aliases)
+
+    def backend_model(self, model: str) -> str:
+        return self.aliases.get(model, model)
+
+
+class Router:
+    def __init__(self, groups: list[Group], settings: Settings, single: bool = False) -> None:
+        if not groups:
+            raise ValueError("a router needs at least one backend")
+        self.groups = groups
+        self.settings = settings
+        self.single = single
+        """One backend from --backend-url: every model goes to it, no probes, no ejection."""
+        defaults = [group for group in groups if group.default]
+        self.default = defaults[0] if defaults else groups[0]
+        self.by_name = {group.name: group for group in groups}
+        self.round_robin = settings.balance == "round-robin"
+        self.slow_start = settings.slow_start
+        self._by_model: dict[str, list[Group]] = {}
+        self._retry_tokens = RETRY_BURST
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self.on_models: Callable[[Iterable[str]], object] | None = None
+        """Told every model name whenever a list is read (the metrics' model label)."""
+        self.rebuild()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Router:
+        if settings.backends is None:
+            return cls(
+                [Group(Backend.from_settings(settings), [], default=True)], settings, single=True
+            ).with_replicas([[settings.backend_url or ""]])
+        groups = [group_from_config(config) for config in settings.backends]
+        return cls(groups, settings).with_replicas([config.replica_urls for config in settings.backends])
+
+    @classmethod
+    def for_backend(cls, backend: Backend, settings: Settings) -> Router:
+        """One backend, one replica (the embedded runtime, or a backend handed to create_app)."""
+        return cls([Group(backend, [], default=True)], settings, single=True).with_replicas([[backend.url]])
+
+    def with_replicas(self, urls: list[list[str]]) -> Router:
+        for group, group_urls in zip(self.groups, urls, strict=True):
+            weight = next((c.weight for c in self.settings.backends or () if c.name == group.name), 1.0)
+            group.replicas = [Replica(url, Upstream(self.settings, url), weight) for url in group_urls]
+        return self
+
+    # Models
+
+    def rebuild(self) -> None:
+        by_model: dict[str, list[Group]] = {}
+        for group in self.groups:
+            for name in group.model_names():
+                by_model.setdefault(name, []).append(group)
+        self._by_model = by_model
+
+    async def groups_for(self, model: str | None) -> list[Group]:
+        """The backends that serve ``model``; the default one for a request naming none."""
+        if self.single or model is None:
+            return [self.default]
+        groups = self._by_model.get(model)
+        if groups is None and await self._refresh_stale():
+            groups = self._by_model.get(model)
+        if groups is None:
+            raise NotFound(f"the model {model!r} does not exist", code="model_not_found", param="model")
+        return groups
+
+    async def _refresh_stale(self) -> bool:
+        """Re-read the lists of backends not read lately; True if any was."""
+        now = time.monotonic()
+        stale = [
+            group
+            for group in self.groups
+            if group.models is None and (group.listed_at is None or now - group.listed_at > LIST_RETRY)
+        ]
+        if not stale:
+            return False
+        await asyncio.gather(*(self.refresh(group) for group in stale))
+        return True
+
+    async def refresh(self, group: Group) -> None:
+        """Read ``group``'s model list (one read at a time, whoever asks)."""
+        running = self._refreshing.get(group.name)
+        if running is None:
+            running = self._refreshing[group.name] = asyncio.ensure_future(self._read_list(group))
+            running.add_done_callback(lambda _: self._refreshing.pop(group.name, None))
+        await asyncio.shield(running)
+
+    async def _read_list(self, group: Group) -> None:
+        headers = group.backend.own_headers()
+        now = time.monotonic()
+        replicas = sorted(group.replicas, key=lambda r: not r.available(now))
+        for replica in replicas:
+            try:
+                status, body = await replica.upstream.pool.fetch("GET", "/v1/models", headers, seconds=10)
+                data = orjson.loads(body) if status == 200 else None
+            except (*UPSTREAM_ERRORS, orjson.JSONDecodeError):
+                continue
+            entries = data.get("data") if isinstance(data, dict) else None
+            if isinstance(entries, list):
+                group.listed = [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+                group.listed_at = time.monotonic()
+                self.rebuild()
+                if self.on_models is not None:
+                    self.on_models(self._by_model)
+                return
+        group.listed_at = time.monotonic()  # failed too: not asked again for LIST_RETRY seconds
+
+    def all_models(self) -> list[dict[str, object]]:
+        """The union of every backend's models and aliases, each name once, for GET /v1/models."""
+        seen: set[str] = set()
+        entries: list[dict[str, object]] = []
+        for group in self.groups:
+            listed = {str(entry["id"]): entry for entry in group.listed}
+            names = sorted(group.models) if group.models is not None else list(listed)
+            for name in [*names, *sorted(group.aliases)]:
+                if name in seen:
+                    continue
+                seen.add(name)
+                entry = listed.get(group.backend_model(name))
+                if entry is None:
+                    entry = {"id": name, "object": "model", "created": 0, "owned_by": group.name}
+                else:
+                    entry = {**entry, "id": name}
+                entries.append(entry)
+        return entries
+
+    # Replicas
+
+    def pick(self, group: Group, tried: Iterable[Replica] = ()) -> Replica | None:
+        """The replica for the next attempt, or None when every one has been tried."""
+        now = time.monotonic()
+        excluded = set(tried)
+        candidates = [r for r in group.replicas if r not in excluded and r.available(now)]
+        if not candidates:
+            # Every replica left is ejected or loading: try them rather than fail outright
+            # (a fleet wrongly ejected whole must still serve), least recently ejected first.
+            candidates = sorted(
+                (r for r in group.replicas if r not in excluded), key=lambda r: (r.ejected_until, r.loading)
+            )[:1]
+            if not candidates:
+                return None
+        if len(candidates) == 1:
+            chosen = candidates[0]
+        elif self.round_robin:
+            total = 0.0
+            chosen = candidates[0]
+            for replica in candidates:
+                replica.current += replica.weight
+                total += replica.weight
+                if replica.current > chosen.current:
+                    chosen = replica
+            chosen.current -= total
+        else:
+            # Two distinct replicas drawn by weight; the less loaded one wins.
+            weights = [r.weight for r in candidates]
+            index = random.choices(range(len(candidates)), weights)[0]
+            first = candidates[index]
+            del candidates[index], weights[index]
+            second = random.choices(candidates, weights)[0]
+            slow_start = self.slow_start
+            chosen = first if first.load(now, slow_start) <= second.load(now, slow_start) else second
+        chosen.picks += 1
+        return chosen
+
+    def has_candidate(self, groups: list[Group], tried: list[Replica]) -> bool:
+        return any(replica not in tried for group in groups for replica in group.replicas)
+
+    def choose(self, groups: list[Group], tried: list[Replica]) -> tuple[Group, Replica] | None:
+        """The backend and replica for the next attempt: the first backend (in configured
+        order) with a replica ready and untried; else any untried replica."""
+        if self.single:
+            group = self.default
+            if tried:
+                return None
+            only = group.replicas[0]
+            only.picks += 1
+            return group, only
+        now = time.monotonic()
+        for group in groups:
+            if any(r.available(now) and r not in tried for r in group.replicas):
+                chosen = self.pick(group, tried)
+                if chosen is not None:
+                    return group, chosen
+        for group in groups:
+            chosen = self.pick(group, tried)
+            if chosen is not None:
+                return group, chosen
+        return None
+
+    def admit(self) -> None:
+        """A request arrived: it earns its share of a retry."""
+        self._retry_tokens = min(self._retry_tokens + self.settings.retry_budget, RETRY_BURST)
+
+    def may_retry(self) -> bool:
+        """Spend a retry from the budget, if one is left."""
+        if self._retry_tokens < 1.0:
+            return False
+        self._retry_tokens -= 1.0
+        return True
+
+    def succeeded(self, replica: Replica) -> None:
+        replica.failures = 0
+        if replica.ejections:
+            # Back and serving for as long as its last ejection: the next one starts short.
+            last = self.settings.eject_seconds * 2 ** min(replica.ejections - 1, MAX_EJECTION_DOUBLINGS)
+            if time.monotonic() - replica.ramp_from > last:
+                replica.ejections = 0
+
+    def failed(self, group: Group, replica: Replica, exc: BaseException | None = None) -> None:
+        """A timeout, a 5xx or a connection failure; a refused connection ejects at once."""
+        if self.single:
+            return
+        replica.failures += 1
+        refused = isinstance(exc, ConnectFailed | ConnectTimeout)
+        if refused or replica.failures >= self.settings.eject_after:
+            self.eject(group, replica)
+
+    def eject(self, group: Group, replica: Replica) -> None:
+        """Take ``replica`` out until a probe, no sooner than the backoff, finds it ready."""
+        if replica.ejected:
+            return
+        now = time.monotonic()
+        seconds = self.settings.eject_seconds * 2 ** min(replica.ejections, MAX_EJECTION_DOUBLINGS)
+        replica.ejected = True
+        replica.ejections += 1
+        replica.ejected_total += 1
+        replica.failures = 0
+        replica.ejected_until = replica.next_probe = now + seconds
+        logger.warning("replica %s of backend %s ejected for %g s", replica.url, group.name, seconds)
+
+    # Active probes
+
+    async def probe(self, group: Group, replica: Replica, seconds: float) -> Readiness | None:
+        """Ask ``replica`` whether it is ready; None when it did not answer."""
+        backend = group.backend
+        headers = backend.own_headers()
+        pool = replica.upstream.pool
+        now = time.monotonic()
+        try:
+            status, _ = await pool.fetch("GET", backend.adapter.health_path, headers, seconds)
+            fallback = backend.adapter.health_fallback_path
+            if status == 404 and fallback is not None:
+                status, _ = await pool.fetch("GET", fallback, headers, seconds)
+        except UPSTREAM_ERRORS as exc:
+            replica.last_probe, replica.last_probe_at = f"failed: {type(exc).__name__}", now
+            return None
+        state = backend.adapter.readiness(status)
+        replica.last_probe, replica.last_probe_at = f"{state.value} ({status})", now
+        return state
+
+    async def probe_all(self, seconds: float) -> None:
+        await asyncio.gather(
+            *(
+                self._probe_and_apply(group, replica, seconds)
+                for group in self.groups
+                for replica in group.replicas
+            )
+        )
+
+    async def _probe_and_apply(self, group: Group, replica: Replica, seconds: float) -> None:
+        state = await self.probe(group, replica, seconds)
+        now = time.monotonic()
+        replica.next_probe = now + self.settings.probe_interval
+        due = now >= replica.ejected_until
+        if state is Readiness.READY:
+            if replica.loading or (replica.ejected and due):
+                replica.ramp_from = now  # back: ramp up rather than take a stampede
+                logger.info("replica %s of backend %s is ready", replica.url, group.name)
+            replica.loading = False
+            if replica.ejected and due:
+                replica.ejected = False
+                replica.failures = 0
+        elif state is Readiness.LOADING:
+            replica.loading = True
+        elif not self.single:
+            replica.loading = False
+            if replica.ejected and due:
+                replica.ejected = False  # still failing: ejected again, for longer
+            self.eject(group, replica)
+        if replica.ejected:
+            replica.next_probe = max(replica.ejected_until, now + min(self.settings.probe_interval, 1.0))
+
+    async def run_probes(self) -> None:
+        """Probe each replica every ``probe_interval`` seconds, and an ejected one as soon as
+        its ejection may end, for the app's lifetime."""
+        seconds = min(self.settings.ready_timeout, self.settings.probe_interval)
+        while True:
+            now = time.monotonic()
+            due = [(g, r) for g in self.groups for r in g.replicas if r.next_probe <= now]
+            try:
+                await asyncio.gather(*(self._probe_and_apply(g, r, seconds) for g, r in due))
+            except Exception:  # a probe must never end the loop
+                logger.exception("health probes failed")
+            now = time.monotonic()
+            wake = min(r.next_probe for g in self.groups for r in g.replicas)
+            await asyncio.sleep(min(max(wake - now, 0.05), self.settings.probe_interval))
+
+    async def follow_lists(self) -> None:
+        """Keep every backend's model list fresh, for routing and for the metrics' labels."""
+        while True:
+            await asyncio.gather(*(self.refresh(group) for group in self.groups if group.models is None))
+            missing = any(group.models is None and not group.listed for group in self.groups)
+            await asyncio.sleep(LIST_RETRY if missing else LIST_REFRESH)
+
+    # Lifecycle
+
+    async def open(self) -> None:
+        for group in self.groups:
+            for replica in group.replicas:
+                await replica.upstream.open()
+
+    async def close(self) -> None:
+        for task in list(self._refreshing.values()):
+            task.cancel()
+        for group in self.groups:
+            for replica in group.replicas:
+                await replica.upstream.close()
+
+    def collector(self) -> FleetCollector:
+        return FleetCollector(self)
+
+    def describe(self) -> list[dict[str, object]]:
+        """Every backend and replica as it stands, for /admin/backends."""
+        now = time.monotonic()
+        return [
+            {
+                "name": group.name,
+                "kind": group.backend.adapter.name,
+                "default": group is self.default,
+                "models": sorted(group.model_names()),
+                "replicas": [
+                    {
+                        "url": replica.url,
+                        "state": replica.state(now),
+                        "in_flight": replica.in_flight,
+                        "picks": replica.picks,
+                        "failures": replica.failures,
+                        "ejections": replica.ejected_total,
+                        "ejected_for_s": round(max(replica.ejected_until - now, 0.0), 3)
+                        if replica.ejected
+                        else 0.0,
+                        "weight": replica.weight,
+                        "last_probe": replica.last_probe,
+                        "last_probe_age_s": None
+                        if replica.last_probe_at is None
+                        else round(now - replica.last_probe_at, 3),
+                    }
+                    for replica in group.replicas
+                ],
+            }
+            for group in self.groups
+        ]
+
+
+def group_from_config(config: BackendConfig) -> Group:
+    key = config.key()
+    auth = (b"authorization", f"Bearer {key}".encode()) if key else None
+    backend = Backend(
+        adapter=ADAPTERS[config.kind], url=config.replica_urls[0], auth_header=auth, label=config.name
+    )
+    return Group(
+        backend,
+        [],
+        models=frozenset(config.models) if config.models is not None else None,
+        aliases=dict(config.aliases),
+        default=config.default,
+    )
+
+
+class FleetCollector(Collector):
+    """Replica state for /metrics, read from the router when scraped: nothing on the hot path."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["backend", "replica"]
+        in_flight = GaugeMetricFamily(
+            "gateway_replica_in_flight_requests",
+            "Requests (streams included) a replica is answering.",
+            labels=labels,
+        )
+        picks = CounterMetricFamily("gateway_replica_picks", "Attempts sent to a replica.", labels=labels)
+        ejections = CounterMetricFamily(
+            "gateway_replica_ejections", "Times a replica was ejected.", labels=labels
+        )
+        state = GaugeMetricFamily(
+            "gateway_replica_state",
+            "1 for the replica's state: ready, ejected, loading.",
+            labels=[*labels, "state"],
+        )
+        now = time.monotonic()
+        for group in self.router.groups:
+            for replica in group.replicas:
+                values = [group.name, replica.url]
+                in_flight.add_metric(values, replica.in_flight)
+                picks.add_metric(values, replica.picks)
+                ejections.add_metric(values, replica.ejected_total)
+                current = replica.state(now)
+                for name in (READY, EJECTED, LOADING):
+                    state.add_metric([*values, name], 1.0 if name == current else 0.0)
+        return [in_flight, picks, ejections, state]

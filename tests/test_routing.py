@@ -1,0 +1,489 @@
+"""Routing: several backends by model, replicas, health, failover before the first byte."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gateway.settings import Settings
+from tests.conftest import AUTH, Gateway, GatewayFactory
+from tests.fakes import LoopThread, free_port, wait_until
+from tests.fleet_fakes import FleetRuntime, start_runtime
+
+CHAT = "/v1/chat/completions"
+ADMIN = {"Authorization": "Bearer sk-admin"}
+
+Runtime = tuple[FleetRuntime, str]
+
+
+@pytest.fixture
+def runtimes(loop_thread: LoopThread) -> Iterator[Callable[..., Runtime]]:
+    """Start fake runtimes in the tests' loop thread: ``runtime(name, models, delay=0)``."""
+    runners = []
+
+    def start(name: str, models: list[str] | None = None, delay: float = 0.0) -> Runtime:
+        runtime = FleetRuntime(name, models or ["m"], delay)
+        runner, port = loop_thread.run(start_runtime(runtime))
+        runners.append(runner)
+        return runtime, f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        loop_thread.run(runner.cleanup())
+
+
+@pytest.fixture
+def fleet_gateway(start_gateway: GatewayFactory, tmp_path: Path) -> Callable[..., Gateway]:
+    """A gateway in front of the backends given, as a backends file."""
+
+    def start(backends: list[dict[str, Any]], **overrides: Any) -> Gateway:
+        path = tmp_path / "backends.yaml"
+        path.write_text(yaml.safe_dump({"backends": backends}))
+        overrides.setdefault("probe_interval", 0.2)
+        overrides.setdefault("eject_seconds", 0.3)
+        overrides.setdefault("slow_start", 0)
+        return start_gateway(
+            backend_url=None,
+            backends=str(path),
+            api_keys=["sk-test-1"],
+            admin_api_keys=["sk-admin"],
+            **overrides,
+        )
+
+    return start
+
+
+def chat(gateway: Gateway, model: str | None = "m", **extra: Any) -> httpx.Response:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    if model is not None:
+        body["model"] = model
+    return httpx.post(gateway.url + CHAT, json=body, headers=AUTH, timeout=30)
+
+
+def replicas(gateway: Gateway) -> dict[str, dict[str, Any]]:
+    answer = httpx.get(gateway.url + "/admin/backends", headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {r["url"]: r for backend in answer.json()["data"] for r in backend["replicas"]}
+
+
+# Models
+
+
+def test_requests_go_to_the_backend_serving_their_model(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    small, small_url = runtimes("small", ["llama-1b"])
+    big, big_url = runtimes("big", ["qwen-72b", "qwen-7b"])
+    gateway = fleet_gateway(
+        [
+            {"name": "small", "kind": "llamacpp", "url": small_url},  # its own /v1/models decides
+            {"name": "big", "kind": "vllm", "url": big_url, "models": ["qwen-72b", "qwen-7b"]},
+        ]
+    )
+    for model, runtime in [("llama-1b", "small"), ("qwen-72b", "big"), ("qwen-7b", "big")]:
+        answer = chat(gateway, model)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["backend"] == runtime
+        assert answer.headers["x-gateway-backend"] == runtime
+    unknown = chat(gateway, "gpt-9")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert small.count(CHAT) + big.count(CHAT) == 3  # no backend was asked about gpt-9
+
+
+def test_an_alias_is_renamed_to_the_backends_name(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    runtime, url = runtimes("r", ["Qwen/Qwen2.5-7B-Instruct"])
+    gateway = fleet_gateway([{"name": "r", "url": url, "aliases": {"qwen": "Qwen/Qwen2.5-7B-Instruct"}}])
+    answer = chat(gateway, "qwen", temperature=0.5)
+    assert answer.status_code == 200
+    assert answer.json()["model"] == "Qwen/Qwen2.5-7B-Instruct"  # what the runtime was asked for
+    assert runtime.requests[-1]["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert chat(gateway, "Qwen/Qwen2.5-7B-Instruct").status_code == 200  # its own name works too
+
+
+def test_model_list_is_the_union_with_aliases_each_once(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    _, a_url = runtimes("a", ["shared", "only-a"])
+    _, b_url = runtimes("b", ["shared", "only-b"])
+    gateway = fleet_gateway(
+        [{"name": "a", "url": a_url}, {"name": "b", "url": b_url, "aliases": {"fast": "only-b"}}]
+    )
+    listing = httpx.get(gateway.url + "/v1/models", headers=AUTH, timeout=10)
+    assert listing.status_code == 200
+    ids = [entry["id"] for entry in listing.json()["data"]]
+    assert sorted(ids) == ["fast", "only-a", "only-b", "shared"]
+    assert listing.json()["object"] == "list"
+    one = httpx.get(gateway.url + "/v1/models/fast", headers=AUTH, timeout=10)
+    assert one.status_code == 200
+    assert one.json()["id"] == "fast"
+    assert one.json()["owned_by"] == "b"
+    missing = httpx.get(gateway.url + "/v1/models/nope", headers=AUTH, timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_request_naming_no_model_goes_to_the_default_backend(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    _, a_url = runtimes("a", ["x"])
+    _, b_url = runtimes("b", ["y"])
+    gateway = fleet_gateway([{"name": "a", "url": a_url}, {"name": "b", "url": b_url, "default": True}])
+    assert chat(gateway, None).json()["backend"] == "b"
+    upload = httpx.post(
+        gateway.url + "/v1/audio/transcriptions",
+        files={"file": ("a.wav", b"RIFF" + b"\0" * 1000)},
+        data={"model": "x"},
+        headers=AUTH,
+        timeout=10,
+    )
+    assert upload.status_code == 200
+    assert upload.headers["x-gateway-backend"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([{"name": "a"}], "backends[0] (a): entry: Value error, give url or urls"),
+        ([{"name": "a", "url": "ftp://x"}], "backends[0] (a): url: Value error, a backend URL must start"),
+        (
+            [{"name": "a", "url": "http://x", "kind": "nope"}],
+            "backends[0] (a): kind: Value error, unknown kind",
+        ),
+        ([{"name": "a", "url": "http://x", "colour": "red"}], "backends[0] (a): colour: Extra inputs"),
+        ([{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}], "two backends are named 'a'"),
+        (
+            [
+                {"name": "a", "url": "http://x", "default": True},
+                {"name": "b", "url": "http://y", "default": True},
+            ],
+            "only one backend may be the default",
+        ),
+        (
+            [{"name": "a", "url": "http://x", "api_key_env": "NO_SUCH_VARIABLE"}],
+            "NO_SUCH_VARIABLE, which is not",
+        ),
+        ([], "'backends' must be a non-empty list"),
+    ],
+)
+def test_a_bad_backends_file_is_refused_naming_the_file_entry_and_field(
+    tmp_path: Path, entries: list[dict[str, Any]], message: str
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"backends": entries}))
+    with pytest.raises(ValueError, match=r"fleet\.yaml") as caught:
+        Settings(backends=str(path))
+    assert message in str(caught.value)
+
+
+def test_backends_come_from_toml_and_from_the_config_file(tmp_path: Path) -> None:
+    toml = tmp_path / "fleet.toml"
+    toml.write_text('[[backends]]\nname = "a"\nurls = ["http://a1:8000/v1", "http://a2:8000"]\nweight = 2\n')
+    settings = Settings(backends=str(toml))
+    assert settings.backends is not None
+    assert settings.backends[0].replica_urls == ["http://a1:8000", "http://a2:8000"]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"backends": [{"name": "b", "url": "http://b:1", "kind": "tgi"}]}))
+    from_config = Settings(config=config)
+    assert from_config.backends is not None
+    assert from_config.backends[0].kind == "tgi"
+    with pytest.raises(ValueError, match="not both"):
+        Settings(backends=str(toml), backend_url="http://x:1")
+
+
+# Replicas
+
+
+def test_replicas_share_the_requests_by_weight(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    one, url1 = runtimes("r1")
+    two, url2 = runtimes("r2")
+    gateway = fleet_gateway([{"name": "r", "urls": [url1, url2]}], balance="round-robin")
+    for _ in range(40):
+        assert chat(gateway).status_code == 200
+    assert one.count(CHAT) == 20
+    assert two.count(CHAT) == 20
+
+
+def test_least_outstanding_sends_less_to_a_slow_replica(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    fast, fast_url = runtimes("fast", delay=0.01)
+    slow, slow_url = runtimes("slow", delay=0.5)
+    gateway = fleet_gateway([{"name": "r", "urls": [fast_url, slow_url]}])
+
+    def client() -> None:
+        for _ in range(10):
+            assert chat(gateway).status_code == 200
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fast.count(CHAT) + slow.count(CHAT) == 60
+    assert slow.count(CHAT) < 15, (fast.count(CHAT), slow.count(CHAT))
+
+
+# Health and failover
+
+
+def test_a_refused_connection_fails_over_and_ejects_the_replica(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    live, live_url = runtimes("live")
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    gateway = fleet_gateway([{"name": "r", "urls": [dead_url, live_url]}], probe_interval=30)
+    for _ in range(10):
+        answer = chat(gateway)
+        assert answer.status_code == 200
+        assert answer.json()["backend"] == "live"
+    state = replicas(gateway)
+    assert state[dead_url]["state"] == "ejected"
+    assert state[dead_url]["ejections"] >= 1
+    assert live.count(CHAT) == 10
+
+
+def test_5xx_answers_fail_over_and_eject_after_a_few(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    sick, sick_url = runtimes("sick")
+    sick.status = 503
+    _, well_url = runtimes("well")
+    gateway = fleet_gateway(
+        [{"name": "r", "urls": [sick_url, well_url]}], probe_interval=30, eject_seconds=30
+    )
+    for _ in range(20):
+        answer = chat(gateway)
+        assert answer.status_code == 200, answer.text
+    assert sick.count(CHAT) == 3  # eject_after: three 503s in a row, then no more traffic
+    assert replicas(gateway)[sick_url]["state"] == "ejected"
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert 'gateway_backend_failovers_total{backend="r"} 3.0' in metrics
+    assert f'gateway_replica_state{{backend="r",replica="{sick_url}",state="ejected"}} 1.0' in metrics
+
+
+def test_400_answers_pass_through_and_never_eject(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    strict, url1 = runtimes("strict")
+    strict.status = 400
+    other, url2 = runtimes("other")
+    other.status = 400
+    gateway = fleet_gateway([{"name": "r", "urls": [url1, url2]}], eject_after=1)
+    for _ in range(10):
+        answer = chat(gateway)
+        assert answer.status_code == 400
+        assert "says 400" in answer.json()["error"]["message"]
+    assert strict.count(CHAT) + other.count(CHAT) == 10  # no request was sent twice
+    assert {r["state"] for r in replicas(gateway).values()} == {"ready"}
+
+
+def test_429_goes_to_another_replica_else_reaches_the_client_with_retry_after(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    busy, url1 = runtimes("busy")
+    busy.status = 429
+    free, url2 = runtimes("free")
+    gateway = fleet_gateway([{"name": "r", "urls": [url1, url2]}])
+    for _ in range(6):
+        assert chat(gateway).json()["backend"] == "free"
+    assert replicas(gateway)[url1]["state"] == "ready"  # 429 is not a failure of the replica
+    free.status = 429
+    answer = chat(gateway)
+    assert answer.status_code == 429
+    assert answer.headers["retry-after"] == "7"
+
+
+def test_the_retry_budget_bounds_failovers(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    sick, url1 = runtimes("sick")
+    sick.status = 502
+    _, url2 = runtimes("well")
+    gateway = fleet_gateway(
+        [{"name": "r", "urls": [url1, url2]}], balance="round-robin", retry_budget=0, eject_after=1000
+    )
+    statuses = [chat(gateway).status_code for _ in range(60)]
+    # A burst of 10 failovers, then none: the sick replica's 502s reach the clients.
+    assert statuses.count(502) == 30 - 10
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert "gateway_retry_budget_exhausted_total 20.0" in metrics
+
+
+def test_a_stream_is_never_failed_over_after_its_first_byte(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    crashing, url1 = runtimes("crashing")
+    crashing.die_after_chunks = 2
+    other, url2 = runtimes("other")
+    gateway = fleet_gateway([{"name": "r", "urls": [url1, url2]}], balance="round-robin")
+    with httpx.stream(
+        "POST", gateway.url + CHAT, json={"model": "m", "stream": True}, headers=AUTH, timeout=10
+    ) as answer:
+        body = b"".join(answer.iter_bytes())
+    assert answer.headers["x-gateway-backend"] == "r"
+    assert body.count(b'"backend": "crashing"') == 2
+    assert b'"backend": "other"' not in body  # not a second answer spliced in
+    assert b'"error"' in body  # the stream ends with the gateway's error event
+    assert other.count(CHAT) == 0
+
+
+def test_a_loading_replica_gets_no_traffic_until_ready(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    loading, url1 = runtimes("loading")
+    loading.loading = True
+    _, url2 = runtimes("ready")
+    gateway = fleet_gateway([{"name": "r", "kind": "llamacpp", "urls": [url1, url2]}])
+    assert wait_until(lambda: replicas(gateway)[url1]["state"] == "loading")
+    for _ in range(10):
+        assert chat(gateway).json()["backend"] == "ready"
+    loading.loading = False
+    assert wait_until(lambda: replicas(gateway)[url1]["state"] == "ready")
+    for _ in range(20):
+        chat(gateway)
+    assert loading.count(CHAT) > 0
+
+
+def test_a_replica_that_comes_back_gets_traffic_again(
+    loop_thread: LoopThread, fleet_gateway: Callable[..., Gateway], runtimes: Callable[..., Runtime]
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    _, other_url = runtimes("other")
+    gateway = fleet_gateway([{"name": "r", "urls": [url, other_url]}])
+    for _ in range(4):
+        assert chat(gateway).status_code == 200
+    assert replicas(gateway)[url]["state"] == "ejected"
+    back = FleetRuntime("back", ["m"])
+    runner, _ = loop_thread.run(start_runtime(back, port))
+    try:
+        assert wait_until(lambda: replicas(gateway)[url]["state"] == "ready", timeout=10)
+        for _ in range(20):
+            assert chat(gateway).status_code == 200
+        assert back.count(CHAT) > 0
+    finally:
+        loop_thread.run(runner.cleanup())
+
+
+def test_a_replica_killed_under_load_costs_no_request_that_had_no_answer(
+    fleet_gateway: Callable[..., Gateway],
+) -> None:
+    processes = []
+    urls = []
+    for name in ("p1", "p2"):
+        port = free_port()
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.fleet_fakes",
+                    "--port",
+                    str(port),
+                    "--name",
+                    name,
+                    "--delay",
+                    "0.05",
+                ]
+            )
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            assert wait_until(lambda url=url: _answers(url + "/health"), timeout=20)  # type: ignore[misc]
+        gateway = fleet_gateway([{"name": "r", "urls": urls}])
+        failures: list[str] = []
+        done = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not done.is_set():
+                    answer = http.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH)
+                    if answer.status_code != 200:
+                        failures.append(answer.text)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        processes[0].kill()  # SIGKILL: requests on it die before their status line
+        time.sleep(1.5)
+        done.set()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert replicas(gateway)[urls[0]]["state"] == "ejected"
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# Readiness and admin
+
+
+def test_ready_while_any_backend_has_a_ready_replica(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    up, up_url = runtimes("up", ["a"])
+    down_url = f"http://127.0.0.1:{free_port()}"
+    gateway = fleet_gateway(
+        [
+            {"name": "up", "kind": "llamacpp", "url": up_url, "models": ["a"]},
+            {"name": "down", "url": down_url, "models": ["b"]},
+        ]
+    )
+    ready = httpx.get(gateway.url + "/ready", timeout=10)
+    assert ready.status_code == 200
+    backends = ready.json()["backends"]
+    assert backends["up"]["ready"] == 1
+    assert backends["down"]["ready"] == 0
+    up.loading = True
+    not_ready = httpx.get(gateway.url + "/ready", timeout=10)
+    assert not_ready.status_code == 503
+    assert not_ready.json()["error"]["code"] == "no_ready_backend"
+    assert not_ready.json()["backends"]["up"]["loading"] == 1
+
+
+def test_admin_backends_needs_an_admin_key(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    _, url = runtimes("r")
+    gateway = fleet_gateway([{"name": "r", "url": url}])
+    assert httpx.get(gateway.url + "/admin/backends", headers=AUTH, timeout=10).status_code == 401
+    assert httpx.get(gateway.url + "/admin/backends", timeout=10).status_code == 401
+    chat(gateway)
+    (entry,) = httpx.get(gateway.url + "/admin/backends", headers=ADMIN, timeout=10).json()["data"]
+    assert entry["name"] == "r"
+    assert entry["replicas"][0]["picks"] == 1
+    assert set(entry["replicas"][0]) >= {"state", "in_flight", "failures", "ejected_for_s", "last_probe"}
+
+
+def test_one_backend_url_answers_with_its_name(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"])
+    answer = httpx.post(gateway.url + CHAT, json={"model": "anything"}, headers=AUTH, timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["x-gateway-backend"] == "openai"
+    assert json.loads(httpx.get(gateway.url + "/ready", timeout=10).text)["status"] == "ready"
