@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +23,7 @@ from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
+from gateway.fleet import load_backends_file
 from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, health
 from gateway.metrics import KnownModels, Metrics, MetricsEndpoint
 from gateway.proxy import ProxyEndpoint
@@ -59,9 +62,10 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
     known_models = KnownModels(settings.metrics_models)
     metrics = Metrics(known_models)
-    for group in router.groups:
-        for replica in group.replicas:
-            replica.upstream.on_retry = metrics.retries.labels(group.name).inc
+    router.on_retry = lambda name: metrics.retries.labels(name).inc()
+    for group in router.groups:  # shown at 0 from the start
+        metrics.retries.labels(group.name)
+        metrics.failovers.labels(group.name)
     metrics.fleet = router.collector()
     metrics.registry.register(metrics.fleet)
     router.on_models = known_models.update
@@ -118,6 +122,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         tasks = [asyncio.create_task(router.follow_lists())]
         if not router.single:
             tasks.append(asyncio.create_task(router.run_probes()))
+            tasks.append(asyncio.create_task(router.run_discovery()))
+        reloading = _reload_on_sighup(router, settings)
         for group in router.groups:
             urls = ", ".join(replica.url for replica in group.replicas)
             logger.info(
@@ -126,6 +132,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         try:
             yield
         finally:
+            if reloading:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             for task in tasks:
                 task.cancel()
             metrics.close()
@@ -146,12 +154,30 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     app.state.settings = settings
     app.state.router = router
     app.state.backend = router.default.backend
-    app.state.upstream = router.default.replicas[0].upstream
+    app.state.upstream = router.default.replicas[0].upstream if router.default.replicas else None
     app.state.supervisor = supervisor
     app.state.metrics = metrics
     app.state.limiter = limiter
     app.state.lifecycle = lifecycle
     return app
+
+
+def _reload_on_sighup(router: Router, settings: Settings) -> bool:
+    """Read the backends file again on SIGHUP (in the main thread of a process that has one)."""
+    path = settings.backends_file
+    if path is None or threading.current_thread() is not threading.main_thread():
+        return False
+
+    async def reload() -> None:
+        try:
+            configs = load_backends_file(path)
+        except ValueError as exc:
+            logger.error("SIGHUP: %s; the backends stay as they were", exc)
+            return
+        await router.reload(configs)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+    return True
 
 
 class GatewayApp(Starlette):

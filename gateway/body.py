@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -74,9 +75,39 @@ class StreamedBody:
         self.receive = receive
         self.limit = limit
         self.failure: GatewayError | ClientGone | None = None
+        self.head = b""
+        """Bytes read ahead by ``peek_form_field``; sent first."""
+        self.ended = False
+
+    async def peek_form_field(self, content_type: bytes | None, name: str) -> str | None:
+        """The value of the multipart form field ``name`` when it comes before any file part
+        and within the first ``PEEK_BYTES``; None otherwise. Nothing is lost: what is read
+        here is the start of what iteration yields."""
+        match = BOUNDARY.search(content_type or b"")
+        if match is None or not (content_type or b"").lower().startswith(b"multipart/form-data"):
+            return None
+        delimiter = b"--" + match.group(1)
+        wanted = name.encode()
+        while True:
+            value, decided = _form_field(self.head, delimiter, wanted)
+            if decided or self.ended or len(self.head) >= PEEK_BYTES:
+                return value
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.failure = ClientGone()
+                raise self.failure
+            self.head += message.get("body", b"")
+            if len(self.head) > self.limit:
+                self.failure = too_large(self.limit)
+                raise self.failure
+            self.ended = not message.get("more_body", False)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        size = 0
+        size = len(self.head)
+        if self.head:
+            yield self.head
+        if self.ended:
+            return
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
@@ -91,6 +122,38 @@ class StreamedBody:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+
+PEEK_BYTES = 64 * 1024
+BOUNDARY = re.compile(rb'boundary="?([^";,\s]+)"?', re.IGNORECASE)
+FIELD_NAME = re.compile(rb'(?:^|[;\s])name="([^"]*)"', re.IGNORECASE)
+
+
+def _form_field(data: bytes, delimiter: bytes, name: bytes) -> tuple[str | None, bool]:
+    """(the field's value, whether that is final) from the start of a multipart body.
+
+    Final: the field was found, or a file part or the end came first. Not final: more
+    bytes are needed to tell.
+    """
+    position = data.find(delimiter)
+    while position != -1:
+        start = position + len(delimiter)
+        if data[start : start + 2] == b"--":
+            return None, True  # the closing delimiter
+        head_end = data.find(b"\r\n\r\n", start)
+        if head_end == -1:
+            return None, False
+        head = data[start:head_end]
+        if b"filename=" in head.lower():
+            return None, True  # a file comes first: it is not held back to look further
+        value_end = data.find(b"\r\n" + delimiter, head_end + 4)
+        if value_end == -1:
+            return None, False
+        found = FIELD_NAME.search(head)
+        if found is not None and found.group(1) == name:
+            return data[head_end + 4 : value_end].decode("utf-8", "replace"), True
+        position = value_end + 2
+    return None, False
 
 
 def too_large(limit: int) -> RequestTooLarge:

@@ -15,6 +15,8 @@ from gateway.settings import Settings
 # Settings whose flag is not simply the field name with dashes.
 FLAG_NAMES = {"api_keys": "--api-key", "admin_api_keys": "--admin-api-key", "access_log": "--no-access-log"}
 REPEATABLE = {"api_keys", "admin_api_keys"}
+# Settings that are not flags: set by another one.
+NOT_FLAGS = {"backends_file"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     for name, field in Settings.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         env = _env_name(name, field.validation_alias)
         default = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -44,6 +44,9 @@ class BackendConfig(BaseModel):
     weight: float = Field(1.0, gt=0)
     default: bool = False
     """Takes requests that name no model (uploads, GET /v1/responses/{id})."""
+    discovery: Literal["static", "dns"] = "static"
+    """dns: ``url``'s host name is resolved every few seconds and each address is a replica
+    (a Kubernetes headless Service, Compose's ``deploy.replicas``)."""
 
     @field_validator("kind")
     @classmethod
@@ -85,6 +88,8 @@ class BackendConfig(BaseModel):
             raise ValueError("give api_key or api_key_env, not both")
         if self.api_key_env is not None and not os.environ.get(self.api_key_env):
             raise ValueError(f"api_key_env names {self.api_key_env}, which is not set")
+        if self.discovery == "dns" and self.url is None:
+            raise ValueError("discovery: dns resolves the host of url, so give url, not urls")
         return self
 
     @property

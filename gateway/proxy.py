@@ -82,11 +82,9 @@ class ProxyEndpoint:
         self.key_limits = key_limits or {}
         self.default_limits = self.key_limits.get("", KeyLimits((), ()))
         self.default_max_tokens = settings.default_max_tokens
-        # A route without parameters, asked without a query, always goes to the same path.
-        self.fixed_targets = {
-            group.name: None if "{" in route.path else group.backend.path_for(route.name, route.path)
-            for group in router.groups
-        }
+        # A route without parameters, asked without a query, always goes to the same path
+        # on a kind of runtime.
+        self.fixed_targets: dict[str, str | None] = {}
         self.max_body = settings.max_body_bytes
         self.max_read_bytes = settings.backend_max_read_bytes
         self.idle_timeout = settings.stream_idle_timeout
@@ -158,6 +156,12 @@ class ProxyEndpoint:
             elif route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
+                if not router.single:
+                    # Routed by the form's model field when it precedes the file.
+                    content_type = next((v for n, v in headers.forward if n == b"content-type"), None)
+                    model = await body.peek_form_field(content_type, "model")
+                    if model is not None:
+                        exchange.model = model[:MAX_MODEL_NAME]
             if router.single:
                 groups = [router.default]
             else:
@@ -200,12 +204,12 @@ class ProxyEndpoint:
             query = scope.get("query_string", b"")
             fixed = not query and scope["path"] == route.path
             raw_target = ""
-            if not fixed or self.fixed_targets[groups[0].name] is None:
+            if not fixed or "{" in route.path:
                 raw_target = scope.get("raw_path", b"").decode("latin-1") or quote(scope["path"])
 
             def target_for(group: Group) -> str:
                 if fixed:
-                    target = self.fixed_targets[group.name]
+                    target = self._fixed_target(group)
                     if target is not None:
                         return target
                 target = group.backend.path_for(route.name, raw_target)
@@ -220,6 +224,16 @@ class ProxyEndpoint:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    def _fixed_target(self, group: Group) -> str | None:
+        kind = group.backend.adapter.name
+        try:
+            return self.fixed_targets[kind]
+        except KeyError:
+            route = self.route
+            target = None if "{" in route.path else group.backend.path_for(route.name, route.path)
+            self.fixed_targets[kind] = target
+            return target
 
     def _serves(self, group: Group) -> bool:
         adapter = group.backend.adapter

@@ -27,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -112,6 +115,16 @@ class Group:
     listed: list[dict[str, object]] = field(default_factory=list)
     """The entries of the backend's last model list."""
     listed_at: float | None = None
+    config: BackendConfig | None = None
+    """As configured (None for the one backend of --backend-url)."""
+
+    @property
+    def weight(self) -> float:
+        return self.config.weight if self.config is not None else 1.0
+
+    @property
+    def discovered(self) -> bool:
+        return self.config is not None and self.config.discovery == "dns"
 
     @property
     def name(self) -> str:
@@ -134,9 +147,6 @@ class Router:
         self.settings = settings
         self.single = single
         """One backend from --backend-url: every model goes to it, no probes, no ejection."""
-        defaults = [group for group in groups if group.default]
-        self.default = defaults[0] if defaults else groups[0]
-        self.by_name = {group.name: group for group in groups}
         self.round_robin = settings.balance == "round-robin"
         self.slow_start = settings.slow_start
         self._by_model: dict[str, list[Group]] = {}
@@ -144,27 +154,52 @@ class Router:
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self.on_models: Callable[[Iterable[str]], object] | None = None
         """Told every model name whenever a list is read (the metrics' model label)."""
-        self.rebuild()
+        self.on_retry: Callable[[str], object] | None = None
+        """Told a backend's name when its pool sent a request again on a fresh connection."""
+        self.resolve: Callable[[str, int], Awaitable[list[str]]] = resolve
+        """A host name's addresses, for ``discovery: dns``."""
+        self._opened = False
+        self._background: set[asyncio.Task[None]] = set()
+        self.default = groups[0]
+        self.by_name: dict[str, Group] = {}
+        self._set_groups(groups)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Router:
         if settings.backends is None:
-            return cls(
-                [Group(Backend.from_settings(settings), [], default=True)], settings, single=True
-            ).with_replicas([[settings.backend_url or ""]])
+            return cls.for_backend(Backend.from_settings(settings), settings)
         groups = [group_from_config(config) for config in settings.backends]
-        return cls(groups, settings).with_replicas([config.replica_urls for config in settings.backends])
+        router = cls(groups, settings)
+        for group in groups:
+            if not group.discovered:  # resolved when the router opens
+                assert group.config is not None
+                group.replicas = [router._replica(group, url) for url in group.config.replica_urls]
+        return router
 
     @classmethod
     def for_backend(cls, backend: Backend, settings: Settings) -> Router:
-        """One backend, one replica (the embedded runtime, or a backend handed to create_app)."""
-        return cls([Group(backend, [], default=True)], settings, single=True).with_replicas([[backend.url]])
+        """One backend, one replica (--backend-url, the embedded runtime, a test's backend)."""
+        router = cls([Group(backend, [], default=True)], settings, single=True)
+        router.groups[0].replicas = [router._replica(router.groups[0], backend.url)]
+        return router
 
-    def with_replicas(self, urls: list[list[str]]) -> Router:
-        for group, group_urls in zip(self.groups, urls, strict=True):
-            weight = next((c.weight for c in self.settings.backends or () if c.name == group.name), 1.0)
-            group.replicas = [Replica(url, Upstream(self.settings, url), weight) for url in group_urls]
-        return self
+    def _replica(self, group: Group, url: str) -> Replica:
+        replica = Replica(url, Upstream(self.settings, url), group.weight)
+        name = group.name
+
+        def retried() -> None:
+            if self.on_retry is not None:
+                self.on_retry(name)
+
+        replica.upstream.on_retry = retried
+        return replica
+
+    def _set_groups(self, groups: list[Group]) -> None:
+        defaults = [group for group in groups if group.default]
+        self.default = defaults[0] if defaults else groups[0]
+        self.by_name = {group.name: group for group in groups}
+        self.groups = groups
+        self.rebuild()
 
     # Models
 
@@ -208,6 +243,8 @@ class Router:
         await asyncio.shield(running)
 
     async def _read_list(self, group: Group) -> None:
+        if not group.replicas:
+            return  # none yet (discovery): asked again once one is there
         headers = group.backend.own_headers()
         now = time.monotonic()
         replicas = sorted(group.replicas, key=lambda r: not r.available(now))
@@ -430,13 +467,106 @@ class Router:
         for group in self.groups:
             for replica in group.replicas:
                 await replica.upstream.open()
+        self._opened = True
+        await asyncio.gather(*(self._discover(group) for group in self.groups if group.discovered))
 
     async def close(self) -> None:
-        for task in list(self._refreshing.values()):
+        for task in [*self._refreshing.values(), *self._background]:
             task.cancel()
         for group in self.groups:
             for replica in group.replicas:
                 await replica.upstream.close()
+
+    # Changes to the fleet: DNS discovery, SIGHUP
+
+    async def run_discovery(self) -> None:
+        """Look up every ``discovery: dns`` backend every ``discovery_interval`` seconds."""
+        while True:
+            await asyncio.sleep(self.settings.discovery_interval)
+            await asyncio.gather(*(self._discover(group) for group in self.groups if group.discovered))
+
+    async def _discover(self, group: Group) -> None:
+        assert group.config is not None
+        assert group.config.url is not None
+        template = urlsplit(group.config.url)
+        host, port = template.hostname or "", template.port or (443 if template.scheme == "https" else 80)
+        try:
+            addresses = sorted(set(await self.resolve(host, port)))
+        except OSError as exc:
+            # Kept as it is: a DNS hiccup must not empty a backend.
+            logger.warning("backend %s: cannot resolve %s (%s); keeping its replicas", group.name, host, exc)
+            return
+        urls = [
+            urlunsplit(
+                (template.scheme, f"[{a}]:{port}" if ":" in a else f"{a}:{port}", template.path, "", "")
+            )
+            for a in addresses
+        ]
+        await self._set_replicas(group, urls)
+
+    async def _set_replicas(self, group: Group, urls: list[str]) -> None:
+        """Make ``urls`` the group's replicas: the ones kept keep their state and pools; new
+        ones are opened; the ones gone get no new requests and are closed once idle."""
+        current = {replica.url: replica for replica in group.replicas}
+        if list(current) == urls:
+            return
+        replicas = []
+        for url in urls:
+            replica = current.pop(url, None)
+            if replica is None:
+                replica = self._replica(group, url)
+                if self._opened:
+                    await replica.upstream.open()
+                # A new replica is probed first, as one back from ejection would be.
+                replica.ramp_from = time.monotonic()
+            replica.weight = group.weight
+            replicas.append(replica)
+        group.replicas = replicas
+        if group.models is None and not group.listed and replicas and self._opened:
+            # Its models are not known yet (no replica answered before): ask the new ones.
+            group.listed_at = None
+            self._spawn(self.refresh(group))
+        for gone in current.values():
+            self._drain(group, gone)
+        logger.info("backend %s: replicas %s", group.name, ", ".join(urls) or "none")
+
+    def _drain(self, group: Group, replica: Replica) -> None:
+        async def drain() -> None:
+            deadline = time.monotonic() + self.settings.drain_timeout
+            while replica.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter, not an event
+                await asyncio.sleep(0.1)
+            await replica.upstream.close()
+            logger.info("backend %s: replica %s drained and closed", group.name, replica.url)
+
+        self._spawn(drain())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload(self, configs: list[BackendConfig]) -> None:
+        """Switch to ``configs`` at once: replicas kept by backend name and URL keep their
+        state and connections; removed ones are drained."""
+        old = {group.name: group for group in self.groups}
+        groups = []
+        for config in configs:
+            group = group_from_config(config)
+            previous = old.pop(config.name, None)
+            if previous is not None and previous.config is not None and previous.config.kind == config.kind:
+                group.listed, group.listed_at = previous.listed, previous.listed_at
+                group.replicas = previous.replicas
+            if not group.discovered:
+                await self._set_replicas(group, config.replica_urls)
+            groups.append(group)
+        for gone in old.values():
+            for replica in gone.replicas:
+                self._drain(gone, replica)
+        self._set_groups(groups)
+        for group in groups:
+            if group.discovered:
+                await self._discover(group)
+        logger.info("backends reloaded: %s", ", ".join(group.name for group in groups))
 
     def collector(self) -> FleetCollector:
         return FleetCollector(self)
@@ -474,6 +604,11 @@ class Router:
         ]
 
 
+async def resolve(host: str, port: int) -> list[str]:
+    found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in found]
+
+
 def group_from_config(config: BackendConfig) -> Group:
     key = config.key()
     auth = (b"authorization", f"Bearer {key}".encode()) if key else None
@@ -486,6 +621,7 @@ def group_from_config(config: BackendConfig) -> Group:
         models=frozenset(config.models) if config.models is not None else None,
         aliases=dict(config.aliases),
         default=config.default,
+        config=config,
     )
 
 

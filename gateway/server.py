@@ -99,9 +99,9 @@ def client_protocol(settings: Settings) -> Any:
 
 
 def _run_workers(settings: Settings) -> int:
-    if settings.backend_url is None:
-        print("gateway: --workers above 1 needs --backend-url (each worker would start its own backend)",
-              file=sys.stderr)  # fmt: skip
+    if settings.backend_url is None and settings.backends is None:
+        print("gateway: --workers above 1 needs --backend-url or --backends (each worker would start its "
+              "own backend)", file=sys.stderr)  # fmt: skip
         return 2
     # Each worker process rebuilds the same settings, and the metrics live in shared files.
     os.environ[WORKER_SETTINGS] = _settings_json(settings)
@@ -133,6 +133,14 @@ def _settings_json(settings: Settings) -> str:
         elif isinstance(value, list):
             data[name] = [v.get_secret_value() if isinstance(v, SecretStr) else v for v in value]
     data["config"] = None  # already merged in
+    if settings.backends_file is not None:
+        data["backends"] = str(settings.backends_file)  # each worker reads the file (again, after SIGHUP)
+        data["backends_file"] = None
+    elif settings.backends is not None:
+        data["backends"] = [
+            {**config.model_dump(), "api_key": config.key() if config.api_key else None}
+            for config in settings.backends
+        ]
     return orjson.dumps(data, default=str).decode()
 
 

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
         description="YAML or TOML file listing several backends, each with its replicas and models "
         "(README, Routing); instead of --backend-url. In the --config file, a 'backends' list.",
     )
+    backends_file: Path | None = Field(None, description="Where --backends was read from (set by it).")
     balance: Literal["least-outstanding", "round-robin"] = Field(
         "least-outstanding",
         description="How a backend's replicas share requests: least-outstanding (the less busy of two "
@@ -81,6 +82,9 @@ class Settings(BaseSettings):
     )
     probe_interval: float = Field(
         5.0, gt=0, description="Seconds between active health probes of each replica (with --backends)."
+    )
+    discovery_interval: float = Field(
+        5.0, gt=0, description="Seconds between DNS lookups of backends with 'discovery: dns'."
     )
     slow_start: float = Field(
         10.0,
@@ -243,16 +247,23 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("backends", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _load_backends(cls, value: Any) -> Any:
-        if value is None or value == "":
-            return None
+    def _load_backends(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        key = next((k for k in ("backends", "gateway_backends") if k in data), None)
+        value = data.get(key) if key else None
+        if key is None or value is None or value == "":
+            return data
+        data = dict(data)
         if isinstance(value, str | Path):
-            return load_backends_file(Path(value))
-        if isinstance(value, list) and not all(isinstance(entry, BackendConfig) for entry in value):
-            return parse_backends(value, "the config file")
-        return value
+            # Kept, so that SIGHUP (and each new worker) reads the file again.
+            data["backends_file"] = Path(value)
+            data[key] = load_backends_file(Path(value))
+        elif isinstance(value, list) and not all(isinstance(entry, BackendConfig) for entry in value):
+            data[key] = parse_backends(value, "the config file")
+        return data
 
     @field_validator("backend")
     @classmethod

@@ -102,10 +102,12 @@ class FleetRuntime:
         return web.json_response(answer, headers=headers)
 
 
-async def start_runtime(runtime: FleetRuntime, port: int = 0) -> tuple[web.AppRunner, int]:
+async def start_runtime(
+    runtime: FleetRuntime, port: int = 0, host: str = "127.0.0.1"
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(runtime.app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     server = site._server
     assert server is not None

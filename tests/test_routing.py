@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +16,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.body import StreamedBody
 from gateway.settings import Settings
 from tests.conftest import AUTH, Gateway, GatewayFactory
 from tests.fakes import LoopThread, free_port, wait_until
@@ -138,19 +143,85 @@ def test_model_list_is_the_union_with_aliases_each_once(
 def test_a_request_naming_no_model_goes_to_the_default_backend(
     runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
-    _, a_url = runtimes("a", ["x"])
-    _, b_url = runtimes("b", ["y"])
+    a, a_url = runtimes("a", ["x"])
+    b, b_url = runtimes("b", ["y"])
     gateway = fleet_gateway([{"name": "a", "url": a_url}, {"name": "b", "url": b_url, "default": True}])
     assert chat(gateway, None).json()["backend"] == "b"
-    upload = httpx.post(
+
+    def upload(**fields: Any) -> httpx.Response:
+        return httpx.post(
+            gateway.url + "/v1/audio/transcriptions",
+            files={"file": ("a.wav", b"RIFF" + b"\0" * 100_000)},
+            data=fields,
+            headers=AUTH,
+            timeout=10,
+        )
+
+    # The SDKs send form fields before files: the model field routes the upload.
+    assert upload(model="x").headers["x-gateway-backend"] == "a"
+    assert upload().headers["x-gateway-backend"] == "b"
+    assert upload(model="unknown").status_code == 404
+    # A file before the model field: not held back to look for it; the default backend takes it.
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        f'RIFF\r\n--{boundary}\r\ncontent-disposition: form-data; name="model"\r\n\r\nx\r\n--{boundary}--\r\n'
+    ).encode()
+    late = httpx.post(
         gateway.url + "/v1/audio/transcriptions",
-        files={"file": ("a.wav", b"RIFF" + b"\0" * 1000)},
-        data={"model": "x"},
-        headers=AUTH,
+        content=body,
+        headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"},
         timeout=10,
     )
-    assert upload.status_code == 200
-    assert upload.headers["x-gateway-backend"] == "b"
+    assert late.headers["x-gateway-backend"] == "b"
+    assert b.requests[-1]["size"] == len(body)  # forwarded whole and unchanged
+    assert a.requests[-1]["size"] > 100_000
+
+
+@given(
+    model=st.text(
+        alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), max_size=40
+    ),
+    before=st.lists(st.sampled_from(["language", "prompt", "temperature"]), max_size=3),
+    cuts=st.lists(st.integers(1, 400), max_size=8),
+    file_first=st.booleans(),
+)
+def test_the_model_field_is_read_ahead_without_changing_the_upload(
+    model: str, before: list[str], cuts: list[int], file_first: bool
+) -> None:
+    boundary = "----form7MA4YWxkTrZu0gW"
+    parts = [(name, "v", None) for name in before] + [("model", model, None)]
+    file_part = ("file", "x" * 300, "a.wav")
+    parts = [file_part, *parts] if file_first else [*parts, file_part]
+
+    def encode(name: str, value: str, filename: str | None) -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--{boundary}\r\ncontent-disposition: {disposition}\r\n\r\n{value}\r\n".encode()
+
+    body = b"".join(encode(*part) for part in parts) + f"--{boundary}--\r\n".encode()
+    chunks, at = [], 0
+    for cut in [*cuts, len(body)]:
+        chunks.append(body[at : at + cut])
+        at += cut
+        if at >= len(body):
+            break
+    if at < len(body):
+        chunks.append(body[at:])
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def run() -> tuple[str | None, bytes]:
+        streamed = StreamedBody(receive, 10**6)
+        found = await streamed.peek_form_field(f"multipart/form-data; boundary={boundary}".encode(), "model")
+        return found, b"".join([chunk async for chunk in streamed])
+
+    found, sent = asyncio.run(run())
+    assert sent == body
+    assert found == (None if file_first else model)
 
 
 @pytest.mark.parametrize(
@@ -487,3 +558,92 @@ def test_one_backend_url_answers_with_its_name(start_gateway: GatewayFactory) ->
     assert answer.status_code == 200
     assert answer.headers["x-gateway-backend"] == "openai"
     assert json.loads(httpx.get(gateway.url + "/ready", timeout=10).text)["status"] == "ready"
+
+
+# Changes to the fleet
+
+
+def test_dns_discovery_adds_replicas_and_drains_the_ones_that_go(
+    loop_thread: LoopThread, fleet_gateway: Callable[..., Gateway]
+) -> None:
+    port = free_port()
+    first, second = FleetRuntime("first", ["m"]), FleetRuntime("second", ["m"])
+    first.chunks, first.chunk_delay = 20, 0.1  # a stream of two seconds
+    runners = [
+        loop_thread.run(start_runtime(first, port, "127.0.0.1"))[0],
+        loop_thread.run(start_runtime(second, port, "127.0.0.2"))[0],
+    ]
+    addresses = ["127.0.0.1"]
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert host == "runtime.fleet.svc"
+        return list(addresses)
+
+    try:
+        gateway = fleet_gateway(
+            [{"name": "r", "url": f"http://runtime.fleet.svc:{port}", "discovery": "dns"}],
+            discovery_interval=0.1,
+            balance="round-robin",
+        )
+        router = gateway.app.state.router
+        router.resolve = resolve
+        assert wait_until(lambda: [r.url for r in router.groups[0].replicas] == [f"http://127.0.0.1:{port}"])
+        first_answer = chat(gateway)
+        assert first_answer.json()["backend"] == "first", first_answer.text
+        # A stream that is still running on the first replica when it goes away.
+        with httpx.stream(
+            "POST", gateway.url + CHAT, json={"model": "m", "stream": True}, headers=AUTH, timeout=10
+        ) as stream:
+            assert stream.headers["x-runtime"] == "first"
+            addresses.append("127.0.0.2")  # scaled up: no restart
+            assert wait_until(lambda: len(router.groups[0].replicas) == 2)
+            assert {chat(gateway).json()["backend"] for _ in range(4)} == {"first", "second"}
+            addresses.remove("127.0.0.1")  # scaled down: drained, not cut
+            assert wait_until(lambda: len(router.groups[0].replicas) == 1)
+            body = b"".join(stream.iter_bytes())
+        assert body.count(b'"backend": "first"') == first.chunks
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert {chat(gateway).json()["backend"] for _ in range(4)} == {"second"}
+        addresses.clear()
+
+        async def broken(host: str, port: int) -> list[str]:
+            raise OSError("no such host")
+
+        router.resolve = broken  # a DNS failure keeps the replicas as they are
+        time.sleep(0.3)
+        assert chat(gateway).json()["backend"] == "second"
+    finally:
+        for runner in runners:
+            loop_thread.run(runner.cleanup())
+
+
+def test_sighup_reloads_the_backends_file_and_refuses_a_bad_one(
+    runtimes: Callable[..., Runtime], tmp_path: Path
+) -> None:
+    from tests.processes import serve, stop
+
+    _, one_url = runtimes("one", ["m"])
+    _, two_url = runtimes("two", ["m"])
+    path = tmp_path / "backends.yaml"
+    path.write_text(yaml.safe_dump({"backends": [{"name": "first", "url": one_url}]}))
+    process, url = serve("--backends", str(path), "--api-key", "sk-test-1", "--no-access-log")
+    try:
+
+        def backend() -> str:
+            answer = httpx.post(url + CHAT, json={"model": "m"}, headers=AUTH, timeout=10)
+            assert answer.status_code == 200, answer.text
+            return str(answer.headers["x-gateway-backend"])
+
+        assert backend() == "first"
+        path.write_text(yaml.safe_dump({"backends": [{"name": "second", "url": two_url}]}))
+        process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: backend() == "second", timeout=10)
+        path.write_text("backends: [{name: broken}]")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert backend() == "second"  # the bad file was refused; the gateway still serves
+        assert process.poll() is None
+    finally:
+        stderr = stop(process)
+    assert "give url or urls" in stderr
+    assert "the backends stay as they were" in stderr
