@@ -10,6 +10,7 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -18,10 +19,15 @@ import yaml
 from pydantic import AliasChoices
 
 from gateway.app import create_app
+from gateway.fleet import parse_backends
 from gateway.settings import Settings
 
 ROOT = Path(__file__).parents[1]
-KUSTOMIZATIONS = [ROOT / "deploy/kubernetes/base", ROOT / "deploy/kubernetes/overlays/vllm-gpu"]
+KUSTOMIZATIONS = [
+    ROOT / "deploy/kubernetes/base",
+    ROOT / "deploy/kubernetes/overlays/vllm-gpu",
+    ROOT / "deploy/kubernetes/overlays/fleet",
+]
 KUBERNETES_VERSION = "1.33.0"
 # What each runtime listens on inside its container, and the adapter that knows it.
 RUNTIME_PORTS = {"vllm": 8000, "sglang": 30000, "tgi": 80, "ollama": 11434, "llamacpp": 8080,
@@ -223,3 +229,53 @@ def test_dockerfile_runs_the_gateway_unprivileged_under_tini() -> None:
     assert names[-1] == "default"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".env"} <= set(ignored)
+
+
+def test_the_fleet_profile_puts_several_backends_behind_one_gateway(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateway = services["gateway-fleet"]
+    assert gateway["profiles"] == ["fleet"]
+    mount = gateway["volumes"][0]
+    source, target, _ = mount.split(":")
+    assert target == gateway["environment"]["GATEWAY_BACKENDS"]
+    settings = Settings(backends=str(ROOT / source))
+    assert settings.backends is not None
+    for backend in settings.backends:
+        host = urlsplit(backend.url or "").hostname
+        assert services[host]["profiles"] == ["fleet"]
+        assert gateway["depends_on"][host]["condition"] == "service_healthy"
+        assert "ports" not in services[host]
+    dns = next(b for b in settings.backends if b.discovery == "dns")
+    assert services[urlsplit(dns.url or "").hostname or ""]["deploy"]["replicas"] == 2
+
+
+def test_the_fleet_overlay_finds_replicas_through_a_headless_service() -> None:
+    documents = kustomize(KUSTOMIZATIONS[2])
+    config = by_kind(documents, "ConfigMap", "gateway-config")["data"]
+    assert "BACKEND_URL" not in config
+    generated = next(d for d in documents if d["metadata"]["name"].startswith("gateway-backends-"))
+    deployment = by_kind(documents, "Deployment", "gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(
+        v for v in pod["volumes"] if v.get("configMap", {}).get("name") == generated["metadata"]["name"]
+    )
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    path = Path(config["GATEWAY_BACKENDS"])
+    assert str(path.parent) == mount["mountPath"]
+    backends = parse_backends(yaml.safe_load(generated["data"][path.name])["backends"], path.name)
+    for backend in backends:
+        parts = urlsplit(backend.url or "")
+        service = by_kind(documents, "Service", parts.hostname or "")
+        assert parts.port in {port["port"] for port in service["spec"]["ports"]}
+        if backend.discovery == "dns":
+            assert service["spec"]["clusterIP"] == "None"  # DNS answers each pod
+            assert by_kind(documents, "Deployment", parts.hostname or "")["spec"]["replicas"] == 2
+        # The gateway may reach it.
+        labels = by_kind(documents, "Deployment", parts.hostname or "")["spec"]["template"]["metadata"][
+            "labels"
+        ]
+        assert labels["app.kubernetes.io/component"] == "inference-backend"
+    fields = {name.removeprefix("GATEWAY_").lower(): value for name, value in config.items()}
+    fields.pop("keys_file")
+    fields["backends"] = None  # a path inside the pod, checked above
+    Settings(**fields, host="0.0.0.0", api_keys=["x"])
