@@ -221,3 +221,67 @@ def test_embeddings(start_gateway: GatewayFactory, llama_embedding_server: str) 
     assert len(result.data) == 2
     assert len(result.data[0].embedding) == 640
     assert result.data[0].embedding != result.data[1].embedding
+
+
+def test_two_real_servers_behind_one_gateway_with_one_killed(
+    start_gateway: GatewayFactory, llama_server: str, llama_embedding_server: str, tmp_path: Path
+) -> None:
+    """Replicas of one backend (the chat server and a second one started here), and the
+    embedding server as a second backend; one replica is killed with SIGKILL."""
+    process, second = start_llama_server()
+    try:
+        path = tmp_path / "backends.yaml"
+        path.write_text(
+            json.dumps(
+                {
+                    "backends": [
+                        {
+                            "name": "chat",
+                            "kind": "llamacpp-python",
+                            "urls": [llama_server, second],
+                            "aliases": {"small": MODEL},
+                            "default": True,
+                        },
+                        {"name": "embed", "kind": "llamacpp-python", "url": llama_embedding_server,
+                         "models": ["gemma-embed"], "aliases": {"gemma-embed": MODEL}},
+                    ]
+                }
+            )
+        )  # fmt: skip
+        gateway = start_gateway(
+            backend_url=None,
+            backends=str(path),
+            api_keys=["sk-e2e"],
+            admin_api_keys=["sk-admin"],
+            balance="round-robin",
+            probe_interval=0.5,
+        )
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-e2e", max_retries=0, timeout=120) as sdk:
+            assert sorted(model.id for model in sdk.models.list()) == [MODEL, "gemma-embed", "small"]
+            for name in (MODEL, "small", MODEL, "small"):
+                answer = sdk.chat.completions.with_raw_response.create(
+                    model=name, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4
+                )
+                assert answer.headers["x-gateway-backend"] == "chat"
+                assert answer.parse().choices[0].message.content is not None
+            vectors = sdk.embeddings.with_raw_response.create(model="gemma-embed", input=["a", "b"])
+            assert vectors.headers["x-gateway-backend"] == "embed"
+            assert len(vectors.parse().data) == 2
+
+            def replicas() -> dict[str, Any]:
+                listing = httpx.get(
+                    gateway.url + "/admin/backends", headers={"authorization": "Bearer sk-admin"}, timeout=10
+                ).json()["data"]
+                return {r["url"]: r for backend in listing for r in backend["replicas"]}
+
+            assert replicas()[llama_server]["picks"] == replicas()[second]["picks"] == 2
+            process.kill()  # SIGKILL
+            process.wait()
+            for _ in range(4):
+                answer = sdk.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4
+                )
+                assert answer.http_response.status_code == 200
+            assert replicas()[second]["state"] == "ejected"
+    finally:
+        stop(process)
