@@ -9,6 +9,7 @@ trigger, metrics and the access log on), as one process and as two workers, and 
 reverse proxy to the same upstreams in two configurations: plain (``proxy_pass`` as it
 comes, a new upstream connection per request) and tuned (HTTP/1.1 keep-alive to the
 upstream). Then it drives each path with wrk, alternating between them for several rounds.
+Then the several-replica workloads of ``bench.fleet`` (``--no-fleet`` skips them).
 Results (medians, ratios, targets) go to ``bench/results/<time>/`` as results.md,
 results.json and results.png.
 """
@@ -352,7 +353,7 @@ def soak(url: str, pid: int, plan: Plan, workdir: Path) -> dict[str, Any]:
     }
 
 
-def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
+def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str, Any]:
     ensure_tools()
     results: dict[str, Any] = {"plan": plan.__dict__, "machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as temp:
@@ -386,9 +387,18 @@ def run(plan: Plan, out: Path, soak_on: bool) -> dict[str, Any]:
             results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gateway_sse"])[1], 1)
             if soak_on:
                 results["soak"] = soak(endpoints.static["gateway"], pids["gateway_static"], plan, workdir)
+        if fleet_on:
+            from bench import fleet
+
+            results["fleet"] = fleet.run(fleet.QUICK if plan is QUICK else fleet.FULL, workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(report(results))
+    text = report(results)
+    if fleet_on:
+        from bench import fleet
+
+        text += "\n" + fleet.report(results["fleet"])
+    (out / "results.md").write_text(text)
     plot(results, out / "results.png")
     return results
 
@@ -399,11 +409,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, for tests")
     parser.add_argument("--no-soak", action="store_true", help="skip the soak")
+    parser.add_argument("--no-fleet", action="store_true", help="skip the several-replica workloads")
     parser.add_argument("--out", type=Path, help="where results go (default: bench/results/<time>)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
-    run(plan, out, soak_on=not args.no_soak)
+    run(plan, out, soak_on=not args.no_soak, fleet_on=not args.no_fleet)
     print((out / "results.md").read_text())
     print(f"results in {out}")
 

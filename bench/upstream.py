@@ -2,16 +2,20 @@
 
 ``POST /v1/chat/completions?chunks=N&interval_ms=T`` answers an SSE stream of N chunks, each
 its own write, T milliseconds apart (0: as fast as the socket takes them), then
-``data: [DONE]``. Any other path answers a fixed chat completion JSON.
+``data: [DONE]``. ``GET /v1/models`` lists one model, ``bench``. Any other path answers a
+fixed chat completion JSON, after ``--delay-ms`` (a runtime's generation time; 0 by
+default), at most ``--concurrency`` at once (a runtime's batch; the rest wait their turn).
 
-    python -m bench.upstream --port 9100
+    python -m bench.upstream --port 9100 [--delay-ms 10 --concurrency 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 JSON_BODY = json.dumps(
@@ -30,6 +34,13 @@ JSON_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(JSON_BODY)
     + JSON_BODY
 )
+MODELS_BODY = (
+    b'{"object":"list","data":[{"id":"bench","object":"model","created":1700000000,"owned_by":"bench"}]}'
+)
+MODELS_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(MODELS_BODY)
+    + MODELS_BODY
+)
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENT = (
     b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,"model":"bench",'
@@ -43,6 +54,13 @@ def _chunk(data: bytes) -> bytes:
 
 
 class Protocol(asyncio.Protocol):
+    delay = 0.0
+    concurrency = 0
+    """With a delay: at most this many answers in the making at once, the rest queued (a
+    runtime's batch); 0, no limit."""
+    active = 0
+    queue: ClassVar[collections.deque[Protocol]] = collections.deque()
+
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
@@ -81,11 +99,37 @@ class Protocol(asyncio.Protocol):
             interval = float(query.get("interval_ms", ["0"])[0]) / 1000
             self.busy = True
             self.streaming = asyncio.ensure_future(self._stream(chunks, interval))
+        elif url.path == "/v1/models":
+            assert self.transport is not None
+            self.transport.write(MODELS_RESPONSE)
+            if self.buffer:
+                self._next()
+        elif self.delay:
+            self.busy = True
+            Protocol.queue.append(self)
+            Protocol.start_waiting()
         else:
             assert self.transport is not None
             self.transport.write(JSON_RESPONSE)
             if self.buffer:
                 self._next()
+
+    @classmethod
+    def start_waiting(cls) -> None:
+        loop = asyncio.get_running_loop()
+        while cls.queue and (not cls.concurrency or cls.active < cls.concurrency):
+            cls.active += 1
+            loop.call_later(cls.delay, cls.queue.popleft()._answer_late)
+
+    def _answer_late(self) -> None:
+        Protocol.active -= 1
+        Protocol.start_waiting()
+        self.busy = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(JSON_RESPONSE)
+        if self.buffer:
+            self._next()
 
     async def _stream(self, chunks: int, interval: float) -> None:
         transport = self.transport
@@ -115,7 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--concurrency", type=int, default=0)
     args = parser.parse_args()
+    Protocol.delay = args.delay_ms / 1000
+    Protocol.concurrency = args.concurrency
     try:
         import uvloop
     except ImportError:  # pragma: no cover

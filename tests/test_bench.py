@@ -34,6 +34,15 @@ def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
         assert data["paced"][path]["errors"] == 0, data["paced"]
     assert data["paced"]["gateway"]["peak_rss_mb"] > 0
     assert data["soak"]["samples"]
+    fleet = data["fleet"]
+    for workload, paths in (("cost", ("one", "four")), ("slow", ("least-outstanding", "round-robin"))):
+        for path in paths:
+            assert fleet[workload][path]["rps"] > 0, (workload, path)
+            assert fleet[workload][path]["errors"] == 0, (workload, path)
+    assert fleet["kill"]["requests"] > 0
+    for path in ("nginx", "gateway"):
+        assert fleet["paced"][path]["errors"] == 0, fleet["paced"]
     report = (tmp_path / "results.md").read_text()
     assert "| target | measured | met |" in report
+    assert "## Several replicas" in report
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
