@@ -26,12 +26,14 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/gateway serve $(ARGS)
 
-# The rate-limit tests run a real redis-server; the benchmark (and its test) nginx and wrk.
+# The rate-limit tests run a real redis-server; the benchmark (and its test) nginx and wrk;
+# the CORS test a real browser (headless Chromium).
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null || missing="$$missing nginx-light"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \

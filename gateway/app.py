@@ -22,6 +22,7 @@ from adapters import llamacpp, vllm
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
+from gateway.cors import Cors
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
 from gateway.fleet import load_backends_file
 from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, health
@@ -151,6 +152,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         if "{" not in spec.path:
             methods = frozenset(spec.methods) | ({"HEAD"} if "GET" in spec.methods else frozenset())
             app.fast_routes[spec.path] = (methods, endpoint)
+    if settings.cors_origins:
+        app.cors = Cors(settings.cors_origins, settings.cors_credentials)
     app.state.settings = settings
     app.state.router = router
     app.state.backend = router.default.backend
@@ -190,9 +193,25 @@ class GatewayApp(Starlette):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fast_routes: dict[str, tuple[frozenset[str], ASGIApp]] = {}
+        self.cors: Cors | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self.cors is not None:
+                origin = requested = None
+                preflight = False
+                for name, value in scope["headers"]:
+                    if name == b"origin":
+                        origin = value
+                    elif name == b"access-control-request-method":
+                        preflight = True
+                    elif name == b"access-control-request-headers":
+                        requested = value
+                if origin is not None:
+                    if preflight and scope["method"] == "OPTIONS":
+                        await self.cors.preflight(origin, requested, send)
+                        return
+                    send = self.cors.wrap(send, origin)
             route = self.fast_routes.get(scope["path"])
             if route is not None and scope["method"] in route[0]:
                 scope["app"] = self

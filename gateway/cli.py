@@ -13,8 +13,13 @@ from gateway import __version__
 from gateway.settings import Settings
 
 # Settings whose flag is not simply the field name with dashes.
-FLAG_NAMES = {"api_keys": "--api-key", "admin_api_keys": "--admin-api-key", "access_log": "--no-access-log"}
-REPEATABLE = {"api_keys", "admin_api_keys"}
+FLAG_NAMES = {
+    "api_keys": "--api-key",
+    "admin_api_keys": "--admin-api-key",
+    "access_log": "--no-access-log",
+    "cors_origins": "--cors-origin",
+}
+REPEATABLE = {"api_keys", "admin_api_keys", "cors_origins"}
 # Settings that are not flags: set by another one.
 NOT_FLAGS = {"backends_file"}
 
@@ -45,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             action = "store_false" if field.default else "store_true"
             serve.add_argument(flag, dest=name, action=action, help=help_text)
         elif name in REPEATABLE:
-            serve.add_argument(flag, dest=name, action="append", metavar="KEY", help=help_text)
+            metavar = "ORIGIN" if name == "cors_origins" else "KEY"
+            serve.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_text)
         else:
             serve.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), help=help_text)
     return parser
@@ -56,7 +62,7 @@ def _env_name(name: str, alias: Any) -> str:
         plain = [str(choice) for choice in alias.choices if not str(choice).startswith("gateway_")]
         if plain and plain[0] == name:
             return plain[0].upper() + (", comma-separated" if name in REPEATABLE else "")
-    return f"GATEWAY_{name.upper()}"
+    return f"GATEWAY_{name.upper()}" + (", comma-separated" if name in REPEATABLE else "")
 
 
 def load_settings(flags: dict[str, Any]) -> Settings:

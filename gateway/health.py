@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,8 @@ class ReadyEndpoint:
         self.gates: list[tuple[Callable[[], str | None], str]] = []
         """(check, error code): each check says why the gateway cannot be ready (shutting
         down, an embedded backend loading), or None."""
+        self._probing: asyncio.Future[None] | None = None
+        self._probed_at = 0.0
 
     async def endpoint(self, request: Request) -> Response:
         try:
@@ -62,7 +65,13 @@ class ReadyEndpoint:
         """Several backends: ready while any one has a ready replica, so that one backend
         down does not take every gateway out of its Service."""
         router = self.router
-        await router.probe_all(self.timeout)
+        # One round of probes at a time, and at most one a second however often /ready is
+        # asked (it needs no key: it must not multiply into probes of every replica).
+        now = time.monotonic()
+        if self._probing is None or (self._probing.done() and now - self._probed_at >= 1.0):
+            self._probing = asyncio.ensure_future(router.probe_all(self.timeout))
+            self._probed_at = now
+        await asyncio.shield(self._probing)
         now = time.monotonic()
         backends = {}
         for group in router.groups:

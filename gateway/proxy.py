@@ -262,8 +262,9 @@ class ProxyEndpoint:
         router.admit()
         tried: list[Replica] = []
         choice = router.choose(groups, tried)
-        if choice is None:  # pragma: no cover - a group always has a replica
-            await send_error(send, BackendUnavailable("no replica of the backend is configured"), exchange)
+        if choice is None:  # a backend found by DNS, with no address yet
+            names = ", ".join(group.name for group in groups)
+            await send_error(send, BackendUnavailable(f"no replica of {names} is known yet"), exchange)
             return
         deadline: float | None = None
         holding: Replica | None = None  # counted in its in_flight until the answer ends

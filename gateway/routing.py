@@ -5,9 +5,10 @@ each a ``Group`` of ``Replica``s with a pool apiece. It answers three questions:
 
 - which backends serve a model (``groups_for``): by the configured ``models`` and
   ``aliases``, or by each backend's own ``/v1/models``, read at start and refreshed;
-- which replica of a backend takes the next request (``pick``): the less loaded of two
-  drawn by weight (least outstanding requests, streams counted until they end), or smooth
-  weighted round robin; ejected and loading replicas are skipped while any other is left;
+- which replica takes the next request (``choose``), among the replicas of every backend
+  serving the model, each with its backend's weight: the less loaded of two drawn by
+  weight (least outstanding requests, streams counted until they end), or smooth weighted
+  round robin; ejected and loading replicas are skipped while any other is left;
 - whether a failed attempt may go to another replica (``may_retry``): a budget that lets
   a share of requests be retried, so that a sick fleet is not sent every request twice.
 
@@ -92,7 +93,7 @@ class Replica:
             return LOADING
         return READY
 
-    def available(self, now: float) -> bool:
+    def available(self, now: float | None = None) -> bool:
         return not self.ejected and not self.loading
 
     def load(self, now: float, slow_start: float) -> float:
@@ -286,47 +287,18 @@ class Router:
     # Replicas
 
     def pick(self, group: Group, tried: Iterable[Replica] = ()) -> Replica | None:
-        """The replica for the next attempt, or None when every one has been tried."""
-        now = time.monotonic()
-        excluded = set(tried)
-        candidates = [r for r in group.replicas if r not in excluded and r.available(now)]
-        if not candidates:
-            # Every replica left is ejected or loading: try them rather than fail outright
-            # (a fleet wrongly ejected whole must still serve), least recently ejected first.
-            candidates = sorted(
-                (r for r in group.replicas if r not in excluded), key=lambda r: (r.ejected_until, r.loading)
-            )[:1]
-            if not candidates:
-                return None
-        if len(candidates) == 1:
-            chosen = candidates[0]
-        elif self.round_robin:
-            total = 0.0
-            chosen = candidates[0]
-            for replica in candidates:
-                replica.current += replica.weight
-                total += replica.weight
-                if replica.current > chosen.current:
-                    chosen = replica
-            chosen.current -= total
-        else:
-            # Two distinct replicas drawn by weight; the less loaded one wins.
-            weights = [r.weight for r in candidates]
-            index = random.choices(range(len(candidates)), weights)[0]
-            first = candidates[index]
-            del candidates[index], weights[index]
-            second = random.choices(candidates, weights)[0]
-            slow_start = self.slow_start
-            chosen = first if first.load(now, slow_start) <= second.load(now, slow_start) else second
-        chosen.picks += 1
-        return chosen
+        """A replica of ``group`` for the next attempt, or None when every one has been tried."""
+        chosen = self.choose([group], list(tried))
+        return None if chosen is None else chosen[1]
 
     def has_candidate(self, groups: list[Group], tried: list[Replica]) -> bool:
         return any(replica not in tried for group in groups for replica in group.replicas)
 
     def choose(self, groups: list[Group], tried: list[Replica]) -> tuple[Group, Replica] | None:
-        """The backend and replica for the next attempt: the first backend (in configured
-        order) with a replica ready and untried; else any untried replica."""
+        """The backend and replica for the next attempt, among every untried replica of the
+        backends that serve the request, each with its backend's weight; None when none is
+        left. Ejected and loading replicas are chosen only when no other is left (a fleet
+        wrongly ejected whole must still serve): the one whose ejection ends first."""
         if self.single:
             group = self.default
             if tried:
@@ -334,17 +306,48 @@ class Router:
             only = group.replicas[0]
             only.picks += 1
             return group, only
+        untried = [(g, r) for g in groups for r in g.replicas if r not in tried] if tried else None
+        if untried is None:
+            untried = [(g, r) for g in groups for r in g.replicas]
+        ready = [pair for pair in untried if not (pair[1].ejected or pair[1].loading)]
+        if ready:
+            chosen = ready[0] if len(ready) == 1 else self._balance(ready)
+        elif untried:
+            chosen = min(untried, key=lambda pair: (pair[1].ejected_until, pair[1].loading))
+        else:
+            return None
+        chosen[1].picks += 1
+        return chosen
+
+    def _balance(self, pairs: list[tuple[Group, Replica]]) -> tuple[Group, Replica]:
+        if self.round_robin:
+            # Smooth weighted round robin (nginx's): even spacing, exact shares.
+            total = 0.0
+            chosen = pairs[0]
+            for pair in pairs:
+                replica = pair[1]
+                replica.current += replica.weight
+                total += replica.weight
+                if replica.current > chosen[1].current:
+                    chosen = pair
+            chosen[1].current -= total
+            return chosen
+        # Two distinct replicas drawn by weight; the less loaded one wins.
+        count = len(pairs)
+        weight = pairs[0][1].weight
+        if all(pair[1].weight == weight for pair in pairs):
+            first = random.randrange(count)
+            second = random.randrange(count - 1)
+            second += second >= first
+        else:
+            weights = [pair[1].weight for pair in pairs]
+            first = random.choices(range(count), weights)[0]
+            weights[first] = 0.0
+            second = random.choices(range(count), weights)[0]
+        a, b = pairs[first], pairs[second]
         now = time.monotonic()
-        for group in groups:
-            if any(r.available(now) and r not in tried for r in group.replicas):
-                chosen = self.pick(group, tried)
-                if chosen is not None:
-                    return group, chosen
-        for group in groups:
-            chosen = self.pick(group, tried)
-            if chosen is not None:
-                return group, chosen
-        return None
+        slow_start = self.slow_start
+        return a if a[1].load(now, slow_start) <= b[1].load(now, slow_start) else b
 
     def admit(self) -> None:
         """A request arrived: it earns its share of a retry."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -208,6 +209,15 @@ class Settings(BaseSettings):
         description="llama-cpp-python chat format of the embedded backend (default: the GGUF's own "
         "template; 'gemma' for the bundled model).",
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origin a browser app may call the gateway from, e.g. https://app.example.com "
+        "(repeatable; comma-separated in the environment; * for any, without --cors-credentials). "
+        "None: no CORS headers at all.",
+    )
+    cors_credentials: bool = Field(
+        False, description="Let browsers send cookies and HTTP auth with cross-origin calls (CORS)."
+    )
     access_log: bool = Field(True, description="Write one JSON line per request to stdout.")
     metrics_token: SecretStr | None = Field(
         None, description="Bearer token /metrics requires (default: /metrics is open)."
@@ -240,7 +250,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     config: Path | None = Field(None, description="YAML or TOML file holding any of these settings.")
 
-    @field_validator("api_keys", "admin_api_keys", "metrics_models", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "metrics_models", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -264,6 +274,16 @@ class Settings(BaseSettings):
         elif isinstance(value, list) and not all(isinstance(entry, BackendConfig) for entry in value):
             data[key] = parse_backends(value, "the config file")
         return data
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _valid_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
+                raise ValueError(
+                    f"a CORS origin is a scheme and a host, like https://app.example.com: {origin!r}"
+                )
+        return value
 
     @field_validator("backend")
     @classmethod
@@ -329,6 +349,8 @@ class Settings(BaseSettings):
                 f"refusing to listen on {self.host} with no API keys: set API_KEYS (or --api-key), "
                 "or pass --no-auth to run an open gateway on purpose"
             )
+        if self.cors_credentials and "*" in self.cors_origins:
+            raise ValueError("--cors-origin '*' cannot go with --cors-credentials: name the origins")
         if self.backends is not None and self.backend_url is not None:
             raise ValueError("give --backend-url (one backend) or --backends (several), not both")
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):

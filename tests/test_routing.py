@@ -20,7 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.body import StreamedBody
+from gateway.routing import Replica
 from gateway.settings import Settings
+from gateway.upstream import Upstream
 from tests.conftest import AUTH, Gateway, GatewayFactory
 from tests.fakes import LoopThread, free_port, wait_until
 from tests.fleet_fakes import FleetRuntime, start_runtime
@@ -289,6 +291,34 @@ def test_replicas_share_the_requests_by_weight(
     assert two.count(CHAT) == 20
 
 
+def test_backends_serving_the_same_model_share_it_by_weight(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    big, url1 = runtimes("big", ["m"])
+    small, url2 = runtimes("small", ["m"])
+    gateway = fleet_gateway(
+        [{"name": "big", "url": url1, "weight": 3}, {"name": "small", "url": url2, "weight": 1}],
+        balance="round-robin",
+    )
+    for _ in range(40):
+        assert chat(gateway).status_code == 200
+    assert (big.count(CHAT), small.count(CHAT)) == (30, 10)
+    small.status = 503  # and one backend failing sends its share to the other
+    for _ in range(8):
+        assert chat(gateway).json()["backend"] == "big"
+
+
+def test_a_replica_back_ramps_up_over_the_slow_start() -> None:
+    replica = Replica("http://r:1", Upstream(Settings(backend_url="http://r:1"), "http://r:1"), weight=2.0)
+    replica.ramp_from = 100.0
+    assert replica.load(100.0, 10.0) == pytest.approx(1 / 0.2)  # a tenth of its weight at first
+    assert replica.load(105.0, 10.0) == pytest.approx(1 / 1.0)  # half way: half
+    assert replica.load(110.0, 10.0) == pytest.approx(1 / 2.0)  # then its full weight
+    replica.in_flight = 3
+    assert replica.load(200.0, 10.0) == pytest.approx(4 / 2.0)
+    assert replica.load(100.0, 0.0) == pytest.approx(4 / 2.0)  # no slow start
+
+
 def test_least_outstanding_sends_less_to_a_slow_replica(
     runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
@@ -532,6 +562,8 @@ def test_ready_while_any_backend_has_a_ready_replica(
     assert backends["up"]["ready"] == 1
     assert backends["down"]["ready"] == 0
     up.loading = True
+    # Probes run at most once a second however often /ready is asked.
+    assert wait_until(lambda: httpx.get(gateway.url + "/ready", timeout=10).status_code == 503, timeout=5)
     not_ready = httpx.get(gateway.url + "/ready", timeout=10)
     assert not_ready.status_code == 503
     assert not_ready.json()["error"]["code"] == "no_ready_backend"
@@ -647,3 +679,24 @@ def test_sighup_reloads_the_backends_file_and_refuses_a_bad_one(
         stderr = stop(process)
     assert "give url or urls" in stderr
     assert "the backends stay as they were" in stderr
+
+
+def test_limits_metrics_and_the_access_log_work_across_backends(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway], capfd: pytest.CaptureFixture[str]
+) -> None:
+    _, a_url = runtimes("a", ["model-a"])
+    _, b_url = runtimes("b", ["model-b"])
+    gateway = fleet_gateway(
+        [{"name": "a", "url": a_url}, {"name": "b", "url": b_url}], rate_limit="4/minute", access_log=True
+    )
+    capfd.readouterr()
+    statuses = [chat(gateway, model).status_code for model in ("model-a", "model-b") * 3]
+    assert statuses == [200, 200, 200, 200, 429, 429]  # one key's limit, whichever backend
+    log = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["backend"] for line in log if line["status"] == 200] == ["a", "b", "a", "b"]
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    answered = [line for line in metrics.splitlines() if line.startswith("gateway_requests_total{")]
+    for backend, model in (("a", "model-a"), ("b", "model-b")):
+        assert any(f'backend="{backend}"' in line and f'model="{model}"' in line for line in answered), (
+            answered
+        )
