@@ -298,7 +298,9 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return current / 1024, peak / 1024
 
 
-def paced(url: str, plan: Plan, interval_ms: float = 200) -> dict[str, Any]:
+def paced(
+    url: str, plan: Plan, interval_ms: float = 200, ramp_seconds: float | None = None
+) -> dict[str, Any]:
     output = subprocess.run(
         [
             sys.executable,
@@ -313,6 +315,7 @@ def paced(url: str, plan: Plan, interval_ms: float = 200) -> dict[str, Any]:
             f"{plan.paced_seconds:g}",
             "--key",
             KEY,
+            *(["--ramp-seconds", f"{ramp_seconds:g}"] if ramp_seconds is not None else []),
         ],
         capture_output=True,
         text=True,

@@ -34,7 +34,7 @@ async def one_stream(
 
 
 async def run(
-    url: str, streams: int, interval_ms: float, seconds: float, key: str | None
+    url: str, streams: int, interval_ms: float, seconds: float, key: str | None, ramp: float | None = None
 ) -> dict[str, object]:
     chunks = max(int(seconds * 1000 / interval_ms), 1)
     target = f"{url}/v1/chat/completions?chunks={chunks}&interval_ms={interval_ms:g}"
@@ -46,7 +46,8 @@ async def run(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def guarded(index: int) -> bool:
-            await asyncio.sleep(index * interval_ms / 1000 / streams)  # spread the starts over one interval
+            # The starts spread over ``ramp`` seconds (one interval unless told).
+            await asyncio.sleep(index * (interval_ms / 1000 if ramp is None else ramp) / streams)
             try:
                 return await one_stream(session, target, headers, interval_ms / 1000, lateness)
             except (TimeoutError, aiohttp.ClientError):
@@ -76,13 +77,20 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--key")
+    parser.add_argument(
+        "--ramp-seconds", type=float, help="start the streams over this long (default: an interval)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        result = asyncio.run(run(args.url, args.streams, args.interval_ms, args.seconds, args.key))
+        result = asyncio.run(
+            run(args.url, args.streams, args.interval_ms, args.seconds, args.key, args.ramp_seconds)
+        )
     else:
-        result = uvloop.run(run(args.url, args.streams, args.interval_ms, args.seconds, args.key))
+        result = uvloop.run(
+            run(args.url, args.streams, args.interval_ms, args.seconds, args.key, args.ramp_seconds)
+        )
     print(json.dumps(result))
 
 

@@ -26,6 +26,7 @@ every model goes to it, as before routing existed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import socket
@@ -50,6 +51,8 @@ from gateway.upstream import UPSTREAM_ERRORS, Upstream
 
 logger = logging.getLogger("gateway.routing")
 
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.ENOMEM})
+RETRY_WINDOW = 10.0
 MAX_EJECTION_DOUBLINGS = 6  # 2 s doubles to 128 s at most
 RETRY_BURST = 10.0
 LIST_REFRESH = 60.0
@@ -151,7 +154,9 @@ class Router:
         self.round_robin = settings.balance == "round-robin"
         self.slow_start = settings.slow_start
         self._by_model: dict[str, list[Group]] = {}
-        self._retry_tokens = RETRY_BURST
+        self._requests = [0, 0]
+        self._retries = [0, 0]
+        self._window_start = time.monotonic()
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self.on_models: Callable[[Iterable[str]], object] | None = None
         """Told every model name whenever a list is read (the metrics' model label)."""
@@ -350,15 +355,30 @@ class Router:
         return a if a[1].load(now, slow_start) <= b[1].load(now, slow_start) else b
 
     def admit(self) -> None:
-        """A request arrived: it earns its share of a retry."""
-        self._retry_tokens = min(self._retry_tokens + self.settings.retry_budget, RETRY_BURST)
+        """A request arrived: it counts towards the share that may be retried."""
+        if self.single:
+            return
+        self._roll()
+        self._requests[1] += 1
 
     def may_retry(self) -> bool:
-        """Spend a retry from the budget, if one is left."""
-        if self._retry_tokens < 1.0:
+        """Take a retry from the budget, if one is left: retries over the last 10 to 20
+        seconds stay under ``retry_budget`` times the requests, plus a burst of 10."""
+        self._roll()
+        requests, retries = sum(self._requests), sum(self._retries)
+        if retries >= RETRY_BURST + self.settings.retry_budget * requests:
             return False
-        self._retry_tokens -= 1.0
+        self._retries[1] += 1
         return True
+
+    def _roll(self) -> None:
+        # Two windows of RETRY_WINDOW seconds: the one filling and the one before it.
+        now = time.monotonic()
+        if now - self._window_start >= RETRY_WINDOW:
+            stale = now - self._window_start >= 2 * RETRY_WINDOW
+            self._requests = [0 if stale else self._requests[1], 0]
+            self._retries = [0 if stale else self._retries[1], 0]
+            self._window_start = now
 
     def succeeded(self, replica: Replica) -> None:
         replica.failures = 0
@@ -369,8 +389,13 @@ class Router:
                 replica.ejections = 0
 
     def failed(self, group: Group, replica: Replica, exc: BaseException | None = None) -> None:
-        """A timeout, a 5xx or a connection failure; a refused connection ejects at once."""
+        """A timeout, a 5xx or a connection failure; a refused connection ejects at once.
+
+        A failure of the gateway's own (out of file descriptors, of local ports, of buffers)
+        says nothing of the replica and does not count."""
         if self.single:
+            return
+        if isinstance(exc, ConnectFailed) and exc.os_error.errno in LOCAL_ERRNOS:
             return
         replica.failures += 1
         refused = isinstance(exc, ConnectFailed | ConnectTimeout)
