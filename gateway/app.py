@@ -26,7 +26,7 @@ from gateway.cors import Cors
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
 from gateway.fleet import load_backends_file
 from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, health
-from gateway.metrics import KnownModels, Metrics, MetricsEndpoint
+from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
 from gateway.routes import ROUTES
@@ -67,7 +67,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     for group in router.groups:  # shown at 0 from the start
         metrics.retries.labels(group.name)
         metrics.failovers.labels(group.name)
-    metrics.fleet = router.collector()
+    metrics.fleet = FleetCollector(router)
     metrics.registry.register(metrics.fleet)
     router.on_models = known_models.update
     access_log = AccessLog() if settings.access_log else None

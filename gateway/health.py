@@ -14,7 +14,7 @@ from adapters.base import Readiness
 from gateway.auth import Authenticator
 from gateway.client import ReadTimeout
 from gateway.errors import BackendUnavailable, BackendUnreachable, GatewayError
-from gateway.routing import EJECTED, LOADING, READY, Router
+from gateway.routing import EJECTED, LOADING, READY, Router, health_status
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 
 JSON = "application/json"
@@ -99,13 +99,8 @@ class ReadyEndpoint:
         """Probe the one backend's replica, raising the reason it is not ready."""
         group = self.router.default
         backend = group.backend
-        headers = backend.own_headers()
-        pool = group.replicas[0].upstream.pool
         try:
-            status, _ = await pool.fetch("GET", backend.adapter.health_path, headers, self.timeout)
-            fallback = backend.adapter.health_fallback_path
-            if status == 404 and fallback is not None:
-                status, _ = await pool.fetch("GET", fallback, headers, self.timeout)
+            status = await health_status(backend, group.replicas[0], self.timeout)
         except UPSTREAM_ERRORS as exc:
             error = before_response_error(exc, self.router.settings)
             if isinstance(error, BackendUnreachable):

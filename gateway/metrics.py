@@ -11,10 +11,12 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 from starlette.requests import Request
@@ -22,6 +24,7 @@ from starlette.responses import Response
 
 from gateway.errors import AuthenticationFailed
 from gateway.exchange import Exchange
+from gateway.routing import EJECTED, LOADING, READY, Router
 
 logger = logging.getLogger("gateway.metrics")
 
@@ -221,3 +224,38 @@ class MetricsEndpoint:
                 error = AuthenticationFailed("/metrics needs the metrics token", code="invalid_metrics_token")
                 return Response(error.body(), status_code=401, media_type="application/json")
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+class FleetCollector(Collector):
+    """Replica state for /metrics, read from the router when scraped: nothing on the hot path."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["backend", "replica"]
+        in_flight = GaugeMetricFamily(
+            "gateway_replica_in_flight_requests",
+            "Requests (streams included) a replica is answering.",
+            labels=labels,
+        )
+        picks = CounterMetricFamily("gateway_replica_picks", "Attempts sent to a replica.", labels=labels)
+        ejections = CounterMetricFamily(
+            "gateway_replica_ejections", "Times a replica was ejected.", labels=labels
+        )
+        state = GaugeMetricFamily(
+            "gateway_replica_state",
+            "1 for the replica's state: ready, ejected, loading.",
+            labels=[*labels, "state"],
+        )
+        now = time.monotonic()
+        for group in self.router.groups:
+            for replica in group.replicas:
+                values = [group.name, replica.url]
+                in_flight.add_metric(values, replica.in_flight)
+                picks.add_metric(values, replica.picks)
+                ejections.add_metric(values, replica.ejected_total)
+                current = replica.state(now)
+                for name in (READY, EJECTED, LOADING):
+                    state.add_metric([*values, name], 1.0 if name == current else 0.0)
+        return [in_flight, picks, ejections, state]

@@ -37,8 +37,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from adapters import ADAPTERS
 from adapters.base import Readiness
@@ -96,7 +94,7 @@ class Replica:
             return LOADING
         return READY
 
-    def available(self, now: float | None = None) -> bool:
+    def available(self) -> bool:
         return not self.ejected and not self.loading
 
     def load(self, now: float, slow_start: float) -> float:
@@ -167,7 +165,6 @@ class Router:
         self._opened = False
         self._background: set[asyncio.Task[None]] = set()
         self.default = groups[0]
-        self.by_name: dict[str, Group] = {}
         self._set_groups(groups)
 
     @classmethod
@@ -203,7 +200,6 @@ class Router:
     def _set_groups(self, groups: list[Group]) -> None:
         defaults = [group for group in groups if group.default]
         self.default = defaults[0] if defaults else groups[0]
-        self.by_name = {group.name: group for group in groups}
         self.groups = groups
         self.rebuild()
 
@@ -252,8 +248,7 @@ class Router:
         if not group.replicas:
             return  # none yet (discovery): asked again once one is there
         headers = group.backend.own_headers()
-        now = time.monotonic()
-        replicas = sorted(group.replicas, key=lambda r: not r.available(now))
+        replicas = sorted(group.replicas, key=lambda r: not r.available())
         for replica in replicas:
             try:
                 status, body = await replica.upstream.pool.fetch("GET", "/v1/models", headers, seconds=10)
@@ -314,7 +309,7 @@ class Router:
         untried = [(g, r) for g in groups for r in g.replicas if r not in tried] if tried else None
         if untried is None:
             untried = [(g, r) for g in groups for r in g.replicas]
-        ready = [pair for pair in untried if not (pair[1].ejected or pair[1].loading)]
+        ready = [pair for pair in untried if pair[1].available()]
         if ready:
             chosen = ready[0] if len(ready) == 1 else self._balance(ready)
         elif untried:
@@ -419,19 +414,13 @@ class Router:
 
     async def probe(self, group: Group, replica: Replica, seconds: float) -> Readiness | None:
         """Ask ``replica`` whether it is ready; None when it did not answer."""
-        backend = group.backend
-        headers = backend.own_headers()
-        pool = replica.upstream.pool
         now = time.monotonic()
         try:
-            status, _ = await pool.fetch("GET", backend.adapter.health_path, headers, seconds)
-            fallback = backend.adapter.health_fallback_path
-            if status == 404 and fallback is not None:
-                status, _ = await pool.fetch("GET", fallback, headers, seconds)
+            status = await health_status(group.backend, replica, seconds)
         except UPSTREAM_ERRORS as exc:
             replica.last_probe, replica.last_probe_at = f"failed: {type(exc).__name__}", now
             return None
-        state = backend.adapter.readiness(status)
+        state = group.backend.adapter.readiness(status)
         replica.last_probe, replica.last_probe_at = f"{state.value} ({status})", now
         return state
 
@@ -545,7 +534,7 @@ class Router:
                 replica = self._replica(group, url)
                 if self._opened:
                     await replica.upstream.open()
-                # A new replica is probed first, as one back from ejection would be.
+                # A new replica ramps up, as one back from ejection does.
                 replica.ramp_from = time.monotonic()
             replica.weight = group.weight
             replicas.append(replica)
@@ -596,9 +585,6 @@ class Router:
                 await self._discover(group)
         logger.info("backends reloaded: %s", ", ".join(group.name for group in groups))
 
-    def collector(self) -> FleetCollector:
-        return FleetCollector(self)
-
     def describe(self) -> list[dict[str, object]]:
         """Every backend and replica as it stands, for /admin/backends."""
         now = time.monotonic()
@@ -632,6 +618,18 @@ class Router:
         ]
 
 
+async def health_status(backend: Backend, replica: Replica, seconds: float) -> int:
+    """The status of the runtime's readiness route (the adapter's, or its fallback where the
+    server answers 404 to it). Raises what the pool raises."""
+    headers = backend.own_headers()
+    pool = replica.upstream.pool
+    status, _ = await pool.fetch("GET", backend.adapter.health_path, headers, seconds)
+    fallback = backend.adapter.health_fallback_path
+    if status == 404 and fallback is not None:
+        status, _ = await pool.fetch("GET", fallback, headers, seconds)
+    return status
+
+
 async def resolve(host: str, port: int) -> list[str]:
     found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in found]
@@ -651,38 +649,3 @@ def group_from_config(config: BackendConfig) -> Group:
         default=config.default,
         config=config,
     )
-
-
-class FleetCollector(Collector):
-    """Replica state for /metrics, read from the router when scraped: nothing on the hot path."""
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-
-    def collect(self) -> Iterable[Metric]:
-        labels = ["backend", "replica"]
-        in_flight = GaugeMetricFamily(
-            "gateway_replica_in_flight_requests",
-            "Requests (streams included) a replica is answering.",
-            labels=labels,
-        )
-        picks = CounterMetricFamily("gateway_replica_picks", "Attempts sent to a replica.", labels=labels)
-        ejections = CounterMetricFamily(
-            "gateway_replica_ejections", "Times a replica was ejected.", labels=labels
-        )
-        state = GaugeMetricFamily(
-            "gateway_replica_state",
-            "1 for the replica's state: ready, ejected, loading.",
-            labels=[*labels, "state"],
-        )
-        now = time.monotonic()
-        for group in self.router.groups:
-            for replica in group.replicas:
-                values = [group.name, replica.url]
-                in_flight.add_metric(values, replica.in_flight)
-                picks.add_metric(values, replica.picks)
-                ejections.add_metric(values, replica.ejected_total)
-                current = replica.state(now)
-                for name in (READY, EJECTED, LOADING):
-                    state.add_metric([*values, name], 1.0 if name == current else 0.0)
-        return [in_flight, picks, ejections, state]

@@ -20,8 +20,7 @@ from pydantic_settings import (
 )
 
 from adapters import ADAPTERS
-from gateway.client import Origin
-from gateway.fleet import BackendConfig, load_backends_file, parse_backends
+from gateway.fleet import BackendConfig, load_backends_file, normalise_url, parse_backends
 
 MiB = 1024 * 1024
 
@@ -298,13 +297,7 @@ class Settings(BaseSettings):
     def _normalise_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        url = value.strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"backend URL must start with http:// or https://, got {value!r}")
-        if url.endswith("/v1"):
-            url = url[: -len("/v1")]
-        Origin.from_url(url)  # a host and, if given, a valid port
-        return url
+        return normalise_url(value)
 
     @field_validator("backend_api_key")
     @classmethod
