@@ -353,7 +353,10 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = None
+        """Made when the connection is: it holds this object's methods, a cycle that the
+        connection's end breaks, so that a closed connection is freed at once and never
+        waits for a full collection."""
         self.response: Response | None = None
         self.idle_since = 0.0
         self._closed = False
@@ -373,12 +376,14 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have the methods without being asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
+        self.parser = httptools.HttpResponseParser(self)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         response = self.response
-        if response is None or self._ended:
+        parser = self.parser
+        if response is None or self._ended or parser is None:
             # Bytes nobody asked for: this connection cannot be trusted with a request.
             self.close()
             return
@@ -388,7 +393,7 @@ class Connection(asyncio.Protocol):
         if head:
             self._head_bytes += len(data)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             response.fail(BadResponse("the backend switched protocols"))
             self.close()
@@ -422,6 +427,8 @@ class Connection(asyncio.Protocol):
         response = self.response
         if response is not None:
             response.connection_lost()
+        self.parser = None
+        self.transport = None
 
     def pause_writing(self) -> None:
         if self._write_ready is None or self._write_ready.done():
@@ -455,6 +462,7 @@ class Connection(asyncio.Protocol):
         self._in_head = False
         response = self.response
         assert response is not None
+        assert self.parser is not None
         status = self.parser.get_status_code()
         if not 100 <= status <= 599:
             raise _Refused(f"the backend answered with status {status}, outside 100-599")
@@ -476,7 +484,7 @@ class Connection(asyncio.Protocol):
         if self._head_only:
             self._head_only = False
             return
-        if self._ended or response is None:
+        if self._ended or response is None or self.parser is None:
             raise _Poisoned
         if response._head:
             self._ended = True

@@ -55,14 +55,20 @@ def run(settings: Settings) -> int:
 
 
 def tune_garbage_collector() -> None:
-    """Fewer, cheaper collections: the objects made at start-up are frozen out of the
-    collector's sight, and young collections run less often. Each request allocates a few
-    hundred short-lived objects; with the default thresholds, a thousand open streams meant
-    full collections every few seconds, each a pause that every stream's next chunk waited
-    behind."""
+    """Short, rare pauses: every open stream's next chunk waits behind a collection.
+
+    The objects made at start-up are frozen out of the collector's sight. A young
+    collection costs about a microsecond per object it finds alive, and an open stream
+    keeps about ninety alive: with 1,000 new objects a young collection pauses about a
+    millisecond, and the middle one (20 of those) about 20 ms. A full collection walks every
+    live object, 400-500 ms with 5,000 open streams in a process: Python starts one each
+    time the survivors grow by a quarter (every few seconds while streams pile up); after
+    1,000 middle ones it is rare. A request makes no reference cycles, so almost nothing
+    waits for a full collection to be freed.
+    """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(1_000, 20, 1_000)
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
@@ -122,7 +128,9 @@ def worker_app() -> Starlette:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return create_app(settings)
+    app = create_app(settings)
+    tune_garbage_collector()
+    return app
 
 
 def _settings_json(settings: Settings) -> str:

@@ -84,3 +84,24 @@ def test_open_gateway_says_so_at_start_up(fake: Fake) -> None:
     stderr = stop(process, signal.SIGINT)
     assert process.returncode == 0
     assert "no API keys configured" in stderr
+
+
+def test_a_worker_process_tunes_its_collector_as_a_single_process_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each worker builds its own app: without this, its collector keeps Python's defaults
+    # and pauses every open stream for hundreds of ms while streams pile up.
+    import gc
+
+    from gateway.server import WORKER_SETTINGS, _settings_json, worker_app
+
+    monkeypatch.setenv(WORKER_SETTINGS, _settings_json(Settings(backend_url="http://127.0.0.1:9")))
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        worker_app()
+        assert gc.get_threshold() == (1_000, 20, 1_000)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
