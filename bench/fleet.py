@@ -11,8 +11,9 @@
   clients see (target: none);
 - paced streams (10,000 in the full run, started over 10 s, a chunk a second for 30 s
   each) through 4 replicas,
-  against nginx balancing the same 4: errors, p99 lateness, the gateway's peak memory
-  (targets: no errors, nginx's p99 + 10 ms, under 1 GB).
+  against nginx balancing the same 4: errors, p99 lateness over the whole run and while
+  all are open, the gateway's peak memory (targets: no errors, nginx's p99 + 10 ms while
+  all are open, under 1 GB).
 """
 
 from __future__ import annotations
@@ -295,13 +296,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         )
     )
     gw, ng = results["paced"]["gateway"], results["paced"]["nginx"]
-    extra = gw["late_p99_ms"] - ng["late_p99_ms"]
+    extra = gw["all_open_p99_ms"] - ng["all_open_p99_ms"]
     rows.append(
         (
-            f"{gw['streams']:,} paced streams through 4 replicas: no errors, p99 lateness at most "
-            f"nginx's + 10 ms, peak RSS < 1 GB (gateway: {gw.get('workers', 1)} worker(s))",
-            f"{gw['errors']} errors (nginx {ng['errors']}), p99 {gw['late_p99_ms']:.1f} ms against "
-            f"{ng['late_p99_ms']:.1f} ms, {gw['peak_rss_mb']} MB",
+            f"{gw['streams']:,} paced streams through 4 replicas: no errors, p99 lateness while all are "
+            f"open at most nginx's + 10 ms, peak RSS < 1 GB (gateway: {gw.get('workers', 1)} worker(s))",
+            f"{gw['errors']} errors (nginx {ng['errors']}), p99 {gw['all_open_p99_ms']:.1f} ms against "
+            f"{ng['all_open_p99_ms']:.1f} ms over {gw['all_open_seconds']:.0f} s with all open (whole run, "
+            f"starts included: {gw['late_p99_ms']:.1f} against {ng['late_p99_ms']:.1f} ms), "
+            f"{gw['peak_rss_mb']} MB",
             gw["errors"] == 0 and extra <= 10 and gw["peak_rss_mb"] < 1024,
         )
     )
@@ -324,11 +327,16 @@ def report(results: dict[str, Any]) -> str:
                 f"| {label} | {path} | {figures['rps']:,.0f} | {figures['p50_ms']:.2f} | "
                 f"{figures['p99_ms']:.2f} | {figures['errors']} | {'-' if cpu is None else f'{cpu:.0f}'} |"
             )
-    lines += ["", "| paced streams | errors | lateness p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| paced streams | errors | lateness p50 ms | p99 ms | max ms | all open: p50 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for path, figures in results["paced"].items():
         lines.append(
             f"| {path} ({figures['streams']:,} streams) | {figures['errors']} | {figures['late_p50_ms']} | "
-            f"{figures['late_p99_ms']} | {figures['late_max_ms']} |"
+            f"{figures['late_p99_ms']} | {figures['late_max_ms']} | {figures['all_open_p50_ms']} | "
+            f"{figures['all_open_p99_ms']} | {figures['all_open_max_ms']} |"
         )
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for target, measured, met in targets(results):
