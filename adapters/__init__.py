@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapters import llamacpp, localai, ollama, openai, sglang, tgi, vllm
+from adapters import basert, llamacpp, localai, ollama, openai, sglang, textgen, tgi, vllm
 from adapters.base import Adapter
 
 ADAPTERS: dict[str, Adapter] = {
@@ -16,6 +16,8 @@ ADAPTERS: dict[str, Adapter] = {
         llamacpp.ADAPTER,
         llamacpp.PYTHON,
         localai.ADAPTER,
+        textgen.ADAPTER,
+        basert.ADAPTER,
     )
 }
 

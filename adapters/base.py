@@ -6,9 +6,10 @@ proxy, so a runtime's quirks live in one file each.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 # Route names: the gateway's vocabulary for what a client may ask of a backend.
 MODELS = "models"
@@ -30,12 +31,64 @@ IMAGES = "images_generations"
 MODERATIONS = "moderations"
 LOAD_LORA = "load_lora_adapter"
 UNLOAD_LORA = "unload_lora_adapter"
+# Files and batches.
+FILE_UPLOAD = "file_upload"  # POST /v1/files (multipart)
+FILE_LIST = "file_list"
+FILE = "file"  # GET /v1/files/{id}
+FILE_DELETE = "file_delete"
+FILE_CONTENT = "file_content"
+BATCH_CREATE = "batch_create"
+BATCH_LIST = "batch_list"
+BATCH = "batch"  # GET /v1/batches/{id}
+BATCH_CANCEL = "batch_cancel"
+# The operators' model management (admin keys), mapped to each runtime's own way.
+MODEL_LOAD = "model_load"
+MODEL_UNLOAD = "model_unload"
+LORA_LOAD = "lora_load"
+LORA_UNLOAD = "lora_unload"
+# text-generation-webui's own routes (/v1/internal/...).
+INTERNAL_ENCODE = "internal_encode"
+INTERNAL_DECODE = "internal_decode"
+INTERNAL_TOKEN_COUNT = "internal_token_count"
+INTERNAL_LOGITS = "internal_logits"
+INTERNAL_CHAT_PROMPT = "internal_chat_prompt"
+INTERNAL_STOP = "internal_stop_generation"
+INTERNAL_MODEL_INFO = "internal_model_info"
+INTERNAL_MODEL_LIST = "internal_model_list"
+INTERNAL_MODEL_LOAD = "internal_model_load"
+INTERNAL_MODEL_UNLOAD = "internal_model_unload"
+INTERNAL_LORA_LIST = "internal_lora_list"
+INTERNAL_LORA_LOAD = "internal_lora_load"
+INTERNAL_LORA_UNLOAD = "internal_lora_unload"
 
 CORE_ROUTES = frozenset({MODELS, MODEL, CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS})
 LORA_ROUTES = frozenset({LOAD_LORA, UNLOAD_LORA})
+FILE_ROUTES = frozenset({FILE_UPLOAD, FILE_LIST, FILE, FILE_DELETE, FILE_CONTENT})
+BATCH_ROUTES = frozenset({BATCH_CREATE, BATCH_LIST, BATCH, BATCH_CANCEL})
+MANAGEMENT_ROUTES = frozenset({MODEL_LOAD, MODEL_UNLOAD, LORA_LOAD, LORA_UNLOAD})
+TEXTGEN_ROUTES = frozenset(
+    {
+        INTERNAL_ENCODE,
+        INTERNAL_DECODE,
+        INTERNAL_TOKEN_COUNT,
+        INTERNAL_LOGITS,
+        INTERNAL_CHAT_PROMPT,
+        INTERNAL_STOP,
+        INTERNAL_MODEL_INFO,
+        INTERNAL_MODEL_LIST,
+        INTERNAL_MODEL_LOAD,
+        INTERNAL_MODEL_UNLOAD,
+        INTERNAL_LORA_LIST,
+        INTERNAL_LORA_LOAD,
+        INTERNAL_LORA_UNLOAD,
+    }
+)
 ALL_ROUTES = (
     CORE_ROUTES
     | LORA_ROUTES
+    | FILE_ROUTES
+    | BATCH_ROUTES
+    | MANAGEMENT_ROUTES
     | {
         RESPONSES,
         RESPONSE,
@@ -53,6 +106,10 @@ ALL_ROUTES = (
 )
 
 
+Rewrite = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+"""A request body in the gateway's shape to the runtime's (``None``: the runtime takes none)."""
+
+
 class Readiness(Enum):
     READY = "ready"
     LOADING = "loading"
@@ -66,12 +123,16 @@ class Adapter:
     ``routes`` are the gateway routes it serves (others answer 501, except ``/v1/models/{id}``,
     which is answered from the model list). ``paths`` maps a route name to the runtime's own
     path where it differs from the gateway's; the query string is kept either way.
-    ``health_path`` is probed by ``/ready``.
+    ``health_path`` is probed by ``/ready``. ``rewrites`` turn a JSON body in the gateway's
+    shape into the runtime's for routes the runtime spells its own way (model management).
     """
 
     name: str
     routes: frozenset[str]
     paths: Mapping[str, str] = field(default_factory=dict)
+    rewrites: Mapping[str, Rewrite] = field(default_factory=dict)
+    metrics_path: str | None = None
+    """The runtime's own Prometheus metrics, shown to operators through the gateway."""
     health_path: str = "/health"
     health_fallback_path: str | None = None
     """Probed instead when ``health_path`` answers 404 (a server of the family without it)."""

@@ -22,6 +22,7 @@ ADAPTER = Adapter(
     paths={r.TOKENIZE: "/tokenize", r.DETOKENIZE: "/detokenize"},
     health_path="/health",
     health_fallback_path="/v1/models",
+    metrics_path="/metrics",
 )
 
 PYTHON = Adapter(

@@ -5,16 +5,36 @@
 - ``/readyz`` answers 503 while models preload; requests for a loading model get 503 with
   ``Retry-After``.
 - Errors are ``{"error": {"code", "message", "type"}}``, ``type`` often empty.
+- Model management: ``/v1/models/load`` installs from its gallery (``/models/apply``, the
+  model's name as ``id``, which answers a job to poll); ``/v1/models/unload`` stops the
+  model's backend (``/backend/shutdown``). No runtime LoRA loading.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from adapters import base as r
 from adapters.base import Adapter
+
+
+def apply_model(body: dict[str, Any]) -> dict[str, Any]:
+    """``/models/apply`` installs a model from its gallery by ``id`` (other fields kept)."""
+    rest = {name: value for name, value in body.items() if name != "model"}
+    return {**rest, "id": body["model"]}
+
+
+def shutdown_model(body: dict[str, Any]) -> dict[str, Any]:
+    return {"model": body["model"]}
+
 
 ADAPTER = Adapter(
     name="localai",
     routes=r.CORE_ROUTES - {r.MODEL}
-    | {r.RESPONSES, r.RERANK, r.TRANSCRIPTIONS, r.SPEECH, r.IMAGES, r.MODERATIONS, r.TOKENIZE},
+    | {r.RESPONSES, r.RERANK, r.TRANSCRIPTIONS, r.SPEECH, r.IMAGES, r.MODERATIONS, r.TOKENIZE}
+    | {r.MODEL_LOAD, r.MODEL_UNLOAD},
+    paths={r.MODEL_LOAD: "/models/apply", r.MODEL_UNLOAD: "/backend/shutdown"},
+    rewrites={r.MODEL_LOAD: apply_model, r.MODEL_UNLOAD: shutdown_model},
     health_path="/readyz",
+    metrics_path="/metrics",
 )

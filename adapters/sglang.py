@@ -5,7 +5,9 @@
   opens (before that, connections are refused).
 - Errors are **flat**: ``{"object": "error", "message", "type", "param", "code"}``; the
   gateway nests them into the OpenAI shape.
-- LoRA load/unload at the root: ``/load_lora_adapter``, ``/unload_lora_adapter``.
+- LoRA load/unload at the root: ``/load_lora_adapter``, ``/unload_lora_adapter`` (also
+  reached by ``/v1/lora/load`` and ``/unload``). Its weight-update routes are never reachable.
+- ``/metrics`` with ``--enable-metrics``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ ADAPTER = Adapter(
         r.TOKENIZE,
         r.DETOKENIZE,
         r.TRANSCRIPTIONS,
+    }
+    | {r.LORA_LOAD, r.LORA_UNLOAD},
+    paths={
+        r.LOAD_LORA: "/load_lora_adapter",
+        r.UNLOAD_LORA: "/unload_lora_adapter",
+        r.LORA_LOAD: "/load_lora_adapter",
+        r.LORA_UNLOAD: "/unload_lora_adapter",
     },
-    paths={r.LOAD_LORA: "/load_lora_adapter", r.UNLOAD_LORA: "/unload_lora_adapter"},
     health_path="/health",
+    metrics_path="/metrics",
 )

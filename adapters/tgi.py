@@ -18,5 +18,6 @@ ADAPTER = Adapter(
     routes=frozenset({r.MODELS, r.CHAT_COMPLETIONS, r.COMPLETIONS, r.TOKENIZE}),
     paths={r.TOKENIZE: "/tokenize"},
     health_path="/health",
+    metrics_path="/metrics",
     loading_statuses=frozenset(),
 )

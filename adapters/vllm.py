@@ -5,7 +5,10 @@
 - ``/health`` answers 200 once the engine runs and 503 when it has died; while weights load
   the socket refuses connections, so "refused" means loading as often as down.
 - Errors are OpenAI-shaped, except unregistered routes (FastAPI's ``{"detail": ...}``).
-- LoRA load/unload at ``/v1/load_lora_adapter`` (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+- LoRA load/unload at ``/v1/load_lora_adapter`` (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING),
+  which ``/v1/lora/load`` and ``/unload`` reach with the same body; no model loading (one
+  model a server).
+- ``/metrics`` (Prometheus, no auth).
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ ADAPTER = Adapter(
         r.DETOKENIZE,
         r.TRANSCRIPTIONS,
         r.TRANSLATIONS,
+    }
+    | {r.LORA_LOAD, r.LORA_UNLOAD},
+    paths={
+        r.TOKENIZE: "/tokenize",
+        r.DETOKENIZE: "/detokenize",
+        r.LORA_LOAD: "/v1/load_lora_adapter",
+        r.LORA_UNLOAD: "/v1/unload_lora_adapter",
     },
-    paths={r.TOKENIZE: "/tokenize", r.DETOKENIZE: "/detokenize"},
     health_path="/health",
+    metrics_path="/metrics",
     loading_statuses=frozenset(),
 )

@@ -25,7 +25,7 @@ from gateway.backend import Backend
 from gateway.cors import Cors
 from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
 from gateway.fleet import load_backends_file
-from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, health
+from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, RuntimeMetrics, health
 from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
@@ -104,10 +104,19 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     routes: list[BaseRoute] = [
         Route(spec.path, endpoint, methods=list(spec.methods)) for spec, endpoint in endpoints.items()
     ]
+    # Without admin keys an admin route is 404 like any unknown one, not the 405 of a route
+    # whose path it shares (POST /v1/models/load against GET /v1/models/{model}).
+    routes += [
+        Route(spec.path, _no_route, methods=list(spec.methods)) for spec in ROUTES if spec not in endpoints
+    ]
     routes.append(Route("/health", health, methods=["GET"]))
     routes.append(Route("/ready", ready.endpoint, methods=["GET"]))
     if admin.enabled:
         routes.append(Route("/admin/backends", AdminBackends(router, admin).endpoint, methods=["GET"]))
+    if admin.enabled or settings.metrics_token is not None:
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        runtime_metrics = RuntimeMetrics(router, admin, token, settings.ready_timeout)
+        routes.append(Route("/admin/backends/{name}/metrics", runtime_metrics.endpoint, methods=["GET"]))
     if settings.metrics_port is None:
         routes.append(
             Route("/metrics", MetricsEndpoint(metrics, settings.metrics_token).endpoint, methods=["GET"])
@@ -232,6 +241,12 @@ def _render(error: GatewayError, headers: dict[str, str] | None = None) -> Respo
         status_code=error.status,
         headers={**error.headers, **(headers or {})},
         media_type="application/json",
+    )
+
+
+async def _no_route(request: Request) -> Response:
+    return _render(
+        NotFound(f"no route {request.url.path}: the gateway forwards only the OpenAI API routes it lists")
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Callable
 
@@ -13,11 +14,19 @@ from starlette.responses import Response
 from adapters.base import Readiness
 from gateway.auth import Authenticator
 from gateway.client import ReadTimeout
-from gateway.errors import BackendUnavailable, BackendUnreachable, GatewayError
-from gateway.routing import EJECTED, LOADING, READY, Router, health_status
+from gateway.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    BackendUnreachable,
+    GatewayError,
+    NotFound,
+    Unsupported,
+)
+from gateway.routing import EJECTED, LOADING, READY, Replica, Router, health_status
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 
 JSON = "application/json"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def health(request: Request) -> Response:
@@ -136,3 +145,66 @@ class AdminBackends:
             return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
         body = {"object": "list", "data": self.router.describe()}
         return Response(orjson.dumps(body), media_type=JSON)
+
+
+class RuntimeMetrics:
+    """``GET /admin/backends/{name}/metrics``: a runtime's own Prometheus metrics, for
+    operators (admin keys, or the metrics token), never for client keys.
+
+    From the replica ``?replica=N`` (0 first, the order of ``/admin/backends``), else the
+    first one that is not ejected. Capped at ``--backend-max-read-bytes``.
+    """
+
+    def __init__(
+        self, router: Router, admin: Authenticator, metrics_token: str | None, timeout: float
+    ) -> None:
+        self.router = router
+        self.admin = admin
+        self.token = f"Bearer {metrics_token}".encode() if metrics_token else None
+        self.timeout = timeout
+
+    async def endpoint(self, request: Request) -> Response:
+        try:
+            self._authenticate(request)
+            group = self.router.group(request.path_params["name"])
+            if group is None:
+                raise NotFound(
+                    f"no backend named {request.path_params['name'][:256]!r}", code="backend_not_found"
+                )
+            path = group.backend.adapter.metrics_path
+            if path is None:
+                raise Unsupported(f"the {group.name} backend has no metrics route", code="unsupported_route")
+            replica = self._replica(group.replicas, request.query_params.get("replica"))
+            try:
+                status, body = await replica.upstream.pool.fetch(
+                    "GET", path, group.backend.own_headers(), self.timeout
+                )
+            except UPSTREAM_ERRORS as exc:
+                raise before_response_error(exc, self.router.settings) from None
+        except GatewayError as exc:
+            return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
+        headers = {"x-gateway-backend": group.name}
+        return Response(body, status_code=status, headers=headers, media_type=PROMETHEUS_TEXT)
+
+    def _authenticate(self, request: Request) -> None:
+        authorization = request.headers.get("authorization", "").encode("latin-1")
+        if self.token is not None and hmac.compare_digest(authorization, self.token):
+            return
+        if not self.admin.enabled:
+            raise AuthenticationFailed("this route needs the metrics token", code="invalid_metrics_token")
+        self.admin.authenticate(
+            authorization or None, request.headers.get("x-api-key", "").encode("latin-1") or None
+        )
+
+    @staticmethod
+    def _replica(replicas: list[Replica], asked: str | None) -> Replica:
+        if asked is not None:
+            if not asked.isdigit() or int(asked) >= len(replicas):
+                raise NotFound(f"no replica {asked[:32]!r}: {len(replicas)} known", code="replica_not_found")
+            return replicas[int(asked)]
+        for replica in replicas:
+            if not replica.ejected:
+                return replica
+        if not replicas:
+            raise BackendUnavailable("no replica of this backend is known yet")
+        return replicas[0]

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import orjson
 
 from adapters import normalise
-from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MODEL, MODELS, RESPONSES
+from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MANAGEMENT_ROUTES, MODEL, MODELS, RESPONSES, Rewrite
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
@@ -29,6 +29,7 @@ from gateway.errors import (
     BackendError,
     BackendUnavailable,
     GatewayError,
+    InvalidRequest,
     NotFound,
     Unsupported,
     sse_error_event,
@@ -88,6 +89,9 @@ class ProxyEndpoint:
         self.max_body = settings.max_body_bytes
         self.max_read_bytes = settings.backend_max_read_bytes
         self.idle_timeout = settings.stream_idle_timeout
+        self.management = route.name in MANAGEMENT_ROUTES
+        """Model management: sent to a backend named in the body, else by model, else the
+        default one; the body is put in the runtime's own shape."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = split_request_headers(scope["headers"])
@@ -145,6 +149,11 @@ class ProxyEndpoint:
                 model = parsed.get("model")
                 if isinstance(model, str):
                     exchange.model = model[:MAX_MODEL_NAME]
+                for name in route.required:
+                    if not isinstance(parsed.get(name), str) or not parsed[name]:
+                        raise InvalidRequest(
+                            f"{route.path} needs {name!r}, a non-empty string", code="missing_field"
+                        )
                 if limiter is not None and limits.tokens:
                     generated = self.default_max_tokens if route.name in GENERATING else 0
                     wanted = estimate_tokens(len(body), requested_max_tokens(parsed, generated))
@@ -164,6 +173,10 @@ class ProxyEndpoint:
                         exchange.model = model[:MAX_MODEL_NAME]
             if router.single:
                 groups = [router.default]
+            elif self.management:
+                assert parsed is not None
+                groups = [await self._management_group(parsed)]
+                self._check_served(groups[0])
             else:
                 named = parsed.get("model") if parsed is not None else exchange.model
                 groups = await router.groups_for(named if isinstance(named, str) else None)
@@ -225,6 +238,21 @@ class ProxyEndpoint:
             if watcher is not None:
                 watcher.cancel()
 
+    async def _management_group(self, parsed: dict[str, Any]) -> Group:
+        named = parsed.get("backend")
+        if named is not None:
+            group = self.router.group(named) if isinstance(named, str) else None
+            if group is None:
+                raise NotFound(f"no backend named {str(named)[:MAX_MODEL_NAME]!r}", code="backend_not_found")
+            return group
+        model = parsed.get("model")
+        if isinstance(model, str):
+            try:
+                return (await self.router.groups_for(model))[0]
+            except NotFound:
+                pass  # a model to load is in no list yet
+        return self.router.default
+
     def _fixed_target(self, group: Group) -> str | None:
         kind = group.backend.adapter.name
         try:
@@ -275,7 +303,10 @@ class ProxyEndpoint:
                 backend = group.backend
                 headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
                 payload = body
-                if parsed is not None and group.aliases:
+                if self.management:
+                    assert parsed is not None
+                    payload = _management_body(parsed, backend.adapter.rewrites.get(self.route.name))
+                elif parsed is not None and group.aliases:
                     model = parsed.get("model")
                     if isinstance(model, str) and model in group.aliases:
                         # The one case where the gateway re-encodes a body: an alias is renamed.
@@ -546,3 +577,10 @@ async def send_error(send: Send, error: GatewayError, exchange: Exchange) -> Non
     headers.extend(exchange.headers_out)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _management_body(parsed: dict[str, Any], rewrite: Rewrite | None) -> bytes:
+    """A model-management body in the runtime's shape, without the gateway's ``backend`` field."""
+    fields = {name: value for name, value in parsed.items() if name != "backend"}
+    shaped = rewrite(fields) if rewrite is not None else fields
+    return b"" if shaped is None else orjson.dumps(shaped)

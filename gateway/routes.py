@@ -24,6 +24,8 @@ class RouteSpec:
     body: Body
     admin: bool = False
     """Served only when admin keys are configured, and only to them."""
+    required: tuple[str, ...] = ()
+    """String fields a JSON body must have (the gateway's own request shapes)."""
 
 
 ROUTES: tuple[RouteSpec, ...] = (
@@ -46,4 +48,30 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(r.MODERATIONS, "/v1/moderations", ("POST",), Body.JSON),
     RouteSpec(r.LOAD_LORA, "/v1/load_lora_adapter", ("POST",), Body.JSON, admin=True),
     RouteSpec(r.UNLOAD_LORA, "/v1/unload_lora_adapter", ("POST",), Body.JSON, admin=True),
+    RouteSpec(r.FILE_UPLOAD, "/v1/files", ("POST",), Body.STREAM),
+    RouteSpec(r.FILE_LIST, "/v1/files", ("GET",), Body.NONE),
+    RouteSpec(r.FILE_CONTENT, "/v1/files/{file_id}/content", ("GET",), Body.NONE),
+    RouteSpec(r.FILE, "/v1/files/{file_id}", ("GET",), Body.NONE),
+    RouteSpec(r.FILE_DELETE, "/v1/files/{file_id}", ("DELETE",), Body.NONE),
+    RouteSpec(r.BATCH_CREATE, "/v1/batches", ("POST",), Body.JSON),
+    RouteSpec(r.BATCH_LIST, "/v1/batches", ("GET",), Body.NONE),
+    RouteSpec(r.BATCH_CANCEL, "/v1/batches/{batch_id}/cancel", ("POST",), Body.STREAM),
+    RouteSpec(r.BATCH, "/v1/batches/{batch_id}", ("GET",), Body.NONE),
+    RouteSpec(r.MODEL_LOAD, "/v1/models/load", ("POST",), Body.JSON, admin=True, required=("model",)),
+    RouteSpec(r.MODEL_UNLOAD, "/v1/models/unload", ("POST",), Body.JSON, admin=True, required=("model",)),
+    RouteSpec(r.LORA_LOAD, "/v1/lora/load", ("POST",), Body.JSON, admin=True, required=("lora_name",)),
+    RouteSpec(r.LORA_UNLOAD, "/v1/lora/unload", ("POST",), Body.JSON, admin=True, required=("lora_name",)),
+    RouteSpec(r.INTERNAL_ENCODE, "/v1/internal/encode", ("POST",), Body.JSON),
+    RouteSpec(r.INTERNAL_DECODE, "/v1/internal/decode", ("POST",), Body.JSON),
+    RouteSpec(r.INTERNAL_TOKEN_COUNT, "/v1/internal/token-count", ("POST",), Body.JSON),
+    RouteSpec(r.INTERNAL_LOGITS, "/v1/internal/logits", ("POST",), Body.JSON),
+    RouteSpec(r.INTERNAL_CHAT_PROMPT, "/v1/internal/chat-prompt", ("POST",), Body.JSON),
+    RouteSpec(r.INTERNAL_STOP, "/v1/internal/stop-generation", ("POST",), Body.STREAM),
+    RouteSpec(r.INTERNAL_MODEL_INFO, "/v1/internal/model/info", ("GET",), Body.NONE),
+    RouteSpec(r.INTERNAL_MODEL_LIST, "/v1/internal/model/list", ("GET",), Body.NONE, admin=True),
+    RouteSpec(r.INTERNAL_MODEL_LOAD, "/v1/internal/model/load", ("POST",), Body.JSON, admin=True),
+    RouteSpec(r.INTERNAL_MODEL_UNLOAD, "/v1/internal/model/unload", ("POST",), Body.STREAM, admin=True),
+    RouteSpec(r.INTERNAL_LORA_LIST, "/v1/internal/lora/list", ("GET",), Body.NONE, admin=True),
+    RouteSpec(r.INTERNAL_LORA_LOAD, "/v1/internal/lora/load", ("POST",), Body.JSON, admin=True),
+    RouteSpec(r.INTERNAL_LORA_UNLOAD, "/v1/internal/lora/unload", ("POST",), Body.STREAM, admin=True),
 )

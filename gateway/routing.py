@@ -212,6 +212,10 @@ class Router:
                 by_model.setdefault(name, []).append(group)
         self._by_model = by_model
 
+    def group(self, name: str) -> Group | None:
+        """A backend by its name."""
+        return next((group for group in self.groups if group.name == name), None)
+
     async def groups_for(self, model: str | None) -> list[Group]:
         """The backends that serve ``model``; the default one for a request naming none."""
         if self.single or model is None:

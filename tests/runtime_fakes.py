@@ -9,7 +9,15 @@ from typing import Any
 from aiohttp import web
 
 FLAVOURS = ("vllm", "sglang", "tgi", "ollama", "llamacpp", "localai")
+SEED_FLAVOURS = ("textgen", "basert")
+"""Servers fronted for their own routes: text-generation-webui's API and basert's serve."""
 MODEL = "org/model-7b"
+MANAGEMENT_PATHS = {
+    "/v1/internal/model/load", "/v1/internal/model/unload", "/v1/internal/lora/load",
+    "/v1/internal/lora/unload", "/v1/models/load", "/v1/models/unload", "/v1/lora/load",
+    "/v1/lora/unload", "/models/apply", "/backend/shutdown", "/api/generate",
+    "/v1/unload_lora_adapter", "/unload_lora_adapter",
+}  # fmt: skip
 
 
 def _chunk(content: str) -> bytes:
@@ -28,6 +36,10 @@ class RuntimeFake:
         self.flavour = flavour
         self.loading = False
         self.paths: list[str] = []
+        self.requests: list[tuple[str, str, bytes]] = []
+        """Method, path and body of each request the catch-all route took."""
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
         self.app = web.Application(client_max_size=1024**3, middlewares=[self._middleware])
         router = self.app.router
         router.add_get("/v1/models", self.models)
@@ -113,6 +125,21 @@ class RuntimeFake:
 
     async def other(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        # A multipart upload is read by its parser, below, not here.
+        body = b"" if path == "/v1/files" else await request.read()
+        self.requests.append((request.method, path, body))
+        if path in MANAGEMENT_PATHS:
+            if self.flavour == "ollama":
+                return web.json_response({"model": MODEL, "response": "", "done": True})
+            return web.json_response("OK")
+        if path.startswith("/v1/internal/") and self.flavour == "textgen":
+            return web.json_response({"route": path.removeprefix("/v1/internal/")})
+        if path == "/metrics" and self.flavour != "ollama":
+            return web.Response(
+                text=f"# TYPE {self.flavour}_requests_running gauge\n{self.flavour}_requests_running 3\n"
+            )
+        if (path.startswith(("/v1/files", "/v1/batches"))) and self.flavour in {"basert", "openai"}:
+            return await self._files_and_batches(request, path)
         if (
             request.method == "GET"
             and path.startswith("/v1/models/")
@@ -140,6 +167,59 @@ class RuntimeFake:
         if self.flavour in {"vllm", "sglang"}:
             return web.json_response({"detail": "Not Found"}, status=404)
         return web.Response(status=404, text="404 page not found")
+
+    async def _files_and_batches(self, request: web.Request, path: str) -> web.StreamResponse:
+        """OpenAI's Files and Batches, in memory."""
+        parts = path.strip("/").split("/")  # v1, files|batches, id?, content|cancel?
+        if parts[1] == "files":
+            if request.method == "POST" and len(parts) == 2:
+                form = await request.post()
+                upload = form["file"]
+                assert isinstance(upload, web.FileField)
+                file_id = f"file-{len(self.files) + 1}"
+                self.files[file_id] = upload.file.read()
+                return web.json_response(self._file(file_id, upload.filename, str(form["purpose"])))
+            if len(parts) == 2:
+                return web.json_response(
+                    {
+                        "object": "list",
+                        "data": [self._file(f, f, "batch") for f in self.files],
+                        "has_more": False,
+                    }
+                )
+            if parts[2] not in self.files:
+                body = {"error": {"message": "No such file", "type": "invalid_request_error", "code": None}}
+                return web.json_response(body, status=404)
+            if len(parts) == 4:
+                return web.Response(body=self.files[parts[2]], content_type="application/octet-stream")
+            if request.method == "DELETE":
+                del self.files[parts[2]]
+                return web.json_response({"id": parts[2], "object": "file", "deleted": True})
+            return web.json_response(self._file(parts[2], parts[2], "batch"))
+        if request.method == "POST" and len(parts) == 2:
+            data = await request.json()
+            batch_id = f"batch-{len(self.batches) + 1}"
+            self.batches[batch_id] = {
+                "id": batch_id, "object": "batch", "endpoint": data["endpoint"],
+                "input_file_id": data["input_file_id"], "completion_window": data["completion_window"],
+                "status": "validating", "created_at": 1,
+            }  # fmt: skip
+            return web.json_response(self.batches[batch_id])
+        if len(parts) == 2:
+            return web.json_response(
+                {"object": "list", "data": list(self.batches.values()), "has_more": False}
+            )
+        batch = self.batches[parts[2]]
+        if len(parts) == 4:
+            batch["status"] = "cancelling"
+        return web.json_response(batch)
+
+    def _file(self, file_id: str, name: str, purpose: str) -> dict[str, Any]:
+        size = len(self.files.get(file_id, b""))
+        return {
+            "id": file_id, "object": "file", "bytes": size, "created_at": 1, "filename": name,
+            "purpose": purpose, "status": "processed",
+        }  # fmt: skip
 
     # The runtimes' own error shapes
 

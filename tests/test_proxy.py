@@ -295,7 +295,7 @@ def test_body_over_the_limit_is_refused(start_gateway: GatewayFactory, fake: Fak
 
 
 def test_unknown_route_is_404_and_never_forwarded(gateway: Gateway, fake: Fake) -> None:
-    for path in ("/v1/unknown", "/secret/admin", "/health/../secret/admin", "/v1/files"):
+    for path in ("/v1/unknown", "/secret/admin", "/health/../secret/admin", "/v1/vector_stores"):
         response = httpx.get(gateway.url + path, headers=AUTH)
         assert response.status_code == 404, path
         assert error_of(response)["type"] == "not_found"
