@@ -144,6 +144,11 @@ class Adapter:
     def serves(self, route: str) -> bool:
         return route in self.routes
 
+    def answers(self, route: str) -> bool:
+        """Whether the gateway answers ``route`` for this runtime: it serves it, or it is
+        ``/v1/models/{id}``, answered from the model list."""
+        return route in self.routes or (route == MODEL and self.normalise)
+
     def readiness(self, status: int) -> Readiness:
         if 200 <= status < 300:
             return Readiness.READY

@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters import llamacpp, vllm
+from gateway import openapi
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
@@ -121,6 +122,23 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         routes.append(
             Route("/metrics", MetricsEndpoint(metrics, settings.metrics_token).endpoint, methods=["GET"])
         )
+    if settings.docs:
+        served = {
+            spec.name
+            for spec in endpoints
+            if any(group.backend.adapter.answers(spec.name) for group in router.groups)
+        }
+        document = openapi.document(
+            endpoints,
+            served.__contains__,
+            auth=auth.enabled,
+            admin=admin.enabled,
+            metrics=settings.metrics_port is None,
+        )
+        docs = openapi.Docs(document)
+        routes.append(Route("/openapi.json", docs.openapi, methods=["GET"]))
+        routes.append(Route("/docs", docs.page, methods=["GET"]))
+        routes.append(Route("/docs/{name}", docs.asset, methods=["GET"]))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -159,8 +177,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     # The hot routes skip Starlette's middleware and route matching: a dict lookup instead.
     for spec, endpoint in endpoints.items():
         if "{" not in spec.path:
-            methods = frozenset(spec.methods) | ({"HEAD"} if "GET" in spec.methods else frozenset())
-            app.fast_routes[spec.path] = (methods, endpoint)
+            methods = app.fast_routes.setdefault(spec.path, {})
+            for method in (*spec.methods, "HEAD") if "GET" in spec.methods else spec.methods:
+                methods[method] = endpoint
     if settings.cors_origins:
         app.cors = Cors(settings.cors_origins, settings.cors_credentials)
     app.state.settings = settings
@@ -201,7 +220,8 @@ class GatewayApp(Starlette):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fast_routes: dict[str, tuple[frozenset[str], ASGIApp]] = {}
+        self.fast_routes: dict[str, dict[str, ASGIApp]] = {}
+        """Path, then method, to the endpoint (GET /v1/files and POST /v1/files differ)."""
         self.cors: Cors | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -221,11 +241,12 @@ class GatewayApp(Starlette):
                         await self.cors.preflight(origin, requested, send)
                         return
                     send = self.cors.wrap(send, origin)
-            route = self.fast_routes.get(scope["path"])
-            if route is not None and scope["method"] in route[0]:
+            methods = self.fast_routes.get(scope["path"])
+            endpoint = methods.get(scope["method"]) if methods is not None else None
+            if endpoint is not None:
                 scope["app"] = self
                 try:
-                    await route[1](scope, receive, send)
+                    await endpoint(scope, receive, send)
                 except Exception:
                     logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
                     error = InternalError("the gateway failed to handle this request")

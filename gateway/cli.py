@@ -17,6 +17,7 @@ FLAG_NAMES = {
     "api_keys": "--api-key",
     "admin_api_keys": "--admin-api-key",
     "access_log": "--no-access-log",
+    "docs": "--no-docs",
     "cors_origins": "--cors-origin",
 }
 REPEATABLE = {"api_keys", "admin_api_keys", "cors_origins"}

@@ -264,8 +264,7 @@ class ProxyEndpoint:
             return target
 
     def _serves(self, group: Group) -> bool:
-        adapter = group.backend.adapter
-        return adapter.serves(self.route.name) or (self.route.name == MODEL and adapter.normalise)
+        return group.backend.adapter.answers(self.route.name)
 
     def _check_served(self, group: Group) -> None:
         if not self._serves(group):

@@ -218,6 +218,9 @@ class Settings(BaseSettings):
         False, description="Let browsers send cookies and HTTP auth with cross-origin calls (CORS)."
     )
     access_log: bool = Field(True, description="Write one JSON line per request to stdout.")
+    docs: bool = Field(
+        True, description="Serve /openapi.json and /docs (Swagger UI from bundled assets, no CDN)."
+    )
     metrics_token: SecretStr | None = Field(
         None, description="Bearer token /metrics requires (default: /metrics is open)."
     )
