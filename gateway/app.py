@@ -139,6 +139,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         routes.append(Route("/openapi.json", docs.openapi, methods=["GET"]))
         routes.append(Route("/docs", docs.page, methods=["GET"]))
         routes.append(Route("/docs/{name}", docs.asset, methods=["GET"]))
+        routes.append(Route("/redoc", docs.elsewhere, methods=["GET"]))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -217,16 +217,18 @@ class Pool:
         target: str,
         headers: list[tuple[bytes, bytes]],
         seconds: float,
+        body: bytes | None = None,
     ) -> tuple[int, bytes]:
-        """A whole small answer, for the gateway's own calls (probes, model lists).
+        """A whole small answer, for the gateway's own calls (probes, model lists, model
+        management on every replica).
 
         A body larger than ``max_read_bytes`` raises ``TooLarge`` after reading just past it.
         """
         limit = self.max_read_bytes
         async with asyncio.timeout(seconds):
-            response = await self.request(method, target, headers)
+            response = await self.request(method, target, headers, body)
             try:
-                body, whole = await response.read_up_to(limit)
+                answer, whole = await response.read_up_to(limit)
             except BaseException:
                 response.close()
                 raise
@@ -234,7 +236,7 @@ class Pool:
                 response.close()
                 raise TooLarge(f"the backend's answer to {target} is larger than {limit} bytes")
             response.release()
-        return response.status, body
+        return response.status, answer
 
     @property
     def closed(self) -> bool:

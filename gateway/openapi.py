@@ -4,6 +4,7 @@ The document lists only the routes the configured backends serve (and the admin 
 only where admin keys exist), both key schemes, the error envelope with the gateway's own
 error types, and which answers may stream. ``/docs`` is Swagger UI from the assets the
 ``swagger-ui-py`` package ships: nothing is fetched from a CDN, so it works offline.
+``/redoc`` leads there too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from adapters import base as r
 from gateway import __version__
@@ -305,6 +306,11 @@ class Docs:
 
     async def page(self, request: Request) -> Response:
         return HTMLResponse(DOCS_PAGE)
+
+    async def elsewhere(self, request: Request) -> Response:
+        """``/redoc``, where FastAPI servers keep their other docs page: the same document, in
+        the one page the gateway has."""
+        return RedirectResponse("docs", status_code=307)
 
     async def asset(self, request: Request) -> Response:
         name = request.path_params["name"]

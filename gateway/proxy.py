@@ -228,6 +228,10 @@ class ProxyEndpoint:
                 target = group.backend.path_for(route.name, raw_target)
                 return target + "?" + query.decode("latin-1") if query else target
 
+            if self.management and len(groups[0].replicas) > 1:
+                assert parsed is not None
+                await self._manage_replicas(groups[0], target_for(groups[0]), forward, parsed, send, exchange)
+                return
             await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
         except asyncio.CancelledError:
             if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
@@ -237,6 +241,50 @@ class ProxyEndpoint:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    async def _manage_replicas(
+        self,
+        group: Group,
+        target: str,
+        forward: list[tuple[bytes, bytes]],
+        parsed: dict[str, Any],
+        send: Send,
+        exchange: Exchange,
+    ) -> None:
+        """Model management on a backend with several replicas goes to every one of them at
+        once (a model loaded on one replica of four would serve a quarter of its requests).
+        The answer lists each replica's: 200 when all succeeded, else the first failure's
+        status with an error naming how many failed."""
+        backend = group.backend
+        headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
+        payload = _management_body(parsed, backend.adapter.rewrites.get(self.route.name))
+        seconds = self.settings.backend_timeout
+        exchange.backend = group.name
+        exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
+
+        async def one(replica: Replica) -> dict[str, Any]:
+            try:
+                status, answer = await replica.upstream.pool.fetch("POST", target, headers, seconds, payload)
+            except UPSTREAM_ERRORS as exc:
+                error = before_response_error(exc, self.settings)
+                return {"url": replica.url, "status": error.status, "body": orjson.loads(error.body())}
+            try:
+                shown: Any = orjson.loads(answer)
+            except orjson.JSONDecodeError:
+                shown = answer.decode("utf-8", "replace")
+            return {"url": replica.url, "status": status, "body": shown}
+
+        answers = await asyncio.gather(*(one(replica) for replica in group.replicas))
+        failed = [answer for answer in answers if not 200 <= answer["status"] < 300]
+        if not failed:
+            exchange.status = 200
+            await _send_json(send, 200, orjson.dumps({"object": "list", "data": answers}), exchange)
+            return
+        message = f"{len(failed)} of {len(answers)} replicas of the {group.name} backend failed"
+        error = {"type": "backend_error", "message": message, "code": "replicas_failed"}
+        exchange.status = failed[0]["status"]
+        exchange.error = "backend_error"
+        await _send_json(send, exchange.status, orjson.dumps({"error": error, "data": answers}), exchange)
 
     async def _management_group(self, parsed: dict[str, Any]) -> Group:
         named = parsed.get("backend")

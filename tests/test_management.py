@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.fakes import LoopThread, start_fake
-from tests.runtime_fakes import FLAVOURS, SEED_FLAVOURS, RuntimeFake
+from tests.fakes import LoopThread, free_port, start_fake
+from tests.runtime_fakes import FLAVOURS, MODEL, SEED_FLAVOURS, RuntimeFake
 
 KEY = "sk-client"
 ADMIN = "sk-admin"
@@ -266,6 +266,43 @@ def test_fleet_management_goes_to_the_named_backend(
         )
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "backend_not_found"
+    finally:
+        for runner, _ in started:
+            loop_thread.run(runner.cleanup())
+
+
+def test_management_reaches_every_replica_and_says_which_failed(
+    loop_thread: LoopThread, start_gateway: GatewayFactory
+) -> None:
+    fakes = [RuntimeFake("ollama"), RuntimeFake("ollama")]
+    started = [loop_thread.run(start_fake(fake)) for fake in fakes]  # type: ignore[arg-type]
+    dead = f"http://127.0.0.1:{free_port()}"
+    urls = [f"http://127.0.0.1:{port}" for _, port in started]
+    try:
+        gateway = start_gateway(
+            backend_url=None,
+            backends=[
+                {"name": "local", "kind": "ollama", "urls": urls, "models": [MODEL]},
+                {"name": "half", "kind": "ollama", "urls": [urls[0], dead], "models": ["other"]},
+            ],
+            api_keys=[KEY],
+            admin_api_keys=[ADMIN],
+        )
+        headers = {"x-api-key": ADMIN}
+        response = httpx.post(gateway.url + "/v1/models/load", json={"model": MODEL}, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-gateway-backend"] == "local"
+        assert sorted(answer["url"] for answer in response.json()["data"]) == sorted(urls)
+        assert all(answer["status"] == 200 for answer in response.json()["data"])
+        for fake in fakes:
+            assert ("POST", "/api/generate", b'{"model":"org/model-7b","stream":false}') in fake.requests
+        response = httpx.post(gateway.url + "/v1/models/unload", json={"model": "other"}, headers=headers)
+        assert response.status_code == 502
+        body = response.json()
+        assert body["error"]["code"] == "replicas_failed"
+        assert body["error"]["message"] == "1 of 2 replicas of the half backend failed"
+        statuses = {answer["url"]: answer["status"] for answer in body["data"]}
+        assert statuses == {urls[0]: 200, dead: 502}
     finally:
         for runner, _ in started:
             loop_thread.run(runner.cleanup())

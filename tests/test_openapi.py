@@ -79,8 +79,9 @@ def test_docs_are_served_from_bundled_assets_and_can_be_switched_off(start_gatew
     assert "SwaggerUIBundle" in script.text
     assert httpx.get(gateway.url + "/docs/..%2Fsettings.py").status_code == 404
     assert httpx.get(gateway.url + "/docs/index.html").status_code == 404
+    assert httpx.get(gateway.url + "/redoc", follow_redirects=True).text == page.text
     off = start_gateway(api_keys=[KEY], docs=False)
-    for path in ("/openapi.json", "/docs", "/docs/swagger-ui.css"):
+    for path in ("/openapi.json", "/docs", "/docs/swagger-ui.css", "/redoc"):
         assert httpx.get(off.url + path).status_code == 404, path
 
 
