@@ -123,14 +123,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             Route("/metrics", MetricsEndpoint(metrics, settings.metrics_token).endpoint, methods=["GET"])
         )
     if settings.docs:
-        served = {
-            spec.name
+        served = [
+            spec
             for spec in endpoints
             if any(group.backend.adapter.answers(spec.name) for group in router.groups)
-        }
+        ]
         document = openapi.document(
-            endpoints,
-            served.__contains__,
+            served,
             auth=auth.enabled,
             admin=admin.enabled,
             metrics=settings.metrics_port is None,

@@ -22,11 +22,11 @@ from gateway.errors import (
     NotFound,
     Unsupported,
 )
+from gateway.metrics import CONTENT_TYPE
 from gateway.routing import EJECTED, LOADING, READY, Replica, Router, health_status
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 
 JSON = "application/json"
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def health(request: Request) -> Response:
@@ -135,12 +135,8 @@ class AdminBackends:
         self.admin = admin
 
     async def endpoint(self, request: Request) -> Response:
-        headers = request.headers
         try:
-            self.admin.authenticate(
-                headers.get("authorization", "").encode("latin-1") or None,
-                headers.get("x-api-key", "").encode("latin-1") or None,
-            )
+            _authenticate_admin(self.admin, request)
         except GatewayError as exc:
             return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
         body = {"object": "list", "data": self.router.describe()}
@@ -184,7 +180,7 @@ class RuntimeMetrics:
         except GatewayError as exc:
             return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)
         headers = {"x-gateway-backend": group.name}
-        return Response(body, status_code=status, headers=headers, media_type=PROMETHEUS_TEXT)
+        return Response(body, status_code=status, headers=headers, media_type=CONTENT_TYPE)
 
     def _authenticate(self, request: Request) -> None:
         authorization = request.headers.get("authorization", "").encode("latin-1")
@@ -192,9 +188,7 @@ class RuntimeMetrics:
             return
         if not self.admin.enabled:
             raise AuthenticationFailed("this route needs the metrics token", code="invalid_metrics_token")
-        self.admin.authenticate(
-            authorization or None, request.headers.get("x-api-key", "").encode("latin-1") or None
-        )
+        _authenticate_admin(self.admin, request)
 
     @staticmethod
     def _replica(replicas: list[Replica], asked: str | None) -> Replica:
@@ -208,3 +202,11 @@ class RuntimeMetrics:
         if not replicas:
             raise BackendUnavailable("no replica of this backend is known yet")
         return replicas[0]
+
+
+def _authenticate_admin(admin: Authenticator, request: Request) -> None:
+    headers = request.headers
+    admin.authenticate(
+        headers.get("authorization", "").encode("latin-1") or None,
+        headers.get("x-api-key", "").encode("latin-1") or None,
+    )

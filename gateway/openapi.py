@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +19,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
+import gateway.ratelimit  # noqa: F401 - its errors are among the gateway's own
 from adapters import base as r
 from gateway import __version__
-from gateway.errors import NotFound
+from gateway.errors import GatewayError, NotFound
 from gateway.routes import Body, RouteSpec
 
-ERROR_TYPES = (
-    "invalid_request",
-    "authentication_error",
-    "not_found",
-    "method_not_allowed",
-    "request_timeout",
-    "request_too_large",
-    "rate_limit_exceeded",
-    "rate_limit_unavailable",
-    "unsupported",
-    "backend_unreachable",
-    "backend_timeout",
-    "backend_error",
-    "backend_unavailable",
-    "internal_error",
-)
 # What a route does, for the document: a summary and whether its answer may be an SSE stream.
 SUMMARIES: dict[str, tuple[str, bool]] = {
     r.MODELS: ("List the models", False),
@@ -112,18 +97,16 @@ window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", deepLin
 
 def document(
     routes: Iterable[RouteSpec],
-    serves: Callable[[str], bool],
     *,
     auth: bool,
     admin: bool,
     metrics: bool,
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for ``routes`` as served: ``serves(name)`` says whether any
-    configured backend serves a route; ``auth``/``admin`` whether client/admin keys exist."""
+    """The OpenAPI 3.1 document for ``routes``, those the configured backends serve;
+    ``auth``/``admin`` say whether client/admin keys exist."""
+    error_types = _error_types()
     paths: dict[str, dict[str, Any]] = {}
     for spec in routes:
-        if (spec.admin and not admin) or not serves(spec.name):
-            continue
         path, parameters = _path(spec.path)
         for method in spec.methods:
             paths.setdefault(path, {})[method.lower()] = _operation(spec, parameters, auth)
@@ -161,9 +144,9 @@ def document(
                                 "type": {
                                     "type": "string",
                                     "description": "The gateway's own: "
-                                    + ", ".join(ERROR_TYPES)
+                                    + ", ".join(error_types)
                                     + "; a runtime's error keeps its type.",
-                                    "examples": list(ERROR_TYPES),
+                                    "examples": error_types,
                                 },
                                 "message": {"type": "string"},
                                 "code": {"type": ["string", "integer", "null"]},
@@ -183,6 +166,17 @@ def document(
             },
         },
     }
+
+
+def _error_types() -> list[str]:
+    """The ``type`` of every error the gateway answers with itself."""
+    found: set[str] = set()
+    pending: list[type[GatewayError]] = [GatewayError]
+    while pending:
+        error = pending.pop()
+        found.add(error.type)
+        pending += error.__subclasses__()
+    return sorted(found)
 
 
 def _path(template: str) -> tuple[str, list[dict[str, Any]]]:

@@ -20,7 +20,8 @@ from urllib.parse import quote
 import orjson
 
 from adapters import normalise
-from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MANAGEMENT_ROUTES, MODEL, MODELS, RESPONSES, Rewrite
+from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MANAGEMENT_ROUTES, MODEL, MODELS, RESPONSES
+from gateway import management
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
@@ -175,7 +176,7 @@ class ProxyEndpoint:
                 groups = [router.default]
             elif self.management:
                 assert parsed is not None
-                groups = [await self._management_group(parsed)]
+                groups = [await management.target_group(router, parsed)]
                 self._check_served(groups[0])
             else:
                 named = parsed.get("model") if parsed is not None else exchange.model
@@ -230,7 +231,16 @@ class ProxyEndpoint:
 
             if self.management and len(groups[0].replicas) > 1:
                 assert parsed is not None
-                await self._manage_replicas(groups[0], target_for(groups[0]), forward, parsed, send, exchange)
+                group = groups[0]
+                exchange.backend = group.name
+                exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
+                status, answer = await management.on_every_replica(
+                    group, route.name, target_for(group), forward, parsed, self.settings
+                )
+                exchange.status = status
+                if status >= 300:
+                    exchange.error = "backend_error"
+                await _send_json(send, status, answer, exchange)
                 return
             await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
         except asyncio.CancelledError:
@@ -241,65 +251,6 @@ class ProxyEndpoint:
         finally:
             if watcher is not None:
                 watcher.cancel()
-
-    async def _manage_replicas(
-        self,
-        group: Group,
-        target: str,
-        forward: list[tuple[bytes, bytes]],
-        parsed: dict[str, Any],
-        send: Send,
-        exchange: Exchange,
-    ) -> None:
-        """Model management on a backend with several replicas goes to every one of them at
-        once (a model loaded on one replica of four would serve a quarter of its requests).
-        The answer lists each replica's: 200 when all succeeded, else the first failure's
-        status with an error naming how many failed."""
-        backend = group.backend
-        headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
-        payload = _management_body(parsed, backend.adapter.rewrites.get(self.route.name))
-        seconds = self.settings.backend_timeout
-        exchange.backend = group.name
-        exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
-
-        async def one(replica: Replica) -> dict[str, Any]:
-            try:
-                status, answer = await replica.upstream.pool.fetch("POST", target, headers, seconds, payload)
-            except UPSTREAM_ERRORS as exc:
-                error = before_response_error(exc, self.settings)
-                return {"url": replica.url, "status": error.status, "body": orjson.loads(error.body())}
-            try:
-                shown: Any = orjson.loads(answer)
-            except orjson.JSONDecodeError:
-                shown = answer.decode("utf-8", "replace")
-            return {"url": replica.url, "status": status, "body": shown}
-
-        answers = await asyncio.gather(*(one(replica) for replica in group.replicas))
-        failed = [answer for answer in answers if not 200 <= answer["status"] < 300]
-        if not failed:
-            exchange.status = 200
-            await _send_json(send, 200, orjson.dumps({"object": "list", "data": answers}), exchange)
-            return
-        message = f"{len(failed)} of {len(answers)} replicas of the {group.name} backend failed"
-        error = {"type": "backend_error", "message": message, "code": "replicas_failed"}
-        exchange.status = failed[0]["status"]
-        exchange.error = "backend_error"
-        await _send_json(send, exchange.status, orjson.dumps({"error": error, "data": answers}), exchange)
-
-    async def _management_group(self, parsed: dict[str, Any]) -> Group:
-        named = parsed.get("backend")
-        if named is not None:
-            group = self.router.group(named) if isinstance(named, str) else None
-            if group is None:
-                raise NotFound(f"no backend named {str(named)[:MAX_MODEL_NAME]!r}", code="backend_not_found")
-            return group
-        model = parsed.get("model")
-        if isinstance(model, str):
-            try:
-                return (await self.router.groups_for(model))[0]
-            except NotFound:
-                pass  # a model to load is in no list yet
-        return self.router.default
 
     def _fixed_target(self, group: Group) -> str | None:
         kind = group.backend.adapter.name
@@ -352,7 +303,7 @@ class ProxyEndpoint:
                 payload = body
                 if self.management:
                     assert parsed is not None
-                    payload = _management_body(parsed, backend.adapter.rewrites.get(self.route.name))
+                    payload = management.runtime_body(parsed, backend.adapter.rewrites.get(self.route.name))
                 elif parsed is not None and group.aliases:
                     model = parsed.get("model")
                     if isinstance(model, str) and model in group.aliases:
@@ -624,10 +575,3 @@ async def send_error(send: Send, error: GatewayError, exchange: Exchange) -> Non
     headers.extend(exchange.headers_out)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _management_body(parsed: dict[str, Any], rewrite: Rewrite | None) -> bytes:
-    """A model-management body in the runtime's shape, without the gateway's ``backend`` field."""
-    fields = {name: value for name, value in parsed.items() if name != "backend"}
-    shaped = rewrite(fields) if rewrite is not None else fields
-    return b"" if shaped is None else orjson.dumps(shaped)

@@ -1,0 +1,82 @@
+"""Model management for operators (``/v1/models/load``, ``/v1/lora/load``, ... with admin
+keys): which backend a request goes to, its body in the runtime's own shape, and, on a
+backend with several replicas, every replica's answer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from adapters.base import Rewrite
+from gateway.errors import NotFound
+from gateway.routing import Group, Replica, Router
+from gateway.settings import Settings
+from gateway.upstream import UPSTREAM_ERRORS, before_response_error
+
+MAX_NAME = 256
+
+
+async def target_group(router: Router, parsed: dict[str, Any]) -> Group:
+    """The backend named by the body's ``backend`` field, else the one serving ``model``,
+    else the default one (a model to load is in no list yet)."""
+    named = parsed.get("backend")
+    if named is not None:
+        group = router.group(named) if isinstance(named, str) else None
+        if group is None:
+            raise NotFound(f"no backend named {str(named)[:MAX_NAME]!r}", code="backend_not_found")
+        return group
+    model = parsed.get("model")
+    if isinstance(model, str):
+        try:
+            return (await router.groups_for(model))[0]
+        except NotFound:
+            pass
+    return router.default
+
+
+def runtime_body(parsed: dict[str, Any], rewrite: Rewrite | None) -> bytes:
+    """The body in the runtime's shape, without the gateway's ``backend`` field."""
+    fields = {name: value for name, value in parsed.items() if name != "backend"}
+    shaped = rewrite(fields) if rewrite is not None else fields
+    return b"" if shaped is None else orjson.dumps(shaped)
+
+
+async def on_every_replica(
+    group: Group,
+    route: str,
+    target: str,
+    forward: list[tuple[bytes, bytes]],
+    parsed: dict[str, Any],
+    settings: Settings,
+) -> tuple[int, bytes]:
+    """The request on every replica at once (a model loaded on one replica of four would
+    serve a quarter of its requests), each answer read whole within the read cap and the
+    backend timeout. The status and body to answer: every replica's answer listed, 200 when
+    all succeeded, else the first failure's status with an error saying how many failed."""
+    backend = group.backend
+    headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
+    payload = runtime_body(parsed, backend.adapter.rewrites.get(route))
+
+    async def one(replica: Replica) -> dict[str, Any]:
+        try:
+            status, answer = await replica.upstream.pool.fetch(
+                "POST", target, headers, settings.backend_timeout, payload
+            )
+        except UPSTREAM_ERRORS as exc:
+            error = before_response_error(exc, settings)
+            return {"url": replica.url, "status": error.status, "body": orjson.loads(error.body())}
+        try:
+            shown: Any = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            shown = answer.decode("utf-8", "replace")
+        return {"url": replica.url, "status": status, "body": shown}
+
+    answers = await asyncio.gather(*(one(replica) for replica in group.replicas))
+    failed = [answer for answer in answers if not 200 <= answer["status"] < 300]
+    if not failed:
+        return 200, orjson.dumps({"object": "list", "data": answers})
+    message = f"{len(failed)} of {len(answers)} replicas of the {group.name} backend failed"
+    error = {"type": "backend_error", "message": message, "code": "replicas_failed"}
+    return failed[0]["status"], orjson.dumps({"error": error, "data": answers})
