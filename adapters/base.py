@@ -110,6 +110,27 @@ Rewrite = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 """A request body in the gateway's shape to the runtime's (``None``: the runtime takes none)."""
 
 
+@dataclass(frozen=True, slots=True)
+class LoadSignals:
+    """Where a runtime's ``metrics_path`` says how loaded it is, for ``strategy: queue``.
+
+    Each field lists metric names, the current one first and older spellings after it (the
+    first one present in a scrape is read). Values are summed over label sets (several
+    models or engines on one server), except the KV-cache use, whose largest value counts.
+    """
+
+    waiting: tuple[str, ...]
+    """Requests queued, not yet running."""
+    running: tuple[str, ...]
+    """Requests in the running batch."""
+    kv_use: tuple[str, ...] = ()
+    """The share of the KV cache in use, 0 to 1."""
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset((*self.waiting, *self.running, *self.kv_use))
+
+
 class Readiness(Enum):
     READY = "ready"
     LOADING = "loading"
@@ -133,6 +154,8 @@ class Adapter:
     rewrites: Mapping[str, Rewrite] = field(default_factory=dict)
     metrics_path: str | None = None
     """The runtime's own Prometheus metrics, shown to operators through the gateway."""
+    load_signals: LoadSignals | None = None
+    """The metrics that ``strategy: queue`` reads; None: it balances by in-flight counts."""
     health_path: str = "/health"
     health_fallback_path: str | None = None
     """Probed instead when ``health_path`` answers 404 (a server of the family without it)."""

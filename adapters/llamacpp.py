@@ -14,7 +14,7 @@ and listens only once the model is loaded.
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, LoadSignals
 
 ADAPTER = Adapter(
     name="llamacpp",
@@ -23,6 +23,11 @@ ADAPTER = Adapter(
     health_path="/health",
     health_fallback_path="/v1/models",
     metrics_path="/metrics",
+    load_signals=LoadSignals(
+        waiting=("llamacpp:requests_deferred",),
+        running=("llamacpp:requests_processing",),
+        kv_use=("llamacpp:kv_cache_usage_ratio",),  # older releases only
+    ),
 )
 
 PYTHON = Adapter(

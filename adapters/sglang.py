@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, LoadSignals
 
 ADAPTER = Adapter(
     name="sglang",
@@ -38,4 +38,9 @@ ADAPTER = Adapter(
     },
     health_path="/health",
     metrics_path="/metrics",
+    load_signals=LoadSignals(
+        waiting=("sglang:num_queue_reqs",),
+        running=("sglang:num_running_reqs",),
+        kv_use=("sglang:token_usage",),
+    ),
 )

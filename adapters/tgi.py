@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, LoadSignals
 
 ADAPTER = Adapter(
     name="tgi",
@@ -19,5 +19,6 @@ ADAPTER = Adapter(
     paths={r.TOKENIZE: "/tokenize"},
     health_path="/health",
     metrics_path="/metrics",
+    load_signals=LoadSignals(waiting=("tgi_queue_size",), running=("tgi_batch_current_size",)),
     loading_statuses=frozenset(),
 )

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, LoadSignals
 
 ADAPTER = Adapter(
     name="vllm",
@@ -40,5 +40,11 @@ ADAPTER = Adapter(
     },
     health_path="/health",
     metrics_path="/metrics",
+    load_signals=LoadSignals(
+        waiting=("vllm:num_requests_waiting",),
+        running=("vllm:num_requests_running",),
+        # Renamed in 0.10; the old name is still served by older releases.
+        kv_use=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    ),
     loading_statuses=frozenset(),
 )

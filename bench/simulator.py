@@ -64,6 +64,7 @@ class Engine:
         self.cache_queries = 0
         self.cache_hits = 0
         self.steps = 0
+        self.submitted = 0
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -82,6 +83,7 @@ class Engine:
             chained.update(" ".join(words[start : start + size]).encode())
             blocks.append(chained.hexdigest())
         request = Request(blocks, len(words), max(max_tokens, 1))
+        self.submitted += 1
         self.waiting.append(request)
         self._work.set()
         return request

@@ -150,6 +150,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         tasks = [asyncio.create_task(router.follow_lists())]
         if not router.single:
             tasks.append(asyncio.create_task(router.run_probes()))
+            tasks.append(asyncio.create_task(router.run_scrapes()))
             tasks.append(asyncio.create_task(router.run_discovery()))
         reloading = _reload_on_sighup(router, settings)
         for group in router.groups:

@@ -25,6 +25,9 @@ from pydantic import (
 from adapters import ADAPTERS
 from gateway.client import Origin
 
+Strategy = Literal["least-outstanding", "round-robin", "queue", "affinity"]
+STRATEGIES: tuple[str, ...] = ("least-outstanding", "round-robin", "queue", "affinity")
+
 
 class BackendConfig(BaseModel):
     """One backend: a kind of runtime, its replicas, the models it serves."""
@@ -47,6 +50,14 @@ class BackendConfig(BaseModel):
     discovery: Literal["static", "dns"] = "static"
     """dns: ``url``'s host name is resolved every few seconds and each address is a replica
     (a Kubernetes headless Service, Compose's ``deploy.replicas``)."""
+
+    strategy: Strategy | None = None
+    """How its replicas share requests; without it, ``--balance`` decides."""
+    scrape_interval: float = Field(1.0, ge=0.05, le=60)
+    """``strategy: queue``: seconds between reads of each replica's metrics (jittered)."""
+    affinity_spread: float = Field(0.25, gt=0, le=10)
+    """``strategy: affinity``: a replica with more than (1 + this) x the mean of this
+    gateway's requests in flight passes a request on to the key's next replica."""
 
     @field_validator("kind")
     @classmethod

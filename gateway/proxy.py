@@ -24,6 +24,7 @@ from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MANAGEMENT_ROUTES, MODE
 from gateway import management
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
+from gateway.balancing import AFFINITY, affinity_key
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
 from gateway.client import PoolTimeout, Response
 from gateway.errors import (
@@ -287,7 +288,8 @@ class ProxyEndpoint:
         router = self.router
         router.admit()
         tried: list[Replica] = []
-        choice = router.choose(groups, tried)
+        key = affinity_key(forward, parsed) if groups[0].strategy == AFFINITY else None
+        choice = router.choose(groups, tried, key)
         if choice is None:  # a backend found by DNS, with no address yet
             names = ", ".join(group.name for group in groups)
             await send_error(send, BackendUnavailable(f"no replica of {names} is known yet"), exchange)
@@ -332,7 +334,7 @@ class ProxyEndpoint:
                         router.failed(group, replica, exc)
                     tried.append(replica)
                     error = before_response_error(exc, self.settings)
-                    choice = self._next_attempt(body, groups, tried, deadline)
+                    choice = self._next_attempt(body, groups, tried, deadline, key)
                     if choice is not None:
                         self._failing_over(group, replica, error.message, exchange)
                         continue
@@ -349,7 +351,7 @@ class ProxyEndpoint:
                     router.succeeded(replica)
                 if status in FAILOVER_STATUSES:
                     tried.append(replica)
-                    choice = self._next_attempt(body, groups, tried, deadline)
+                    choice = self._next_attempt(body, groups, tried, deadline, key)
                     if choice is not None:
                         replica.in_flight -= 1
                         holding = None
@@ -363,7 +365,12 @@ class ProxyEndpoint:
                 holding.in_flight -= 1
 
     def _next_attempt(
-        self, body: bytes | StreamedBody | None, groups: list[Group], tried: list[Replica], deadline: float
+        self,
+        body: bytes | StreamedBody | None,
+        groups: list[Group],
+        tried: list[Replica],
+        deadline: float,
+        key: int | None,
     ) -> tuple[Group, Replica] | None:
         """Another replica for a request that failed before any answer, if it may have one."""
         router = self.router
@@ -374,7 +381,7 @@ class ProxyEndpoint:
         if not router.may_retry():
             self.metrics.retry_budget_exhausted.inc()
             return None
-        return router.choose(groups, tried)
+        return router.choose(groups, tried, key)
 
     def _failing_over(self, group: Group, replica: Replica, why: str, exchange: Exchange) -> None:
         self.metrics.failover(group.name)

@@ -41,6 +41,18 @@ import orjson
 from adapters import ADAPTERS
 from adapters.base import Readiness
 from gateway.backend import Backend
+from gateway.balancing import (
+    AFFINITY,
+    LEAST_OUTSTANDING,
+    QUEUE,
+    ROUND_ROBIN,
+    Load,
+    affinity_pick,
+    queue_score,
+    read_load,
+    replica_seed,
+    saturated,
+)
 from gateway.client import ConnectFailed, ConnectTimeout
 from gateway.errors import NotFound
 from gateway.fleet import BackendConfig
@@ -58,6 +70,7 @@ LIST_RETRY = 5.0
 
 # Replica states, as /admin/backends and the metrics show them.
 READY = "ready"
+NO_SIGNALS = "no load metrics"
 EJECTED = "ejected"
 LOADING = "loading"
 
@@ -86,6 +99,16 @@ class Replica:
     last_probe_at: float | None = None
     current: float = 0.0
     """Smooth weighted round robin's running score."""
+    seed: int = 0
+    """Its place in affinity keys' orders (from its URL)."""
+    reported: Load | None = None
+    """What its metrics said at the last scrape (``strategy: queue``)."""
+    scraped_at: float | None = None
+    in_flight_at_scrape: int = 0
+    """This gateway's requests to it when the scrape was answered."""
+    scraping: bool = False
+    next_scrape: float = 0.0
+    last_scrape: str | None = None
 
     def state(self, now: float) -> str:
         if self.ejected:
@@ -97,11 +120,15 @@ class Replica:
     def available(self) -> bool:
         return not self.ejected and not self.loading
 
-    def load(self, now: float, slow_start: float) -> float:
+    def share(self, now: float, slow_start: float) -> float:
+        """Its weight, cut while it ramps up after coming back."""
         weight = self.weight
         if slow_start and now - self.ramp_from < slow_start:
             weight *= max(0.1, (now - self.ramp_from) / slow_start)
-        return (self.in_flight + 1) / weight
+        return weight
+
+    def load(self, now: float, slow_start: float) -> float:
+        return (self.in_flight + 1) / self.share(now, slow_start)
 
 
 @dataclass(eq=False)
@@ -119,6 +146,24 @@ class Group:
     listed_at: float | None = None
     config: BackendConfig | None = None
     """As configured (None for the one backend of --backend-url)."""
+    strategy: str = LEAST_OUTSTANDING
+    """Its ``strategy``, else ``--balance``."""
+
+    @property
+    def scrape_interval(self) -> float:
+        return self.config.scrape_interval if self.config is not None else 1.0
+
+    @property
+    def affinity_spread(self) -> float:
+        return self.config.affinity_spread if self.config is not None else 0.25
+
+    @property
+    def scraped(self) -> bool:
+        """Whether its replicas' metrics are read: ``strategy: queue`` on a runtime that has them."""
+        adapter = self.backend.adapter
+        return (
+            self.strategy == QUEUE and adapter.load_signals is not None and adapter.metrics_path is not None
+        )
 
     @property
     def weight(self) -> float:
@@ -149,7 +194,6 @@ class Router:
         self.settings = settings
         self.single = single
         """One backend from --backend-url: every model goes to it, no probes, no ejection."""
-        self.round_robin = settings.balance == "round-robin"
         self.slow_start = settings.slow_start
         self._by_model: dict[str, list[Group]] = {}
         self._requests = [0, 0]
@@ -187,7 +231,7 @@ class Router:
         return router
 
     def _replica(self, group: Group, url: str) -> Replica:
-        replica = Replica(url, Upstream(self.settings, url), group.weight)
+        replica = Replica(url, Upstream(self.settings, url), group.weight, seed=replica_seed(url))
         name = group.name
 
         def retried() -> None:
@@ -200,6 +244,9 @@ class Router:
     def _set_groups(self, groups: list[Group]) -> None:
         defaults = [group for group in groups if group.default]
         self.default = defaults[0] if defaults else groups[0]
+        for group in groups:
+            configured = group.config.strategy if group.config is not None else None
+            group.strategy = configured or self.settings.balance
         self.groups = groups
         self.rebuild()
 
@@ -298,11 +345,14 @@ class Router:
     def has_candidate(self, groups: list[Group], tried: list[Replica]) -> bool:
         return any(replica not in tried for group in groups for replica in group.replicas)
 
-    def choose(self, groups: list[Group], tried: list[Replica]) -> tuple[Group, Replica] | None:
+    def choose(
+        self, groups: list[Group], tried: list[Replica], key: int | None = None
+    ) -> tuple[Group, Replica] | None:
         """The backend and replica for the next attempt, among every untried replica of the
-        backends that serve the request, each with its backend's weight; None when none is
-        left. Ejected and loading replicas are chosen only when no other is left (a fleet
-        wrongly ejected whole must still serve): the one whose ejection ends first."""
+        backends that serve the request, each with its backend's weight, by the first
+        backend's strategy (``key``: the request's affinity key, for ``affinity``); None when
+        none is left. Ejected and loading replicas are chosen only when no other is left (a
+        fleet wrongly ejected whole must still serve): the one whose ejection ends first."""
         if self.single:
             group = self.default
             if tried:
@@ -315,7 +365,7 @@ class Router:
             untried = [(g, r) for g in groups for r in g.replicas]
         ready = [pair for pair in untried if pair[1].available()]
         if ready:
-            chosen = ready[0] if len(ready) == 1 else self._balance(ready)
+            chosen = ready[0] if len(ready) == 1 else self._balance(ready, key)
         elif untried:
             chosen = min(untried, key=lambda pair: (pair[1].ejected_until, pair[1].loading))
         else:
@@ -323,8 +373,13 @@ class Router:
         chosen[1].picks += 1
         return chosen
 
-    def _balance(self, pairs: list[tuple[Group, Replica]]) -> tuple[Group, Replica]:
-        if self.round_robin:
+    def _balance(self, pairs: list[tuple[Group, Replica]], key: int | None) -> tuple[Group, Replica]:
+        strategy = pairs[0][0].strategy
+        if strategy == QUEUE:
+            return self._by_queue(pairs)
+        if strategy == AFFINITY and key is not None:
+            return affinity_pick(pairs, key, pairs[0][0].affinity_spread)
+        if strategy == ROUND_ROBIN:
             # Smooth weighted round robin (nginx's): even spacing, exact shares.
             total = 0.0
             chosen = pairs[0]
@@ -336,7 +391,32 @@ class Router:
                     chosen = pair
             chosen[1].current -= total
             return chosen
-        # Two distinct replicas drawn by weight; the less loaded one wins.
+        a, b = self._draw_two(pairs)
+        now = time.monotonic()
+        slow_start = self.slow_start
+        return a if a[1].load(now, slow_start) <= b[1].load(now, slow_start) else b
+
+    def _by_queue(self, pairs: list[tuple[Group, Replica]]) -> tuple[Group, Replica]:
+        """The lower score of two replicas drawn among those not saturated (among all when
+        every one is)."""
+        now = time.monotonic()
+        interval = pairs[0][0].scrape_interval
+        candidates = [pair for pair in pairs if not saturated(pair[1], now, interval)]
+        if not candidates:
+            candidates = pairs
+        elif len(candidates) == 1:
+            return candidates[0]
+        a, b = self._draw_two(candidates)
+        slow_start = self.slow_start
+        score_a = queue_score(a[1], now, interval, a[1].share(now, slow_start))
+        score_b = queue_score(b[1], now, interval, b[1].share(now, slow_start))
+        return a if score_a <= score_b else b
+
+    @staticmethod
+    def _draw_two(
+        pairs: list[tuple[Group, Replica]],
+    ) -> tuple[tuple[Group, Replica], tuple[Group, Replica]]:
+        """Two distinct replicas, drawn by weight."""
         count = len(pairs)
         weight = pairs[0][1].weight
         if all(pair[1].weight == weight for pair in pairs):
@@ -348,10 +428,7 @@ class Router:
             first = random.choices(range(count), weights)[0]
             weights[first] = 0.0
             second = random.choices(range(count), weights)[0]
-        a, b = pairs[first], pairs[second]
-        now = time.monotonic()
-        slow_start = self.slow_start
-        return a if a[1].load(now, slow_start) <= b[1].load(now, slow_start) else b
+        return pairs[first], pairs[second]
 
     def admit(self) -> None:
         """A request arrived: it counts towards the share that may be retried."""
@@ -475,6 +552,64 @@ class Router:
             wake = min(r.next_probe for g in self.groups for r in g.replicas)
             await asyncio.sleep(min(max(wake - now, 0.05), self.settings.probe_interval))
 
+    # Load reports (strategy: queue)
+
+    async def run_scrapes(self) -> None:
+        """Read the metrics of every replica of a ``queue`` backend about every
+        ``scrape_interval`` seconds, for the app's lifetime; a scrape still running when
+        the next is due is not doubled."""
+        while True:
+            now = time.monotonic()
+            wake = 1.0
+            for group in self.groups:
+                if not group.scraped:
+                    continue
+                interval = group.scrape_interval
+                wake = min(wake, interval / 4)
+                for replica in group.replicas:
+                    if replica.scraping or replica.next_scrape > now:
+                        continue
+                    replica.scraping = True
+                    replica.next_scrape = now + interval * random.uniform(0.8, 1.2)
+                    self._spawn(self.scrape(group, replica))
+            await asyncio.sleep(max(wake, 0.01))
+
+    async def scrape(self, group: Group, replica: Replica) -> None:
+        """Read one replica's load from its metrics; on any failure its last report stays,
+        and grows stale."""
+        adapter = group.backend.adapter
+        assert adapter.metrics_path is not None
+        assert adapter.load_signals is not None
+        try:
+            status, body = await replica.upstream.pool.fetch(
+                "GET", adapter.metrics_path, group.backend.own_headers(), group.scrape_interval
+            )
+            if status != 200:
+                replica.last_scrape = f"failed: status {status}"
+                return
+            load = read_load(body.decode("utf-8", "replace"), adapter.load_signals)
+            if load is None:
+                if replica.last_scrape != NO_SIGNALS:
+                    logger.warning(
+                        "replica %s of backend %s: its metrics have none of %s; balancing by "
+                        "in-flight requests",
+                        replica.url,
+                        group.name,
+                        ", ".join(sorted(adapter.load_signals.names)),
+                    )
+                replica.last_scrape = NO_SIGNALS
+                return
+            replica.reported = load
+            replica.scraped_at = time.monotonic()
+            replica.in_flight_at_scrape = replica.in_flight
+            replica.last_scrape = "ok"
+        except UPSTREAM_ERRORS as exc:
+            replica.last_scrape = f"failed: {type(exc).__name__}"
+        except ValueError as exc:
+            replica.last_scrape = f"failed: unparsable ({exc})"[:200]
+        finally:
+            replica.scraping = False
+
     async def follow_lists(self) -> None:
         """Keep every backend's model list fresh, for routing and for the metrics' labels."""
         while True:
@@ -597,6 +732,7 @@ class Router:
                 "name": group.name,
                 "kind": group.backend.adapter.name,
                 "default": group is self.default,
+                "strategy": group.strategy,
                 "models": sorted(group.model_names()),
                 "replicas": [
                     {
@@ -614,12 +750,21 @@ class Router:
                         "last_probe_age_s": None
                         if replica.last_probe_at is None
                         else round(now - replica.last_probe_at, 3),
+                        **(_report(replica, now) if group.scraped else {}),
                     }
                     for replica in group.replicas
                 ],
             }
             for group in self.groups
         ]
+
+
+def _report(replica: Replica, now: float) -> dict[str, object]:
+    return {
+        "reported": None if replica.reported is None else replica.reported.as_dict(),
+        "reported_age_s": None if replica.scraped_at is None else round(now - replica.scraped_at, 3),
+        "last_scrape": replica.last_scrape,
+    }
 
 
 async def health_status(backend: Backend, replica: Replica, seconds: float) -> int:

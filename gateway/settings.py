@@ -20,7 +20,7 @@ from pydantic_settings import (
 )
 
 from adapters import ADAPTERS
-from gateway.fleet import BackendConfig, load_backends_file, normalise_url, parse_backends
+from gateway.fleet import BackendConfig, Strategy, load_backends_file, normalise_url, parse_backends
 
 MiB = 1024 * 1024
 
@@ -56,10 +56,12 @@ class Settings(BaseSettings):
         "(README, Routing); instead of --backend-url. In the --config file, a 'backends' list.",
     )
     backends_file: Path | None = Field(None, description="Where --backends was read from (set by it).")
-    balance: Literal["least-outstanding", "round-robin"] = Field(
+    balance: Strategy = Field(
         "least-outstanding",
-        description="How a backend's replicas share requests: least-outstanding (the less busy of two "
-        "random replicas; streams count until they end) or round-robin; weights apply to both.",
+        description="How a backend's replicas share requests, unless its 'strategy' says otherwise: "
+        "least-outstanding (the less busy of two random replicas; streams count until they end), "
+        "round-robin, queue (the less loaded of two by the runtimes' own queue metrics) or affinity "
+        "(a session or prompt prefix keeps to one replica, within a bound on its load); weights apply.",
     )
     retry_budget: float = Field(
         0.2,

@@ -33,9 +33,17 @@ class FleetRuntime:
         """Cut the connection after this many stream chunks (a crash mid-stream)."""
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+        self.metrics_text = ""
+        """What ``/metrics`` answers (Prometheus text)."""
+        self.metrics_delay = 0.0
+        """Seconds ``/metrics`` takes to answer (a slow or hung metrics route)."""
+        self.metrics_open = 0
+        self.metrics_open_most = 0
+        """The most ``/metrics`` requests ever open at once."""
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/embeddings", self.chat)
         self.app.router.add_post("/v1/audio/transcriptions", self.upload)
@@ -48,6 +56,16 @@ class FleetRuntime:
         if self.loading:
             return web.json_response({"error": "loading"}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        self.metrics_open += 1
+        self.metrics_open_most = max(self.metrics_open_most, self.metrics_open)
+        try:
+            if self.metrics_delay:
+                await asyncio.sleep(self.metrics_delay)
+            return web.Response(text=self.metrics_text, content_type="text/plain")
+        finally:
+            self.metrics_open -= 1
 
     async def list_models(self, request: web.Request) -> web.Response:
         if self.loading:
@@ -64,7 +82,13 @@ class FleetRuntime:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         with self.lock:
-            self.requests.append({"path": request.path, "model": body.get("model")})
+            self.requests.append(
+                {
+                    "path": request.path,
+                    "model": body.get("model"),
+                    "session": request.headers.get("x-session-id"),
+                }
+            )
         if self.delay:
             await asyncio.sleep(self.delay)
         headers = {"x-runtime": self.name}
