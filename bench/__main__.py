@@ -407,6 +407,11 @@ def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["balance"]:
+        from bench import balance
+
+        balance.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

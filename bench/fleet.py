@@ -64,7 +64,7 @@ QUICK = FleetPlan(
 NGINX_CONF = """
 worker_processes auto;
 worker_rlimit_nofile 65536;
-pid {dir}/nginx-fleet.pid;
+pid {dir}/nginx-fleet-{port}.pid;
 error_log {dir}/nginx-fleet-error.log warn;
 events {{ worker_connections 32768; }}
 http {{
@@ -72,7 +72,7 @@ http {{
     client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
-    upstream replicas {{ least_conn; {servers} keepalive 1024; }}
+    upstream replicas {{ {method} {servers} keepalive 1024; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -108,11 +108,17 @@ class Fleet:
         wait_for_port(port)
         return process, f"http://127.0.0.1:{port}"
 
-    def gateway(self, urls: list[str], *options: str) -> tuple[subprocess.Popen[bytes], str]:
+    def gateway(
+        self, urls: list[str], *options: str, backend: dict[str, Any] | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """A gateway in front of ``urls`` (one: ``--backend-url``; more: a backends file, with
+        ``backend``'s fields in its entry)."""
         port = free_port()
         backends = self.workdir / f"backends-{port}.json"
-        backends.write_text(json.dumps({"backends": [{"name": "bench", "urls": urls}]}))
-        where = ["--backend-url", urls[0]] if len(urls) == 1 else ["--backends", str(backends)]
+        entry = {"name": "bench", "urls": urls, **(backend or {})}
+        backends.write_text(json.dumps({"backends": [entry]}))
+        single = len(urls) == 1 and backend is None
+        where = ["--backend-url", urls[0]] if single else ["--backends", str(backends)]
         log = open(self.workdir / f"gateway-{port}.log", "wb")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
             [
@@ -127,13 +133,14 @@ class Fleet:
         wait_for_port(port)
         return process, f"http://127.0.0.1:{port}"
 
-    def nginx(self, urls: list[str]) -> str:
+    def nginx(self, urls: list[str], method: str = "least_conn;") -> str:
+        """nginx balancing ``urls`` (``method``: "least_conn;", or "" for round robin)."""
         port = free_port()
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.workdir / sub).mkdir(exist_ok=True)
         servers = " ".join(f"server {url.removeprefix('http://')};" for url in urls)
-        conf = self.workdir / "nginx-fleet.conf"
-        conf.write_text(NGINX_CONF.format(dir=self.workdir, servers=servers, port=port))
+        conf = self.workdir / f"nginx-fleet-{port}.conf"
+        conf.write_text(NGINX_CONF.format(dir=self.workdir, servers=servers, port=port, method=method))
         self.started.append(subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"]))
         wait_for_port(port)
         return f"http://127.0.0.1:{port}"

@@ -156,6 +156,7 @@ class Runtime:
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_post("/reset", self.reset)
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
 
@@ -188,6 +189,13 @@ class Runtime:
             "usage": usage,
         })  # fmt: skip
 
+    async def reset(self, request: web.Request) -> web.Response:
+        """Empty the prefix cache and zero the counters (between two runs of a workload)."""
+        engine = self.engine
+        engine.cache.clear()
+        engine.cache_queries = engine.cache_hits = engine.submitted = 0
+        return web.json_response({"reset": True})
+
     async def models(self, request: web.Request) -> web.Response:
         entry = {"id": MODEL, "object": "model", "created": 0, "owned_by": "sim"}
         return web.json_response({"object": "list", "data": [entry]})
@@ -208,6 +216,8 @@ class Runtime:
             f'vllm:prefix_cache_queries_total{{model_name="{MODEL}"}} {engine.cache_queries}',
             "# TYPE vllm:prefix_cache_hits counter",
             f'vllm:prefix_cache_hits_total{{model_name="{MODEL}"}} {engine.cache_hits}',
+            "# TYPE sim_requests counter",
+            f"sim_requests_total {engine.submitted}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
