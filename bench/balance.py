@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class Sim:
     max_batch: int = 8
     decode_ms: float = 30.0
     batch_growth: float = 0.05
-    prefill_ms_per_token: float = 0.5
+    prefill_ms_per_token: float = 0.2
     block_tokens: int = 16
     cache_blocks: int = 4096
 
@@ -72,10 +72,11 @@ class Sim:
         return [f"--{name.replace('_', '-')}={value}" for name, value in asdict(self).items()]
 
     def capacity(self, max_tokens: int, prompt_tokens: int) -> float:
-        """Requests a second one replica finishes with a full batch."""
+        """Requests a second one replica finishes with a full batch: a request's prefill
+        holds up the whole batch's step, its decoding takes a share of the steps."""
         step = self.decode_ms * (1 + self.batch_growth * (self.max_batch - 1)) / 1000
         prefill = prompt_tokens * self.prefill_ms_per_token / 1000
-        return self.max_batch / (max_tokens * step + prefill)
+        return 1 / (prefill + max_tokens * step / self.max_batch)
 
 
 @dataclass
@@ -279,7 +280,7 @@ async def drive(workload: Workload, plan: Plan, urls: list[str], replicas: list[
             await _conversations(session, urls, plan, tally, rng, oracle)
         else:
             if workload.name == "bursts":
-                period = 2.5 if plan is FULL else 0.5
+                period = 2.5 if plan.seconds >= 10 else 0.5
 
                 def rate(t: float) -> float:
                     return capacity * (1.2 if int(t / period) % 2 else 0.35)
@@ -410,12 +411,14 @@ def _fleet_for(
         yield targets, replicas
 
 
-def run(plan: Plan, workdir: Path) -> dict[str, Any]:
+def run(plan: Plan, workdir: Path, only: set[str] | None = None) -> dict[str, Any]:
     raise_fd_limit()
     results: dict[str, Any] = {"plan": {**asdict(plan), "sim": asdict(plan.sim)}, "runs": []}
     for workload in WORKLOADS:
+        if only and workload.name not in only:
+            continue
         with _fleet_for(workload, plan, workdir) as (targets, replicas):
-            time.sleep(1.5 if plan is FULL else 0.5)  # a first scrape and probe of every replica
+            time.sleep(1.5 if plan.seconds >= 10 else 0.5)  # a first scrape and probe of every replica
             for path in workload.paths:
                 figures = run_one(workload, path, plan, targets, replicas)
                 label = f"{workload.name}{' (2 gateways)' if workload.gateways == 2 else ''}"
@@ -608,11 +611,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, for tests")
     parser.add_argument("--out", type=Path, help="where results go (default: bench/results/<time>-balance)")
+    parser.add_argument("--only", help="some workloads, comma-separated (a partial run reports no targets)")
+    parser.add_argument("--seconds", type=float, help="each run's length (default 25)")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-balance")
+    plan = QUICK if args.quick else FULL
+    if args.seconds:
+        plan = replace(plan, seconds=args.seconds)
+    only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="gateway-balance-") as temp:
-        results = run(QUICK if args.quick else FULL, Path(temp))
+        results = run(plan, Path(temp), only)
     out.mkdir(parents=True, exist_ok=True)
+    if only:
+        (out / "balance.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["runs"], indent=1))
+        return
     (out / "balance.json").write_text(json.dumps(results, indent=2))
     text = report(results)
     (out / "balance.md").write_text(text)

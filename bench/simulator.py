@@ -88,6 +88,12 @@ class Engine:
         self._work.set()
         return request
 
+    def abort(self, request: Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
+
     def kv_usage(self) -> float:
         used = sum(r.prompt_tokens + r.produced for r in self.running)
         capacity = self.settings.cache_blocks * self.settings.block_tokens
@@ -171,11 +177,15 @@ class Runtime:
         job = self.engine.submit(_prompt(body), int(body.get("max_tokens") or 16))
         if body.get("stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            while (token := await job.tokens.get()) is not None:
-                await response.write(_chunk(token, None))
-            await response.write(_chunk("", "length") + b"data: [DONE]\n\n")
-            await response.write_eof()
+            try:
+                await response.prepare(request)
+                while (token := await job.tokens.get()) is not None:
+                    await response.write(_chunk(token, None))
+                await response.write(_chunk("", "length") + b"data: [DONE]\n\n")
+                await response.write_eof()
+            except (ConnectionResetError, asyncio.CancelledError):
+                self.engine.abort(job)  # the client left: the engine stops working for it
+                raise
             return response
         text = []
         while (token := await job.tokens.get()) is not None:

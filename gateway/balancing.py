@@ -11,9 +11,10 @@ change in this gateway's own requests to it since that report, plus a penalty fo
 use. Two replicas are drawn and the lower score wins: the global minimum would send every
 gateway process, each with its own slightly stale view, to the same replica at once.
 A replica whose report is older than ``STALE_SCRAPES`` intervals (its metrics route slow,
-down, or renamed) is scored by this gateway's in-flight count alone, plus a penalty; one
-that reports a queue of ``SATURATED_QUEUE`` or KV use of ``SATURATED_KV`` (llm-d's
-thresholds) is avoided while any other is not.
+down, or renamed) is scored by this gateway's in-flight count alone, plus a penalty. One
+whose queue (as reported, changed by what this gateway sent since) reaches ``SATURATED_QUEUE``,
+or whose KV use reaches ``SATURATED_KV`` (llm-d's thresholds), is avoided while any other
+is not.
 
 ``affinity``: a key from the request (``x-session-id``, else the ``prompt_cache_key`` or
 ``user`` field, else the prompt's leading bytes) orders the replicas by rendezvous hashing,
@@ -126,8 +127,16 @@ def fresh(replica: Replica, now: float, interval: float) -> Load | None:
 
 
 def saturated(replica: Replica, now: float, interval: float) -> bool:
+    """Whether its queue or its KV use is past the threshold. The queue is estimated: what it
+    reported, and this gateway's requests since, beyond the largest batch it has reported
+    running. Counting what was sent since keeps a replica that reported an empty queue from
+    taking every request until the next scrape."""
     load = fresh(replica, now, interval)
-    return load is not None and (load.waiting >= SATURATED_QUEUE or load.kv_use >= SATURATED_KV)
+    if load is None:
+        return False
+    since = replica.in_flight - replica.in_flight_at_scrape
+    queued = load.waiting + load.running + since - max(replica.batch_seen, load.running)
+    return queued >= SATURATED_QUEUE or load.kv_use >= SATURATED_KV
 
 
 def queue_score(replica: Replica, now: float, interval: float, share: float) -> float:

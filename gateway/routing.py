@@ -106,6 +106,8 @@ class Replica:
     scraped_at: float | None = None
     in_flight_at_scrape: int = 0
     """This gateway's requests to it when the scrape was answered."""
+    batch_seen: float = 0.0
+    """The most requests it has reported running at once: its batch, as far as is known."""
     scraping: bool = False
     next_scrape: float = 0.0
     last_scrape: str | None = None
@@ -600,6 +602,7 @@ class Router:
                 replica.last_scrape = NO_SIGNALS
                 return
             replica.reported = load
+            replica.batch_seen = max(replica.batch_seen, load.running)
             replica.scraped_at = time.monotonic()
             replica.in_flight_at_scrape = replica.in_flight
             replica.last_scrape = "ok"
