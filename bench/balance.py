@@ -227,6 +227,8 @@ async def _conversations(
 
     async def worker(index: int) -> None:
         nonlocal counter
+        # Conversations start spread over the first seconds, not all in one instant.
+        await asyncio.sleep(rng.uniform(0, min(2.0, plan.seconds / 4)))
         while time.perf_counter() < deadline:
             counter += 1
             target = urls[counter % len(urls)]

@@ -248,6 +248,16 @@ class FleetCollector(Collector):
             "1 for the replica's state: ready, ejected, loading.",
             labels=[*labels, "state"],
         )
+        reported = GaugeMetricFamily(
+            "gateway_replica_reported_requests",
+            "Requests a replica last reported waiting and running, from its own metrics (strategy: queue).",
+            labels=[*labels, "state"],
+        )
+        age = GaugeMetricFamily(
+            "gateway_replica_report_age_seconds",
+            "Seconds since a replica's metrics were last read (strategy: queue).",
+            labels=labels,
+        )
         now = time.monotonic()
         for group in self.router.groups:
             for replica in group.replicas:
@@ -258,4 +268,8 @@ class FleetCollector(Collector):
                 current = replica.state(now)
                 for name in (READY, EJECTED, LOADING):
                     state.add_metric([*values, name], 1.0 if name == current else 0.0)
-        return [in_flight, picks, ejections, state]
+                if replica.reported is not None and replica.scraped_at is not None:
+                    reported.add_metric([*values, "waiting"], replica.reported.waiting)
+                    reported.add_metric([*values, "running"], replica.reported.running)
+                    age.add_metric(values, now - replica.scraped_at)
+        return [in_flight, picks, ejections, state, reported, age]

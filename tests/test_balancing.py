@@ -173,10 +173,22 @@ def test_a_stale_report_leaves_the_in_flight_count_and_a_penalty() -> None:
 
 def test_a_long_queue_or_a_full_cache_saturates() -> None:
     replica = _replica()
-    replica.scraped_at = 10.0
+    replica.scraped_at, replica.batch_seen = 10.0, 8
     for load, expected in [(Load(4, 8, 0.5), False), (Load(5, 8, 0.5), True), (Load(0, 1, 0.8), True)]:
         replica.reported = load
         assert saturated(replica, 10.0, 1.0) is expected
+
+
+def test_requests_sent_since_the_report_fill_the_batch_then_the_queue() -> None:
+    replica = _replica()
+    replica.scraped_at, replica.batch_seen = 10.0, 8
+    replica.reported, replica.in_flight_at_scrape = Load(0, 2, 0.1), 2
+    replica.in_flight = 2 + 10  # six fill the batch, four wait
+    assert not saturated(replica, 10.0, 1.0)
+    replica.in_flight += 1  # five wait
+    assert saturated(replica, 10.0, 1.0)
+    replica.reported, replica.in_flight_at_scrape, replica.in_flight = Load(6, 8, 0.1), 5, 2
+    assert not saturated(replica, 10.0, 1.0)  # three of this gateway's finished: three wait
 
 
 # Affinity keys
@@ -514,6 +526,12 @@ def test_a_saturated_replica_is_avoided_while_another_is_not(
             httpx.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH, timeout=30).status_code == 200
         )
     assert (full.count(CHAT), light.count(CHAT)) == (0, 20)
+    metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert (
+        f'gateway_replica_reported_requests{{backend="r",replica="{light_url}",state="waiting"}} 3.0'
+        in metrics
+    )
+    assert f'gateway_replica_report_age_seconds{{backend="r",replica="{full_url}"}}' in metrics
     light.metrics_text = "vllm:num_requests_waiting 9\nvllm:num_requests_running 8\n"  # both saturated now
     time.sleep(0.5)
     for _ in range(40):

@@ -46,3 +46,33 @@ def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
     assert "| target | measured | met |" in report
     assert "## Several replicas" in report
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_balancing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "balance", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "balance.json").read_text())
+    paths = {(row["workload"], row["path"]) for row in data["runs"]}
+    for workload in ("uniform", "slow", "hidden", "sessions", "bursts"):
+        for strategy in ("round-robin", "least-outstanding", "queue"):
+            assert (workload, strategy) in paths
+    assert ("sessions", "affinity") in paths
+    assert ("sessions", "oracle") in paths
+    assert ("uniform", "nginx round robin") in paths
+    assert ("uniform (2 gateways)", "queue") in paths
+    for row in data["runs"]:
+        assert row["requests"] > 0, row
+        assert row["errors"] == 0, row
+        assert sum(row["per_replica"]) >= row["requests"], row
+    assert all(row["hit_rate"] > 0 for row in data["runs"] if row["workload"].startswith("sessions"))
+    assert set(data["picking"]["us_per_pick"]) == {"round-robin", "least-outstanding", "queue", "affinity"}
+    report = (tmp_path / "balance.md").read_text()
+    assert "| target | measured | met |" in report
+    assert "balancing.py" in report  # the profile names the functions it timed
+    assert (tmp_path / "balance.png").read_bytes().startswith(b"\x89PNG")
