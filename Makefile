@@ -2,7 +2,8 @@
 #   make serve   install and serve (an embedded llama.cpp backend when none is configured)
 #   make test    install everything the tests need and run them all
 #   make check   format check, lint, types
-#   make bench   the benchmark against a direct connection and nginx (about 20 minutes)
+#   make bench   the benchmark against a direct connection and nginx (about 50 minutes)
+#   make bench-balance   the balancing strategies on a simulated fleet (about 15 minutes)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test check format system-packages bench
+.PHONY: install serve test check format system-packages bench bench-balance
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ test: install system-packages
 
 bench: install system-packages
 	$(BIN)/python -m bench $(ARGS)
+
+bench-balance: install system-packages
+	$(BIN)/python -m bench balance $(ARGS)
 
 check: install
 	$(BIN)/ruff format --check gateway adapters tests bench

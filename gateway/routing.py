@@ -6,9 +6,11 @@ each a ``Group`` of ``Replica``s with a pool apiece. It answers three questions:
 - which backends serve a model (``groups_for``): by the configured ``models`` and
   ``aliases``, or by each backend's own ``/v1/models``, read at start and refreshed;
 - which replica takes the next request (``choose``), among the replicas of every backend
-  serving the model, each with its backend's weight: the less loaded of two drawn by
-  weight (least outstanding requests, streams counted until they end), or smooth weighted
-  round robin; ejected and loading replicas are skipped while any other is left;
+  serving the model, each with its backend's weight, by the backend's strategy: the less
+  loaded of two drawn by weight (least outstanding requests, streams counted until they
+  end), smooth weighted round robin, or one of ``gateway.balancing``'s (the runtimes' own
+  queues, read by ``run_scrapes``; affinity by session or prompt); ejected and loading
+  replicas are skipped while any other is left;
 - whether a failed attempt may go to another replica (``may_retry``): a budget that lets
   a share of requests be retried, so that a sick fleet is not sent every request twice.
 
