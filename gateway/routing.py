@@ -72,9 +72,11 @@ LIST_RETRY = 5.0
 
 # Replica states, as /admin/backends and the metrics show them.
 READY = "ready"
-NO_SIGNALS = "no load metrics"
 EJECTED = "ejected"
 LOADING = "loading"
+
+NO_SIGNALS = "no load metrics"
+"""A scrape's outcome when the page has none of the runtime's load metrics."""
 
 
 @dataclass(eq=False)
