@@ -35,7 +35,7 @@ from gateway.balancing import (
     saturated,
 )
 from gateway.fleet import parse_backends
-from gateway.routing import Group, Replica
+from gateway.routing import Group, Replica, Router
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from tests.conftest import AUTH, Gateway, GatewayFactory
@@ -322,6 +322,22 @@ def test_strategy_and_its_settings_are_checked_per_backend() -> None:
         parse_backends([{"name": "v", "url": "http://a:1", "strategy": "fastest"}], "f")
     with pytest.raises(ValueError, match="scrape_interval"):
         parse_backends([{"name": "v", "url": "http://a:1", "scrape_interval": 0}], "f")
+
+
+def test_balance_sets_the_strategy_of_backends_without_one_and_queue_needs_load_metrics() -> None:
+    configs = parse_backends(
+        [
+            {"name": "v", "kind": "vllm", "url": "http://a:1"},
+            {"name": "o", "kind": "ollama", "url": "http://b:1", "strategy": "queue"},
+            {"name": "t", "kind": "tgi", "url": "http://c:1", "strategy": "round-robin"},
+        ],
+        "f",
+    )
+    router = Router.from_settings(Settings(backends=configs, balance="queue"))
+    strategies = {group.name: (group.strategy, group.scraped) for group in router.groups}
+    # Ollama has no load metrics: queue balances it by in-flight counts, with no scrapes.
+    assert strategies == {"v": ("queue", True), "o": ("queue", False), "t": ("round-robin", False)}
+    assert [backend["strategy"] for backend in router.describe()] == ["queue", "queue", "round-robin"]
 
 
 # Through the gateway, on real sockets
