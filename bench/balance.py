@@ -50,33 +50,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.__main__ import KEY, ROOT, free_port, wait_for_port
 from bench.fleet import Fleet, fleet, raise_fd_limit
+from bench.simulator import Settings as Sim
+from bench.streams import percentile
 
 CHAT = "/v1/chat/completions"
 NGINX = "nginx round robin"
 ORACLE = "oracle"
 STRATEGIES = ("round-robin", "least-outstanding", "queue", "affinity")
-
-
-@dataclass
-class Sim:
-    """The simulated runtime's settings (``bench.simulator``'s options)."""
-
-    max_batch: int = 8
-    decode_ms: float = 30.0
-    batch_growth: float = 0.05
-    prefill_ms_per_token: float = 0.2
-    block_tokens: int = 16
-    cache_blocks: int = 4096
-
-    def options(self) -> list[str]:
-        return [f"--{name.replace('_', '-')}={value}" for name, value in asdict(self).items()]
-
-    def capacity(self, max_tokens: int, prompt_tokens: int) -> float:
-        """Requests a second one replica finishes with a full batch: a request's prefill
-        holds up the whole batch's step, its decoding takes a share of the steps."""
-        step = self.decode_ms * (1 + self.batch_growth * (self.max_batch - 1)) / 1000
-        prefill = prompt_tokens * self.prefill_ms_per_token / 1000
-        return 1 / (prefill + max_tokens * step / self.max_batch)
 
 
 @dataclass
@@ -88,7 +68,7 @@ class Plan:
     turns: int
     think_seconds: float
     drain_seconds: float
-    sim: Sim = field(default_factory=Sim)
+    sim: Sim = field(default_factory=lambda: Sim(decode_ms=30))
     max_tokens: int = 12
     prompt_words: int = 100
     document_words: int = 400
@@ -129,12 +109,12 @@ def _uniform_sims(plan: Plan, count: int) -> list[Sim]:
 
 
 def _slow_sims(plan: Plan, count: int) -> list[Sim]:
-    slow = Sim(**{**asdict(plan.sim), "decode_ms": plan.sim.decode_ms * 3})
+    slow = replace(plan.sim, decode_ms=plan.sim.decode_ms * 3)
     return [plan.sim] * (count - 1) + [slow]
 
 
 def _session_sims(plan: Plan, count: int) -> list[Sim]:
-    return [Sim(**{**asdict(plan.sim), "cache_blocks": plan.session_cache_blocks})] * count
+    return [replace(plan.sim, cache_blocks=plan.session_cache_blocks)] * count
 
 
 BY_LOAD = ("round-robin", "least-outstanding", "queue")
@@ -369,27 +349,20 @@ def run_one(
     queries = sum(figures.get("vllm:prefix_cache_queries_total", 0.0) for figures in after)
     hits = sum(figures.get("vllm:prefix_cache_hits_total", 0.0) for figures in after)
     done = len(tally.ttft)
+    ttft = sorted(tally.ttft)
     span = max(tally.last_done - started, plan.seconds) if done else plan.seconds
     mean = statistics.fmean(requests) if requests else 0.0
     return {
         "requests": done,
         "errors": tally.errors,
         "rps": round(done / span, 2),
-        "ttft_p50_ms": _ms(tally.ttft, 50),
-        "ttft_p99_ms": _ms(tally.ttft, 99),
-        "e2e_p99_ms": _ms(tally.e2e, 99),
+        "ttft_p50_ms": percentile(ttft, 0.50),
+        "ttft_p99_ms": percentile(ttft, 0.99),
+        "e2e_p99_ms": percentile(sorted(tally.e2e), 0.99),
         "hit_rate": round(hits / queries, 4) if queries else 0.0,
         "max_over_mean": round(max(requests) / mean, 3) if mean else 0.0,
         "per_replica": [int(n) for n in requests],
     }
-
-
-def _ms(values: list[float], percentile: int) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, round(percentile / 100 * (len(ordered) - 1)))
-    return round(ordered[index] * 1000, 1)
 
 
 @contextlib.contextmanager
@@ -415,7 +388,7 @@ def _fleet_for(
 
 def run(plan: Plan, workdir: Path, only: set[str] | None = None) -> dict[str, Any]:
     raise_fd_limit()
-    results: dict[str, Any] = {"plan": {**asdict(plan), "sim": asdict(plan.sim)}, "runs": []}
+    results: dict[str, Any] = {"plan": asdict(plan), "runs": []}
     for workload in WORKLOADS:
         if only and workload.name not in only:
             continue
@@ -494,25 +467,20 @@ def _trim_profile(text: str) -> str:
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     runs = {(row["workload"], row["path"]): row for row in results["runs"]}
-    rows = []
-    queue, rr = runs[("slow", "queue")], runs[("slow", "round-robin")]
-    rows.append(
-        (
+    rows = [
+        _ttft_ratio(
             "one slow replica: queue's p99 TTFT at most half of round robin's",
-            f"{queue['ttft_p99_ms']:,.0f} against {rr['ttft_p99_ms']:,.0f} ms "
-            f"(x{queue['ttft_p99_ms'] / max(rr['ttft_p99_ms'], 1e-9):.2f})",
-            queue["ttft_p99_ms"] <= 0.5 * rr["ttft_p99_ms"],
-        )
-    )
-    queue, lor = runs[("hidden", "queue")], runs[("hidden", "least-outstanding")]
-    rows.append(
-        (
+            runs[("slow", "queue")],
+            runs[("slow", "round-robin")],
+            0.5,
+        ),
+        _ttft_ratio(
             "load the gateway cannot see: queue's p99 TTFT at most 0.7x least outstanding's",
-            f"{queue['ttft_p99_ms']:,.0f} against {lor['ttft_p99_ms']:,.0f} ms "
-            f"(x{queue['ttft_p99_ms'] / max(lor['ttft_p99_ms'], 1e-9):.2f})",
-            queue["ttft_p99_ms"] <= 0.7 * lor["ttft_p99_ms"],
-        )
-    )
+            runs[("hidden", "queue")],
+            runs[("hidden", "least-outstanding")],
+            0.7,
+        ),
+    ]
     affinity, oracle = runs[("sessions", "affinity")], runs[("sessions", ORACLE)]
     share = affinity["hit_rate"] / oracle["hit_rate"] if oracle["hit_rate"] else 0.0
     rows.append(
@@ -543,6 +511,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         )
     )
     return rows
+
+
+def _ttft_ratio(
+    target: str, row: dict[str, Any], other: dict[str, Any], most: float
+) -> tuple[str, str, bool]:
+    ours, theirs = row["ttft_p99_ms"], other["ttft_p99_ms"]
+    ratio = ours / theirs if theirs else float("inf")
+    return target, f"{ours:,.0f} against {theirs:,.0f} ms (x{ratio:.2f})", ratio <= most
 
 
 def report(results: dict[str, Any]) -> str:

@@ -42,6 +42,17 @@ class Settings:
     block_tokens: int = 16
     cache_blocks: int = 4096
 
+    def options(self) -> list[str]:
+        """These settings as ``python -m bench.simulator``'s options."""
+        return [f"--{name.replace('_', '-')}={getattr(self, name)}" for name in self.__dataclass_fields__]
+
+    def capacity(self, max_tokens: int, prompt_tokens: int) -> float:
+        """Requests a second one replica finishes with a full batch: a request's prefill
+        holds up the whole batch's step, its decoding takes a share of the steps."""
+        step = self.decode_ms * (1 + self.batch_growth * (self.max_batch - 1)) / 1000
+        prefill = prompt_tokens * self.prefill_ms_per_token / 1000
+        return 1 / (prefill + max_tokens * step / self.max_batch)
+
 
 @dataclass(eq=False)
 class Request:

@@ -64,6 +64,11 @@ async def one_stream(
         return True
 
 
+def percentile(ordered: list[float], p: float) -> float:
+    """The ``p`` quantile (0 to 1) of sorted seconds, in milliseconds; NaN when there are none."""
+    return round(ordered[min(int(len(ordered) * p), len(ordered) - 1)] * 1000, 3) if ordered else float("nan")
+
+
 async def run(
     url: str, streams: int, interval_ms: float, seconds: float, key: str | None, ramp: float | None = None
 ) -> dict[str, object]:
@@ -88,9 +93,6 @@ async def run(
         results = await asyncio.gather(*(guarded(i) for i in range(streams)))
     every = sorted(late for _, late in lateness)
     all_open = sorted(late for now, late in lateness if window.all_open <= now <= window.first_end)
-
-    def percentile(values: list[float], p: float) -> float:
-        return round(values[min(int(len(values) * p), len(values) - 1)] * 1000, 3) if values else float("nan")
 
     return {
         "streams": streams,

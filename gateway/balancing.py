@@ -3,13 +3,14 @@
 Two of a backend's strategies (``strategy:`` in the backends file, else ``--balance``) live
 here; ``gateway.routing`` calls them with the replicas a request may go to.
 
-``queue``: every replica's own Prometheus metrics (``Adapter.load_signals``) are read about
-every ``scrape_interval`` seconds, jittered so that replicas and gateway processes do not
-scrape in step; a scrape still running when the next is due is left to finish or time out,
-never doubled. A replica's score is what it reported (requests waiting and running) plus the
-change in this gateway's own requests to it since that report, plus a penalty for KV-cache
-use. Two replicas are drawn and the lower score wins: the global minimum would send every
-gateway process, each with its own slightly stale view, to the same replica at once.
+``queue``: every replica's own Prometheus metrics (``Adapter.load_signals``) are read
+(``scrape``; ``Router.run_scrapes`` schedules the reads) about every ``scrape_interval``
+seconds, jittered so that replicas and gateway processes do not scrape in step; a scrape
+still running when the next is due is left to finish or time out, never doubled. A
+replica's score is what it reported (requests waiting and running) plus the change in
+this gateway's own requests to it since that report, plus a penalty for KV-cache use. Two
+replicas are drawn and the lower score wins: the global minimum would send every gateway
+process, each with its own slightly stale view, to the same replica at once.
 A replica whose report is older than ``STALE_SCRAPES`` intervals (its metrics route slow,
 down, or renamed) is scored by this gateway's in-flight count alone, plus a penalty. One
 whose queue (as reported, changed by what this gateway sent since) reaches ``SATURATED_QUEUE``,
@@ -27,14 +28,17 @@ least outstanding requests.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.base import LoadSignals
+from gateway.upstream import UPSTREAM_ERRORS
 
 if TYPE_CHECKING:
     from gateway.routing import Group, Replica
@@ -58,6 +62,11 @@ AFFINITY_BYTES = 4096
 """A prompt's key is its first bytes, at most this many, cut to whole blocks."""
 
 MASK = (1 << 64) - 1
+
+NO_SIGNALS = "no load metrics"
+"""A scrape's outcome when the page has none of the runtime's load metrics."""
+
+logger = logging.getLogger("gateway.balancing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,53 @@ def _first(names: tuple[str, ...], values: dict[str, float]) -> float | None:
         if name in values:
             return values[name]
     return None
+
+
+async def scrape(group: Group, replica: Replica) -> None:
+    """Read one replica's load from its metrics route; on any failure its last report stays,
+    and grows stale. The read is bounded like every answer the gateway reads whole (the
+    backend read limit) and lasts at most one scrape interval."""
+    adapter = group.backend.adapter
+    assert adapter.metrics_path is not None
+    assert adapter.load_signals is not None
+    try:
+        status, body = await replica.upstream.pool.fetch(
+            "GET", adapter.metrics_path, group.backend.own_headers(), group.scrape_interval
+        )
+        if status != 200:
+            replica.last_scrape = f"failed: status {status}"
+            return
+        load = read_load(body.decode("utf-8", "replace"), adapter.load_signals)
+        if load is None:
+            if replica.last_scrape != NO_SIGNALS:
+                logger.warning(
+                    "replica %s of backend %s: its metrics have none of %s; balancing by in-flight requests",
+                    replica.url,
+                    group.name,
+                    ", ".join(sorted(adapter.load_signals.names)),
+                )
+            replica.last_scrape = NO_SIGNALS
+            return
+        replica.reported = load
+        replica.batch_seen = max(replica.batch_seen, load.running)
+        replica.scraped_at = time.monotonic()
+        replica.in_flight_at_scrape = replica.in_flight
+        replica.last_scrape = "ok"
+    except UPSTREAM_ERRORS as exc:
+        replica.last_scrape = f"failed: {type(exc).__name__}"
+    except ValueError as exc:
+        replica.last_scrape = f"failed: unparsable ({exc})"[:200]
+    finally:
+        replica.scraping = False
+
+
+def report(replica: Replica, now: float) -> dict[str, object]:
+    """A replica's last report, for /admin/backends."""
+    return {
+        "reported": None if replica.reported is None else replica.reported.as_dict(),
+        "reported_age_s": None if replica.scraped_at is None else round(now - replica.scraped_at, 3),
+        "last_scrape": replica.last_scrape,
+    }
 
 
 # queue

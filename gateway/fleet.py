@@ -26,7 +26,6 @@ from adapters import ADAPTERS
 from gateway.client import Origin
 
 Strategy = Literal["least-outstanding", "round-robin", "queue", "affinity"]
-STRATEGIES: tuple[str, ...] = ("least-outstanding", "round-robin", "queue", "affinity")
 
 
 class BackendConfig(BaseModel):

@@ -51,9 +51,10 @@ from gateway.balancing import (
     Load,
     affinity_pick,
     queue_score,
-    read_load,
     replica_seed,
+    report,
     saturated,
+    scrape,
 )
 from gateway.client import ConnectFailed, ConnectTimeout
 from gateway.errors import NotFound
@@ -74,9 +75,6 @@ LIST_RETRY = 5.0
 READY = "ready"
 EJECTED = "ejected"
 LOADING = "loading"
-
-NO_SIGNALS = "no load metrics"
-"""A scrape's outcome when the page has none of the runtime's load metrics."""
 
 
 @dataclass(eq=False)
@@ -251,8 +249,9 @@ class Router:
         defaults = [group for group in groups if group.default]
         self.default = defaults[0] if defaults else groups[0]
         for group in groups:
+            # One replica (--backend-url) has nothing to balance: no affinity key is read.
             configured = group.config.strategy if group.config is not None else None
-            group.strategy = configured or self.settings.balance
+            group.strategy = LEAST_OUTSTANDING if self.single else configured or self.settings.balance
         self.groups = groups
         self.rebuild()
 
@@ -577,45 +576,8 @@ class Router:
                         continue
                     replica.scraping = True
                     replica.next_scrape = now + interval * random.uniform(0.8, 1.2)
-                    self._spawn(self.scrape(group, replica))
+                    self._spawn(scrape(group, replica))
             await asyncio.sleep(max(wake, 0.01))
-
-    async def scrape(self, group: Group, replica: Replica) -> None:
-        """Read one replica's load from its metrics; on any failure its last report stays,
-        and grows stale."""
-        adapter = group.backend.adapter
-        assert adapter.metrics_path is not None
-        assert adapter.load_signals is not None
-        try:
-            status, body = await replica.upstream.pool.fetch(
-                "GET", adapter.metrics_path, group.backend.own_headers(), group.scrape_interval
-            )
-            if status != 200:
-                replica.last_scrape = f"failed: status {status}"
-                return
-            load = read_load(body.decode("utf-8", "replace"), adapter.load_signals)
-            if load is None:
-                if replica.last_scrape != NO_SIGNALS:
-                    logger.warning(
-                        "replica %s of backend %s: its metrics have none of %s; balancing by "
-                        "in-flight requests",
-                        replica.url,
-                        group.name,
-                        ", ".join(sorted(adapter.load_signals.names)),
-                    )
-                replica.last_scrape = NO_SIGNALS
-                return
-            replica.reported = load
-            replica.batch_seen = max(replica.batch_seen, load.running)
-            replica.scraped_at = time.monotonic()
-            replica.in_flight_at_scrape = replica.in_flight
-            replica.last_scrape = "ok"
-        except UPSTREAM_ERRORS as exc:
-            replica.last_scrape = f"failed: {type(exc).__name__}"
-        except ValueError as exc:
-            replica.last_scrape = f"failed: unparsable ({exc})"[:200]
-        finally:
-            replica.scraping = False
 
     async def follow_lists(self) -> None:
         """Keep every backend's model list fresh, for routing and for the metrics' labels."""
@@ -757,21 +719,13 @@ class Router:
                         "last_probe_age_s": None
                         if replica.last_probe_at is None
                         else round(now - replica.last_probe_at, 3),
-                        **(_report(replica, now) if group.scraped else {}),
+                        **(report(replica, now) if group.scraped else {}),
                     }
                     for replica in group.replicas
                 ],
             }
             for group in self.groups
         ]
-
-
-def _report(replica: Replica, now: float) -> dict[str, object]:
-    return {
-        "reported": None if replica.reported is None else replica.reported.as_dict(),
-        "reported_age_s": None if replica.scraped_at is None else round(now - replica.scraped_at, 3),
-        "last_scrape": replica.last_scrape,
-    }
 
 
 async def health_status(backend: Backend, replica: Replica, seconds: float) -> int:

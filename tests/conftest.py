@@ -6,16 +6,20 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
+import yaml
 from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from tests.fakes import FakeBackend, LoopThread, Seen, start_fake
+from tests.fleet_fakes import FleetRuntime, start_runtime
 
 ENV_NAMES = ("API_KEYS", "BACKEND", "BACKEND_URL", "BACKEND_API_KEY")
 
@@ -101,3 +105,57 @@ def gateway(start_gateway: GatewayFactory) -> Gateway:
 
 
 AUTH = {"Authorization": "Bearer sk-test-1"}
+
+
+# Several backends: fake runtimes and a gateway in front of them
+
+
+Runtime = tuple[FleetRuntime, str]
+ADMIN = {"Authorization": "Bearer sk-admin"}
+
+
+@pytest.fixture
+def runtimes(loop_thread: LoopThread) -> Iterator[Callable[..., Runtime]]:
+    """Start fake runtimes in the tests' loop thread: ``runtime(name, models, delay=0)``."""
+    runners = []
+
+    def start(name: str, models: list[str] | None = None, delay: float = 0.0) -> Runtime:
+        runtime = FleetRuntime(name, models or ["m"], delay)
+        runner, port = loop_thread.run(start_runtime(runtime))
+        runners.append(runner)
+        return runtime, f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        loop_thread.run(runner.cleanup())
+
+
+@pytest.fixture
+def fleet_gateway(start_gateway: GatewayFactory, tmp_path: Path) -> Callable[..., Gateway]:
+    """A gateway in front of the backends given, as a backends file of its own."""
+    files = 0
+
+    def start(backends: list[dict[str, Any]], **overrides: Any) -> Gateway:
+        nonlocal files
+        files += 1
+        path = tmp_path / f"backends-{files}.yaml"
+        path.write_text(yaml.safe_dump({"backends": backends}))
+        overrides.setdefault("probe_interval", 0.2)
+        overrides.setdefault("eject_seconds", 0.3)
+        overrides.setdefault("slow_start", 0)
+        return start_gateway(
+            backend_url=None,
+            backends=str(path),
+            api_keys=["sk-test-1"],
+            admin_api_keys=["sk-admin"],
+            **overrides,
+        )
+
+    return start
+
+
+def replicas(gateway: Gateway) -> dict[str, dict[str, Any]]:
+    """Every replica as /admin/backends shows it, by URL."""
+    answer = httpx.get(gateway.url + "/admin/backends", headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {r["url"]: r for backend in answer.json()["data"] for r in backend["replicas"]}

@@ -40,6 +40,8 @@ class FleetRuntime:
         self.metrics_open = 0
         self.metrics_open_most = 0
         """The most ``/metrics`` requests ever open at once."""
+        self.metrics_peers: list[object] = []
+        """The client address of each ``/metrics`` request (a new one: a new connection)."""
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/v1/models", self.list_models)
@@ -59,6 +61,8 @@ class FleetRuntime:
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.metrics_open += 1
+        assert request.transport is not None
+        self.metrics_peers.append(request.transport.get_extra_info("peername"))
         self.metrics_open_most = max(self.metrics_open_most, self.metrics_open)
         try:
             if self.metrics_delay:

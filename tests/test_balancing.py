@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,12 +37,10 @@ from gateway.fleet import parse_backends
 from gateway.routing import Group, Replica, Router
 from gateway.settings import Settings
 from gateway.upstream import Upstream
-from tests.conftest import AUTH, Gateway, GatewayFactory
+from tests.conftest import AUTH, Gateway, Runtime, replicas
 from tests.fakes import LoopThread, wait_until
-from tests.fleet_fakes import FleetRuntime, start_runtime
 
 CHAT = "/v1/chat/completions"
-ADMIN = {"Authorization": "Bearer sk-admin"}
 ROOT = Path(__file__).resolve().parent.parent
 
 VLLM_PAGE = """\
@@ -344,24 +341,6 @@ def test_balance_sets_the_strategy_of_backends_without_one_and_queue_needs_load_
 
 
 @pytest.fixture
-def fleet_gateway(start_gateway: GatewayFactory, tmp_path: Path) -> Callable[..., Gateway]:
-    def start(backends: list[dict[str, Any]], **overrides: Any) -> Gateway:
-        path = tmp_path / f"backends-{len(list(tmp_path.iterdir()))}.yaml"
-        path.write_text(yaml.safe_dump({"backends": backends}))
-        overrides.setdefault("probe_interval", 0.2)
-        overrides.setdefault("slow_start", 0)
-        return start_gateway(
-            backend_url=None,
-            backends=str(path),
-            api_keys=["sk-test-1"],
-            admin_api_keys=["sk-admin"],
-            **overrides,
-        )
-
-    return start
-
-
-@pytest.fixture
 def simulators(loop_thread: LoopThread) -> Iterator[Callable[..., tuple[Simulator, str]]]:
     runners: list[web.AppRunner] = []
 
@@ -384,25 +363,10 @@ def simulators(loop_thread: LoopThread) -> Iterator[Callable[..., tuple[Simulato
         loop_thread.run(runner.cleanup())
 
 
-@pytest.fixture
-def runtimes(loop_thread: LoopThread) -> Iterator[Callable[..., tuple[FleetRuntime, str]]]:
-    runners: list[web.AppRunner] = []
-
-    def start(name: str, delay: float = 0.0) -> tuple[FleetRuntime, str]:
-        runtime = FleetRuntime(name, ["m"], delay)
-        runner, port = loop_thread.run(start_runtime(runtime))
-        runners.append(runner)
-        return runtime, f"http://127.0.0.1:{port}"
-
-    yield start
-    for runner in runners:
-        loop_thread.run(runner.cleanup())
-
-
-def _describe(gateway: Gateway) -> dict[str, dict[str, Any]]:
-    answer = httpx.get(gateway.url + "/admin/backends", headers=ADMIN, timeout=10)
-    assert answer.status_code == 200, answer.text
-    return {r["url"]: r for backend in answer.json()["data"] for r in backend["replicas"]}
+def _queue_gateway(fleet_gateway: Callable[..., Gateway], urls: list[str], **overrides: Any) -> Gateway:
+    """A gateway balancing vLLM-like replicas by their queues, read ten times a second."""
+    backend = {"name": "r", "kind": "vllm", "urls": urls, "strategy": "queue", "scrape_interval": 0.1}
+    return fleet_gateway([backend], **overrides)
 
 
 def _sim_chat(url: str, max_tokens: int, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -415,17 +379,7 @@ def test_queue_sends_around_load_the_gateway_cannot_see(
 ) -> None:
     _, busy_url = simulators(max_batch=2, decode_ms=10)
     idle, idle_url = simulators(max_batch=2, decode_ms=10)
-    gateway = fleet_gateway(
-        [
-            {
-                "name": "sim",
-                "kind": "vllm",
-                "urls": [busy_url, idle_url],
-                "strategy": "queue",
-                "scrape_interval": 0.1,
-            }
-        ]
-    )
+    gateway = _queue_gateway(fleet_gateway, [busy_url, idle_url])
     # Another client keeps the first replica's queue long, straight to it.
     stop = threading.Event()
 
@@ -437,9 +391,7 @@ def test_queue_sends_around_load_the_gateway_cannot_see(
     for thread in others:
         thread.start()
     try:
-        wait_until(
-            lambda: (_describe(gateway)[busy_url]["reported"] or {}).get("waiting", 0) >= 4, timeout=10
-        )
+        wait_until(lambda: (replicas(gateway)[busy_url]["reported"] or {}).get("waiting", 0) >= 4, timeout=10)
         for _ in range(20):
             assert _sim_chat(gateway.url, 2, AUTH).status_code == 200
     finally:
@@ -447,30 +399,20 @@ def test_queue_sends_around_load_the_gateway_cannot_see(
         for thread in others:
             thread.join()
     assert idle.engine.submitted >= 18, idle.engine.submitted  # only the gateway sends to it
-    described = _describe(gateway)
+    described = replicas(gateway)
     assert described[idle_url]["last_scrape"] == "ok"
     assert described[idle_url]["reported_age_s"] < 1.0
 
 
 def test_a_replica_whose_metrics_route_hangs_still_gets_traffic_and_scrapes_never_pile_up(
-    runtimes: Callable[..., tuple[FleetRuntime, str]], fleet_gateway: Callable[..., Gateway]
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
     hung, hung_url = runtimes("hung", delay=0.05)
     hung.metrics_delay = 3600
     fine, fine_url = runtimes("fine", delay=0.05)
     fine.metrics_text = "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n"
-    gateway = fleet_gateway(
-        [
-            {
-                "name": "r",
-                "kind": "vllm",
-                "urls": [hung_url, fine_url],
-                "strategy": "queue",
-                "scrape_interval": 0.1,
-            }
-        ]
-    )
-    wait_until(lambda: _describe(gateway)[hung_url]["last_scrape"] == "failed: TimeoutError", timeout=10)
+    gateway = _queue_gateway(fleet_gateway, [hung_url, fine_url])
+    wait_until(lambda: replicas(gateway)[hung_url]["last_scrape"] == "failed: TimeoutError", timeout=10)
     time.sleep(0.5)  # several intervals: each scrape times out before the next starts
 
     def client() -> None:
@@ -487,13 +429,13 @@ def test_a_replica_whose_metrics_route_hangs_still_gets_traffic_and_scrapes_neve
     assert hung.count(CHAT) + fine.count(CHAT) == 80
     assert hung.count(CHAT) >= 10, (hung.count(CHAT), fine.count(CHAT))
     assert hung.metrics_open_most == 1
-    described = _describe(gateway)
+    described = replicas(gateway)
     assert described[hung_url]["reported"] is None
     assert described[fine_url]["last_scrape"] == "ok"
 
 
 def test_a_renamed_metric_is_reported_and_balancing_goes_on_by_in_flight_counts(
-    runtimes: Callable[..., tuple[FleetRuntime, str]],
+    runtimes: Callable[..., Runtime],
     fleet_gateway: Callable[..., Gateway],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -501,10 +443,8 @@ def test_a_renamed_metric_is_reported_and_balancing_goes_on_by_in_flight_counts(
     two, url2 = runtimes("two")
     for runtime in (one, two):
         runtime.metrics_text = "vllm:requests_waiting_renamed 3\n"
-    gateway = fleet_gateway(
-        [{"name": "r", "kind": "vllm", "urls": [url1, url2], "strategy": "queue", "scrape_interval": 0.1}]
-    )
-    wait_until(lambda: _describe(gateway)[url1]["last_scrape"] == "no load metrics", timeout=10)
+    gateway = _queue_gateway(fleet_gateway, [url1, url2])
+    wait_until(lambda: replicas(gateway)[url1]["last_scrape"] == "no load metrics", timeout=10)
     for _ in range(20):
         assert (
             httpx.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH, timeout=30).status_code == 200
@@ -514,8 +454,26 @@ def test_a_renamed_metric_is_reported_and_balancing_goes_on_by_in_flight_counts(
     assert "its metrics have none of vllm:gpu_cache_usage_perc" in caplog.text
 
 
+def test_a_metrics_page_past_the_read_limit_is_not_read_and_its_connection_not_kept(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    big, big_url = runtimes("big")
+    big.metrics_text = "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n" + "# padding\n" * 2000
+    small, small_url = runtimes("small")
+    gateway = _queue_gateway(fleet_gateway, [big_url, small_url], backend_max_read_bytes=4096)
+    wait_until(lambda: replicas(gateway)[big_url]["last_scrape"] == "failed: TooLarge", timeout=10)
+    assert replicas(gateway)[big_url]["reported"] is None
+    wait_until(lambda: len(big.metrics_peers) >= 3, timeout=10)
+    assert len(set(big.metrics_peers)) == len(big.metrics_peers)  # each on a new connection
+    for _ in range(10):
+        assert (
+            httpx.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH, timeout=30).status_code == 200
+        )
+    assert big.count(CHAT) + small.count(CHAT) == 10
+
+
 def test_a_saturated_replica_is_avoided_while_another_is_not(
-    runtimes: Callable[..., tuple[FleetRuntime, str]], fleet_gateway: Callable[..., Gateway]
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
     full, full_url = runtimes("full")
     full.metrics_text = (
@@ -525,18 +483,8 @@ def test_a_saturated_replica_is_avoided_while_another_is_not(
     light.metrics_text = (
         "vllm:num_requests_waiting 3\nvllm:num_requests_running 8\nvllm:kv_cache_usage_perc 0.2\n"
     )
-    gateway = fleet_gateway(
-        [
-            {
-                "name": "r",
-                "kind": "vllm",
-                "urls": [full_url, light_url],
-                "strategy": "queue",
-                "scrape_interval": 0.1,
-            }
-        ]
-    )
-    wait_until(lambda: all(r["last_scrape"] == "ok" for r in _describe(gateway).values()), timeout=10)
+    gateway = _queue_gateway(fleet_gateway, [full_url, light_url])
+    wait_until(lambda: all(r["last_scrape"] == "ok" for r in replicas(gateway).values()), timeout=10)
     for _ in range(20):
         assert (
             httpx.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH, timeout=30).status_code == 200
@@ -558,7 +506,7 @@ def test_a_saturated_replica_is_avoided_while_another_is_not(
 
 
 def test_a_session_keeps_to_one_replica_and_two_gateways_agree(
-    runtimes: Callable[..., tuple[FleetRuntime, str]], fleet_gateway: Callable[..., Gateway]
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
     started = [runtimes(f"r{i}") for i in range(4)]
     backends = [{"name": "r", "urls": [url for _, url in started], "strategy": "affinity"}]
@@ -586,7 +534,7 @@ def test_a_session_keeps_to_one_replica_and_two_gateways_agree(
 
 
 def test_a_hot_session_spills_over_within_the_bound(
-    runtimes: Callable[..., tuple[FleetRuntime, str]], fleet_gateway: Callable[..., Gateway]
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
     started = [runtimes(f"r{i}", delay=0.5) for i in range(4)]
     gateway = fleet_gateway([{"name": "r", "urls": [url for _, url in started], "strategy": "affinity"}])

@@ -11,15 +11,20 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+def run_quick(out: Path, *command: str) -> None:
+    """``python -m bench [command] --quick --out OUT``, which must succeed."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", *command, "--quick", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+    run_quick(tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     for workload in ("c1", "c32", "stream100_c16"):
         for path in ("direct", "nginx", "nginx-ka", "gateway"):
@@ -49,14 +54,7 @@ def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
 
 
 def test_the_balancing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "balance", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_quick(tmp_path, "balance")
     data = json.loads((tmp_path / "balance.json").read_text())
     paths = {(row["workload"], row["path"]) for row in data["runs"]}
     for workload in ("uniform", "slow", "hidden", "sessions", "bursts"):

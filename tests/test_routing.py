@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,51 +23,11 @@ from gateway.body import StreamedBody
 from gateway.routing import Replica
 from gateway.settings import Settings
 from gateway.upstream import Upstream
-from tests.conftest import AUTH, Gateway, GatewayFactory
+from tests.conftest import ADMIN, AUTH, Gateway, GatewayFactory, Runtime, replicas
 from tests.fakes import LoopThread, free_port, wait_until
 from tests.fleet_fakes import FleetRuntime, start_runtime
 
 CHAT = "/v1/chat/completions"
-ADMIN = {"Authorization": "Bearer sk-admin"}
-
-Runtime = tuple[FleetRuntime, str]
-
-
-@pytest.fixture
-def runtimes(loop_thread: LoopThread) -> Iterator[Callable[..., Runtime]]:
-    """Start fake runtimes in the tests' loop thread: ``runtime(name, models, delay=0)``."""
-    runners = []
-
-    def start(name: str, models: list[str] | None = None, delay: float = 0.0) -> Runtime:
-        runtime = FleetRuntime(name, models or ["m"], delay)
-        runner, port = loop_thread.run(start_runtime(runtime))
-        runners.append(runner)
-        return runtime, f"http://127.0.0.1:{port}"
-
-    yield start
-    for runner in runners:
-        loop_thread.run(runner.cleanup())
-
-
-@pytest.fixture
-def fleet_gateway(start_gateway: GatewayFactory, tmp_path: Path) -> Callable[..., Gateway]:
-    """A gateway in front of the backends given, as a backends file."""
-
-    def start(backends: list[dict[str, Any]], **overrides: Any) -> Gateway:
-        path = tmp_path / "backends.yaml"
-        path.write_text(yaml.safe_dump({"backends": backends}))
-        overrides.setdefault("probe_interval", 0.2)
-        overrides.setdefault("eject_seconds", 0.3)
-        overrides.setdefault("slow_start", 0)
-        return start_gateway(
-            backend_url=None,
-            backends=str(path),
-            api_keys=["sk-test-1"],
-            admin_api_keys=["sk-admin"],
-            **overrides,
-        )
-
-    return start
 
 
 def chat(gateway: Gateway, model: str | None = "m", **extra: Any) -> httpx.Response:
@@ -75,12 +35,6 @@ def chat(gateway: Gateway, model: str | None = "m", **extra: Any) -> httpx.Respo
     if model is not None:
         body["model"] = model
     return httpx.post(gateway.url + CHAT, json=body, headers=AUTH, timeout=30)
-
-
-def replicas(gateway: Gateway) -> dict[str, dict[str, Any]]:
-    answer = httpx.get(gateway.url + "/admin/backends", headers=ADMIN, timeout=10)
-    assert answer.status_code == 200, answer.text
-    return {r["url"]: r for backend in answer.json()["data"] for r in backend["replicas"]}
 
 
 # Models
