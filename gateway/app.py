@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFou
 from gateway.fleet import load_backends_file
 from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, RuntimeMetrics, health
 from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint
+from gateway.ownership import Owners, records_for
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
 from gateway.routes import ROUTES
@@ -87,6 +89,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             metrics.rate_limited,
         )
 
+    owners: Owners | None = None
+    if auth.size > 1:
+        owners = Owners(_object_secret(settings), records_for(settings.rate_limit_storage))
     endpoints = {
         spec: ProxyEndpoint(
             spec,
@@ -97,6 +102,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             access_log,
             None if spec.admin else limiter,
             limits_by_key,
+            owners,
         )
         for spec in ROUTES
         # Runtime admin routes exist only for admin keys; with none configured they are 404.
@@ -169,6 +175,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             if supervisor is not None:
                 await supervisor.stop()
             await router.close()
+            if owners is not None:
+                await owners.records.close()
 
     app = GatewayApp(
         routes=routes,
@@ -192,6 +200,16 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     app.state.limiter = limiter
     app.state.lifecycle = lifecycle
     return app
+
+
+def _object_secret(settings: Settings) -> bytes:
+    if settings.object_secret is not None:
+        return settings.object_secret.get_secret_value().encode()
+    logger.warning(
+        "no --object-secret: the IDs of files, batches and stored responses are sealed with a random "
+        "secret, so they hold only in this process (give every replica the same --object-secret)"
+    )
+    return os.urandom(32)
 
 
 def _reload_on_sighup(router: Router, settings: Settings) -> bool:

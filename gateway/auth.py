@@ -56,6 +56,10 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    @property
+    def size(self) -> int:
+        return len(self._keys)
+
     def authenticate(self, authorization: bytes | None, x_api_key: bytes | None) -> ApiKey | None:
         """The key presented, or None when auth is off.
 
@@ -95,6 +99,9 @@ def load_keys_file(path: Path) -> list[ApiKey]:
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f"keys file {path} must hold a 'keys' list")
+    if not entries:
+        # An empty list would turn authentication off: a typo must not open the gateway.
+        raise ValueError(f"keys file {path} holds no keys: add one, or drop --keys-file")
     keys = []
     for index, entry in enumerate(entries, start=1):
         where = f"keys file {path}, entry {index}"

@@ -32,6 +32,8 @@ class Exchange:
     """The gateway's error type, a backend error class, or client_disconnect."""
     reservation: Reservation | None = None
     """Tokens held against the key's token limits until the answer's usage is known."""
+    previous_id: str | None = None
+    """The runtime's ID of the stored response a Responses request continues, once unsealed."""
     headers_out: list[tuple[bytes, bytes]] = field(default_factory=list)
     """Headers the gateway adds to the answer, whoever answers: x-request-id, rate limits."""
 

@@ -20,14 +20,23 @@ from urllib.parse import quote
 import orjson
 
 from adapters import normalise
-from adapters.base import CHAT_COMPLETIONS, COMPLETIONS, MANAGEMENT_ROUTES, MODEL, MODELS, RESPONSES
-from gateway import management
+from adapters.base import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    FILE_CONTENT,
+    MANAGEMENT_ROUTES,
+    MODEL,
+    MODELS,
+    RESPONSES,
+)
+from gateway import management, ownership, reserve
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
 from gateway.balancing import AFFINITY, affinity_key
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
 from gateway.client import PoolTimeout, Response
 from gateway.errors import (
+    BackendBadResponse,
     BackendError,
     BackendUnavailable,
     GatewayError,
@@ -39,7 +48,8 @@ from gateway.errors import (
 from gateway.exchange import Exchange
 from gateway.headers import RequestHeaders, response_headers, split_request_headers, valid_request_id
 from gateway.metrics import Metrics
-from gateway.ratelimit import KeyLimits, Limiter, estimate_tokens, requested_max_tokens
+from gateway.ownership import Owners, StreamSealer
+from gateway.ratelimit import KeyLimits, Limiter
 from gateway.routes import Body, RouteSpec
 from gateway.routing import Group, Replica, Router
 from gateway.settings import Settings
@@ -74,6 +84,7 @@ class ProxyEndpoint:
         access_log: AccessLog | None,
         limiter: Limiter | None = None,
         key_limits: Mapping[str, KeyLimits] | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self.route = route
         self.router = router
@@ -91,6 +102,9 @@ class ProxyEndpoint:
         self.max_body = settings.max_body_bytes
         self.max_read_bytes = settings.backend_max_read_bytes
         self.idle_timeout = settings.stream_idle_timeout
+        self.owners = owners if route.name in ownership.ROUTE_KINDS else None
+        """Set on the routes of files, batches and stored responses when several keys share
+        the gateway: their IDs are sealed to their owner."""
         self.management = route.name in MANAGEMENT_ROUTES
         """Model management: sent to a backend named in the body, else by model, else the
         default one; the body is put in the runtime's own shape."""
@@ -157,14 +171,29 @@ class ProxyEndpoint:
                             f"{route.path} needs {name!r}, a non-empty string", code="missing_field"
                         )
                 if limiter is not None and limits.tokens:
-                    generated = self.default_max_tokens if route.name in GENERATING else 0
-                    wanted = estimate_tokens(len(body), requested_max_tokens(parsed, generated))
+                    wanted = reserve.reservation(
+                        len(body),
+                        parsed,
+                        route.name in GENERATING,
+                        self.default_max_tokens,
+                        prompts=route.name == COMPLETIONS,
+                    )
                     reservation, held = await limiter.reserve(
                         identity, limits, wanted, exchange.key or "anonymous"
                     )
                     exchange.reservation = reservation
                     exchange.headers_out += held
-            elif route.body is Body.STREAM:
+            query: bytes = scope.get("query_string", b"")
+            raw_path: str | None = None
+            if self.owners is not None and key is not None:
+                raw_path, query, changed = self.owners.inbound(
+                    key.name, route.name, route.path, scope.get("path_params", {}), query, parsed
+                )
+                if changed:
+                    body = orjson.dumps(parsed)
+                    previous = parsed.get("previous_response_id") if parsed is not None else None
+                    exchange.previous_id = previous if isinstance(previous, str) else None
+            if route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
                 if not router.single:
@@ -192,6 +221,9 @@ class ProxyEndpoint:
             return
 
         forward = headers.forward
+        if self.owners is not None:
+            # Its answer is read to seal the IDs in it: it must come as it is.
+            forward = [h for h in forward if h[0] != b"accept-encoding"]
         if isinstance(body, StreamedBody) and headers.content_length is not None:
             # A fixed-size upload stays fixed-size: some runtimes do not take chunked bodies.
             forward.append((b"content-length", headers.content_length))
@@ -216,10 +248,9 @@ class ProxyEndpoint:
             if not groups[0].backend.adapter.serves(route.name):
                 await self._model_from_list(groups[0], exchange, forward, send)
                 return
-            query = scope.get("query_string", b"")
             fixed = not query and scope["path"] == route.path
-            raw_target = ""
-            if not fixed or "{" in route.path:
+            raw_target = raw_path or ""
+            if not raw_target and (not fixed or "{" in route.path):
                 raw_target = scope.get("raw_path", b"").decode("latin-1") or quote(scope["path"])
 
             def target_for(group: Group) -> str:
@@ -401,14 +432,23 @@ class ProxyEndpoint:
                 response.status, response.raw_headers, exchange.headers_out
             )
             exchange.status = response.status
-            if group.backend.adapter.normalise and not streaming and self._reshapes(response):
+            owners = self.owners
+            sealing = owners is not None and exchange.key is not None and 200 <= response.status < 300
+            if sealing and not streaming and self.route.name != FILE_CONTENT:
+                complete = await self._send_sealed(response, returned, send, exchange)
+            elif group.backend.adapter.normalise and not streaming and self._reshapes(response):
                 complete = await self._send_reshaped(response, group, returned, send, exchange)
             else:
                 await send({"type": "http.response.start", "status": response.status, "headers": returned})
+                sealer = None
                 if streaming:
                     exchange.stream = True
                     self.metrics.stream_opened(exchange)
-                complete = await self._relay(response, send, streaming, exchange)
+                    if sealing:
+                        assert owners is not None
+                        assert exchange.key is not None
+                        sealer = StreamSealer(owners, exchange.key, exchange.previous_id, self.max_read_bytes)
+                complete = await self._relay(response, send, streaming, exchange, sealer)
         finally:
             if complete:
                 response.release()
@@ -448,6 +488,36 @@ class ProxyEndpoint:
         if whole:
             return True
         return await self._relay(response, send, False, exchange)
+
+    async def _send_sealed(
+        self, response: Response, headers: list[tuple[bytes, bytes]], send: Send, exchange: Exchange
+    ) -> bool:
+        """An object, or a list of them, with its IDs sealed to the key and a list cut to the
+        key's own objects."""
+        assert self.owners is not None
+        assert exchange.key is not None
+        waited = time.perf_counter()
+        head, whole = await response.read_up_to(self.max_read_bytes)
+        exchange.upstream_wait += time.perf_counter() - waited
+        exchange.ttfb = time.perf_counter() - exchange.start
+        if not whole or response.header(b"content-encoding") is not None:
+            if self.route.name in ownership.LISTS:
+                # Unread, it cannot be cut to the key's own objects; it must not go as it is.
+                error = BackendBadResponse(
+                    "the backend's list is too large to check whose objects it holds: ask for fewer (limit)",
+                    code="list_too_large",
+                )
+                await send_error(send, error, exchange)
+                return False
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            await send({"type": "http.response.body", "body": head, "more_body": not whole})
+            return True if whole else await self._relay(response, send, False, exchange)
+        sealed = await self.owners.answer(exchange.key, self.route.name, head)
+        headers = [h for h in headers if h[0] not in {b"content-type", b"content-length"}]
+        headers += [*JSON_HEADERS, (b"content-length", str(len(sealed)).encode())]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": sealed, "more_body": False})
+        return True
 
     async def _model_from_list(
         self,
@@ -507,8 +577,16 @@ class ProxyEndpoint:
             return
         await _send_json(send, 200, orjson.dumps(entry), exchange)
 
-    async def _relay(self, response: Response, send: Send, streaming: bool, exchange: Exchange) -> bool:
-        """Send the body on as it arrives; True when the backend finished it."""
+    async def _relay(
+        self,
+        response: Response,
+        send: Send,
+        streaming: bool,
+        exchange: Exchange,
+        sealer: StreamSealer | None = None,
+    ) -> bool:
+        """Send the body on as it arrives (through ``sealer`` where IDs are sealed); True
+        when the backend finished it."""
         response.set_read_timeout(self.idle_timeout)
         clock = time.perf_counter
         previous = last = b""
@@ -525,6 +603,10 @@ class ProxyEndpoint:
                     exchange.ttfb = clock() - exchange.start
                 previous, last = last, chunk
                 done = response.at_eof()
+                if sealer is not None:
+                    chunk = sealer.feed(chunk) + (sealer.flush() if done else b"")
+                    if not chunk and not done:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
         except UPSTREAM_ERRORS as exc:
             exchange.upstream_wait += waiting
@@ -541,7 +623,8 @@ class ProxyEndpoint:
             return False
         exchange.upstream_wait += waiting
         if not done:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            rest = sealer.flush() if sealer is not None else b""
+            await send({"type": "http.response.body", "body": rest, "more_body": False})
         if 200 <= exchange.status < 300:
             tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
             exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)

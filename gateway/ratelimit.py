@@ -2,10 +2,12 @@
 
 Requests are counted with the configured strategy (moving window by default), in memory or
 in Redis, where several gateway processes share one count: they admit together exactly what
-one would. Tokens are reserved before the request is forwarded (its ``max_tokens``, or the
-default, plus an estimate of the prompt) and settled when the answer ends, from its
-``usage``: a request that used less gives the difference back. Token budgets are counters in
-fixed windows, since a counter, unlike a moving window's log, can be given back to.
+one would. Tokens are reserved before the request is forwarded (what it may generate, read
+by ``gateway.reserve`` as the runtimes read it, plus an estimate of the prompt) and settled
+when the answer ends, from its ``usage``: a request that used less gives the difference
+back. Token budgets are counters in fixed windows, since a counter, unlike a moving window's
+log, can be given back to. A reservation larger than a whole window is refused before the
+storage is asked, so no request can make the storage fail.
 
 When the storage fails (Redis down), requests are admitted (fail open, the default) or
 refused with 503 (fail closed); either way it is logged and counted, never a 500.
@@ -34,6 +36,7 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 from prometheus_client import Counter
 
+from gateway import reserve
 from gateway.errors import GatewayError
 
 logger = logging.getLogger("gateway.ratelimit")
@@ -155,6 +158,16 @@ class Limiter:
         reservation = Reservation(identity, amount)
         if not limits.tokens:
             return reservation, []
+        for item in limits.tokens:
+            if amount > item.amount:
+                # Refused before the storage is asked: it can never fit, so it is no use retrying.
+                self.limited.labels(label, str(item)).inc()
+                raise RateLimited(
+                    f"this request may use {amount} tokens, more than this key's whole token limit "
+                    f"of {item}: ask for fewer (max_tokens, n)",
+                    code="tokens",
+                    headers={"x-should-retry": "false"},
+                )
         tightest: tuple[int, int, float] | None = None
         try:
             for item in limits.tokens:
@@ -187,6 +200,7 @@ class Limiter:
         """Charge what the answer used instead of what was held (unknown: keep the hold)."""
         if used is None or used == reservation.amount or not reservation.holds:
             return
+        used = min(max(used, 0), reserve.LARGEST)  # what a backend reports is not trusted either
         difference = used - reservation.amount
         now = time.time()
         try:
@@ -339,19 +353,6 @@ class MemoryStorage(limits_memory.MemoryStorage):
         self.windows.clear()
         self.spans.clear()
         return await super().reset()
-
-
-def estimate_tokens(body_size: int, max_tokens: int) -> int:
-    """Prompt tokens are guessed from the body's size (about four bytes a token)."""
-    return body_size // 4 + max_tokens
-
-
-def requested_max_tokens(body: dict[str, Any], default: int) -> int:
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return default
 
 
 def _headers(kind: str, limit: int, remaining: int, reset_time: float) -> list[tuple[str, str]]:

@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         description="Where limits are counted: memory:// (this process), redis://host:port or rediss:// "
         "(shared by every replica).",
     )
+    object_secret: SecretStr | None = Field(
+        None,
+        description="Secret that seals the IDs of files, batches and stored responses to the key that "
+        "made them (with several keys); give every gateway replica the same one. Default: a random "
+        "one, so IDs last as long as the process.",
+    )
     rate_limit_fail_closed: bool = Field(
         False,
         description="Refuse requests (503) when the rate-limit storage fails, instead of admitting them.",
