@@ -356,6 +356,38 @@ def soak(url: str, pid: int, plan: Plan, workdir: Path) -> dict[str, Any]:
     }
 
 
+def flooded(url: str, plan: Plan, workdir: Path) -> dict[str, dict[str, float]]:
+    """Chat at c=1 alone, then while 8 callers with no key loop on /metrics, then on /ready:
+    routes that need no key must not slow the ones that do."""
+    import threading
+
+    import httpx
+
+    small = request_body(256, workdir)
+    results = {"quiet": wrk(url + "/v1/chat/completions", 1, plan.seconds, small, workdir)}
+    for route in ("/metrics", "/ready"):
+        stop = threading.Event()
+        calls = [0]
+
+        def loop(route: str, stop: threading.Event, calls: list[int]) -> None:
+            with httpx.Client(timeout=10) as client:
+                while not stop.is_set():
+                    client.get(url + route)
+                    calls[0] += 1
+
+        callers = [threading.Thread(target=loop, args=(route, stop, calls)) for _ in range(8)]
+        for caller in callers:
+            caller.start()
+        try:
+            measured = wrk(url + "/v1/chat/completions", 1, plan.seconds, small, workdir)
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join()
+        results[route.strip("/") + "_flood"] = {**measured, "flood_calls_per_s": calls[0] / plan.seconds}
+    return results
+
+
 def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str, Any]:
     ensure_tools()
     results: dict[str, Any] = {"plan": plan.__dict__, "machine": {"cpus": os.cpu_count()}}
@@ -386,6 +418,7 @@ def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str
                 )
                 for size in plan.body_sizes
             }
+            results["flood"] = flooded(endpoints.static["gateway"], plan, workdir)
             results["paced"] = rounds(plan, lambda p: paced(endpoints.sse[p], plan), ("nginx", "gateway"))
             results["paced"]["gateway"]["peak_rss_mb"] = round(rss_mb(pids["gateway_sse"])[1], 1)
             if soak_on:
@@ -396,7 +429,7 @@ def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str
             results["fleet"] = fleet.run(fleet.QUICK if plan is QUICK else fleet.FULL, workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = report(results)
+    text = report(results) + flood_report(results["flood"])
     if fleet_on:
         from bench import fleet
 
@@ -404,6 +437,22 @@ def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str
     (out / "results.md").write_text(text)
     plot(results, out / "results.png")
     return results
+
+
+def flood_report(flood: dict[str, dict[str, float]]) -> str:
+    quiet = flood["quiet"]["p50_ms"]
+    lines = [
+        "\n## Chat at c=1 while callers with no key flood /metrics or /ready\n",
+        "| while | chat p50 ms | chat p99 ms | x quiet p50 | flood calls/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, figures in flood.items():
+        calls = figures.get("flood_calls_per_s")
+        lines.append(
+            f"| {name.replace('_', ' ')} | {figures['p50_ms']:.3f} | {figures['p99_ms']:.3f} | "
+            f"{figures['p50_ms'] / quiet:.2f} | {'' if calls is None else f'{calls:,.0f}'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -25,16 +26,24 @@ from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
 from gateway.cors import Cors
-from gateway.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    MisdirectedRequest,
+    NotFound,
+    PermissionDenied,
+    envelope,
+)
 from gateway.fleet import load_backends_file
 from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, RuntimeMetrics, health
-from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint
+from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint, Page
 from gateway.ownership import Owners, records_for
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
 from gateway.routes import ROUTES
 from gateway.routing import Router
-from gateway.settings import Settings
+from gateway.settings import Settings, is_loopback
 from gateway.supervisor import Launch, Supervisor, plan_launch
 
 logger = logging.getLogger("gateway")
@@ -51,7 +60,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     launch: Launch | None = None
     if backend is None and settings.backend_url is None and settings.backends is None:
         launch = plan_launch(settings)
-        backend = Backend(adapter=EMBEDDED_ADAPTERS[launch.runtime], url=launch.url, auth_header=None)
+        backend = Backend(
+            adapter=EMBEDDED_ADAPTERS[launch.runtime], url=launch.url, auth_header=launch.auth_header
+        )
     router = Router.for_backend(backend, settings) if backend is not None else Router.from_settings(settings)
     file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
     auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
@@ -60,10 +71,18 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     ready.gates.append((lifecycle.not_ready_reason, "shutting_down"))
     supervisor: Supervisor | None = None
     if launch is not None:
-        supervisor = Supervisor(launch.argv, ready.is_ready, name=launch.runtime)
+        supervisor = Supervisor(
+            launch.argv,
+            ready.is_ready,
+            name=launch.runtime,
+            env=launch.env,
+            pass_fds=[launch.listener.fileno()] if launch.listener is not None else [],
+        )
         ready.gates.append((supervisor.not_ready_reason, "backend_loading"))
 
-    admin = Authenticator.from_plain_keys(key.get_secret_value() for key in settings.admin_api_keys)
+    admin = Authenticator.from_plain_keys(
+        (key.get_secret_value() for key in settings.admin_api_keys), prefix="admin:"
+    )
     known_models = KnownModels(settings.metrics_models)
     metrics = Metrics(known_models)
     router.on_retry = lambda name: metrics.retries.labels(name).inc()
@@ -124,10 +143,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
         runtime_metrics = RuntimeMetrics(router, admin, token, settings.ready_timeout)
         routes.append(Route("/admin/backends/{name}/metrics", runtime_metrics.endpoint, methods=["GET"]))
+    page = Page(metrics.render, settings.metrics_token)
     if settings.metrics_port is None:
-        routes.append(
-            Route("/metrics", MetricsEndpoint(metrics, settings.metrics_token).endpoint, methods=["GET"])
-        )
+        routes.append(Route("/metrics", MetricsEndpoint(page).endpoint, methods=["GET"]))
     if settings.docs:
         served = [
             spec
@@ -174,6 +192,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             metrics.close()
             if supervisor is not None:
                 await supervisor.stop()
+            if launch is not None and launch.listener is not None:
+                launch.listener.close()
             await router.close()
             if owners is not None:
                 await owners.records.close()
@@ -189,14 +209,20 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             methods = app.fast_routes.setdefault(spec.path, {})
             for method in (*spec.methods, "HEAD") if "GET" in spec.methods else spec.methods:
                 methods[method] = endpoint
+    # A trailing slash is not a redirect built from the client's Host: it is no route.
+    app.router.redirect_slashes = False
     if settings.cors_origins:
         app.cors = Cors(settings.cors_origins, settings.cors_credentials)
+    # With no keys on loopback, a page on a domain that resolves to 127.0.0.1 (DNS rebinding),
+    # or a page of any other origin, must not drive the gateway through a developer's browser.
+    app.local_only = not auth.enabled and is_loopback(settings.host)
     app.state.settings = settings
     app.state.router = router
     app.state.backend = router.default.backend
     app.state.upstream = router.default.replicas[0].upstream if router.default.replicas else None
     app.state.supervisor = supervisor
     app.state.metrics = metrics
+    app.state.metrics_page = page
     app.state.limiter = limiter
     app.state.lifecycle = lifecycle
     return app
@@ -242,9 +268,14 @@ class GatewayApp(Starlette):
         self.fast_routes: dict[str, dict[str, ASGIApp]] = {}
         """Path, then method, to the endpoint (GET /v1/files and POST /v1/files differ)."""
         self.cors: Cors | None = None
+        self.local_only = False
+        """Serve only requests to a loopback host name, and no cross-origin ones without CORS."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self.local_only and (refusal := _not_local(scope, self.cors is None)) is not None:
+                await _render(refusal)(scope, receive, send)
+                return
             if self.cors is not None:
                 origin = requested = None
                 preflight = False
@@ -273,6 +304,32 @@ class GatewayApp(Starlette):
                         await _render(error)(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+LOOPBACK_HOST = re.compile(rb"(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def _not_local(scope: Scope, check_origin: bool) -> GatewayError | None:
+    """Why a request to an open gateway on loopback is refused, if it is."""
+    host = origin = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+        elif name == b"origin":
+            origin = value
+    if host is None or not LOOPBACK_HOST.fullmatch(host):
+        return MisdirectedRequest(
+            "this gateway has no API keys and serves only requests to localhost, 127.0.0.1 or [::1]",
+            code="not_loopback_host",
+        )
+    if check_origin and origin is not None:
+        scheme = scope.get("scheme", "http").encode()
+        if origin.lower() != scheme + b"://" + host.lower():
+            return PermissionDenied(
+                "cross-origin requests are refused: this gateway has no API keys and no --cors-origin",
+                code="cross_origin",
+            )
+    return None
 
 
 def _render(error: GatewayError, headers: dict[str, str] | None = None) -> Response:

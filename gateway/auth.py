@@ -12,10 +12,12 @@ which can hold a key's hash instead of the key and give each key its own limits:
         key: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
         rate_limit: "600/minute"
         token_limit: "200000/minute;2000000/day"
+        models: ["llama-3*", "qwen2.5-7b"]   # names or glob patterns; default: every model
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -38,6 +40,11 @@ class ApiKey:
     rate_limit: str | None = None
     """Request limits in the ``limits`` notation; None: the default."""
     token_limit: str | None = None
+    models: tuple[str, ...] | None = None
+    """Model names or glob patterns the key may use; None: any."""
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
 class Authenticator:
@@ -48,8 +55,12 @@ class Authenticator:
             raise ValueError("API key names must be unique")
 
     @classmethod
-    def from_plain_keys(cls, keys: Iterable[str], extra: Sequence[ApiKey] = ()) -> Authenticator:
-        plain = [ApiKey(f"key-{i}", _digest(key.encode())) for i, key in enumerate(keys, start=1)]
+    def from_plain_keys(
+        cls, keys: Iterable[str], extra: Sequence[ApiKey] = (), prefix: str = ""
+    ) -> Authenticator:
+        """Keys named ``key-1``, ``key-2``, ... in order (``prefix`` before each: admin keys are
+        ``admin:key-1``, ..., never mistaken for a client key in logs and metrics)."""
+        plain = [ApiKey(f"{prefix}key-{i}", _digest(key.encode())) for i, key in enumerate(keys, start=1)]
         return cls([*plain, *extra])
 
     @property
@@ -116,10 +127,23 @@ def load_keys_file(path: Path) -> list[ApiKey]:
         for name, value in limits.items():
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{where} ({entry['name']}): {name} must be a string like '60/minute'")
-        unknown = set(entry) - {"name", "key", "rate_limit", "token_limit"}
+        models = entry.get("models")
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+        ):
+            raise ValueError(f"{where} ({entry['name']}): models must be a list of names or patterns")
+        unknown = set(entry) - {"name", "key", "rate_limit", "token_limit", "models"}
         if unknown:
             raise ValueError(f"{where} ({entry['name']}): unknown fields {', '.join(sorted(unknown))}")
-        keys.append(ApiKey(entry["name"], digest, limits["rate_limit"], limits["token_limit"]))
+        keys.append(
+            ApiKey(
+                entry["name"],
+                digest,
+                limits["rate_limit"],
+                limits["token_limit"],
+                tuple(models) if models is not None else None,
+            )
+        )
     return keys
 
 

@@ -20,7 +20,7 @@ FLAG_NAMES = {
     "docs": "--no-docs",
     "cors_origins": "--cors-origin",
 }
-REPEATABLE = {"api_keys", "admin_api_keys", "cors_origins"}
+REPEATABLE = {"api_keys", "admin_api_keys", "cors_origins", "trust_forwarded"}
 # Settings that are not flags: set by another one.
 NOT_FLAGS = {"backends_file"}
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             action = "store_false" if field.default else "store_true"
             serve.add_argument(flag, dest=name, action=action, help=help_text)
         elif name in REPEATABLE:
-            metavar = "ORIGIN" if name == "cors_origins" else "KEY"
+            metavar = {"cors_origins": "ORIGIN", "trust_forwarded": "NETWORK"}.get(name, "KEY")
             serve.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_text)
         else:
             serve.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), help=help_text)

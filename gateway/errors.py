@@ -6,11 +6,13 @@ Every error a client sees from the gateway itself is a ``GatewayError`` rendered
     GatewayError
     ├── InvalidRequest        400 invalid_request
     ├── AuthenticationFailed  401 authentication_error
+    ├── PermissionDenied      403 permission_denied
     ├── NotFound              404 not_found
     ├── MethodNotAllowed      405 method_not_allowed
     ├── RequestTimeout        408 request_timeout (the connection is closed)
     ├── RequestTooLarge       413 request_too_large
     │   └── RequestHeadTooLarge   431 request_too_large (the connection is closed)
+    ├── MisdirectedRequest    421 misdirected_request
     ├── Unsupported           501 unsupported (x-should-retry: false)
     ├── BackendError
     │   ├── BackendUnreachable    502 backend_unreachable
@@ -68,6 +70,11 @@ class AuthenticationFailed(GatewayError):
     type = "authentication_error"
 
 
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_denied"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "not_found"
@@ -90,6 +97,11 @@ class RequestTooLarge(GatewayError):
 
 class RequestHeadTooLarge(RequestTooLarge):
     status = 431
+
+
+class MisdirectedRequest(GatewayError):
+    status = 421
+    type = "misdirected_request"
 
 
 class Unsupported(GatewayError):

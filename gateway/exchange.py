@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gateway.auth import ApiKey
     from gateway.ratelimit import Reservation
 
 
@@ -32,6 +33,8 @@ class Exchange:
     """The gateway's error type, a backend error class, or client_disconnect."""
     reservation: Reservation | None = None
     """Tokens held against the key's token limits until the answer's usage is known."""
+    restricted: ApiKey | None = None
+    """The key, when it may use only some models."""
     previous_id: str | None = None
     """The runtime's ID of the stored response a Responses request continues, once unsealed."""
     headers_out: list[tuple[bytes, bytes]] = field(default_factory=list)

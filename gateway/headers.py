@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from gateway.errors import InvalidRequest
 
 # RFC 9110 7.6.1, plus Proxy-Connection which some clients still send.
 HOP_BY_HOP = frozenset(
@@ -31,7 +34,22 @@ NOT_FORWARDED = HOP_BY_HOP | {
     b"x-request-id",
     b"x-forwarded-for",
     b"expect",
+    # A client's cookies are for the gateway's origin, not the backend's.
+    b"cookie",
 }
+# What a proxy says of the client and the request it received: forwarded only from proxies
+# the gateway trusts (--trust-forwarded), else replaced by the gateway's own view.
+FORWARDING = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+    }
+)
+NOT_FORWARDED = NOT_FORWARDED | FORWARDING
 NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 # Statuses whose answers never have a body (RFC 9110 6.4.1): their framing headers go too.
 BODILESS = frozenset({204, 304})
@@ -54,6 +72,10 @@ class RequestHeaders:
     request_id: bytes | None = None
     content_length: bytes | None = None
     forwarded_for: bytes | None = None
+    forwarding: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """What a proxy in front said of the client (``FORWARDING``), kept aside."""
+    repeated: bytes | None = None
+    """A credentials header sent more than once (the request is refused)."""
 
 
 def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
@@ -65,8 +87,12 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
         if name not in NOT_FORWARDED:
             forward.append((name, value))
         elif name == b"authorization":
+            if headers.authorization is not None:
+                headers.repeated = name
             headers.authorization = value
         elif name == b"x-api-key":
+            if headers.x_api_key is not None:
+                headers.repeated = name
             headers.x_api_key = value
         elif name == b"x-request-id":
             headers.request_id = value
@@ -77,6 +103,8 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
             headers.forwarded_for = value if previous is None else previous + b", " + value
         elif name == b"connection":
             connection.extend(value.split(b","))
+        elif name in FORWARDING:
+            headers.forwarding.append((name, value))
     if connection:
         drop = connection_listed(connection)
         headers.forward = [(k, v) for k, v in forward if k not in drop]
@@ -116,6 +144,34 @@ def response_headers(
 def connection_listed(tokens: list[bytes]) -> set[bytes]:
     """Header names a Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
     return {token.strip().lower() for token in tokens}
+
+
+class TrustedProxies:
+    """The proxies in front (``--trust-forwarded``) whose forwarding headers are believed."""
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(network, strict=False) for network in networks]
+
+    def __call__(self, peer: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+def single_header(raw: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
+    """The one value of a header that must not be repeated (credentials): InvalidRequest when
+    it is, so that no two readers of a request can see different keys."""
+    found: bytes | None = None
+    for name, value in raw:
+        if name == wanted:
+            if found is not None:
+                raise InvalidRequest(f"several {wanted.decode()} headers: send one", code="duplicate_header")
+            found = value
+    return found
 
 
 def valid_request_id(value: bytes | None) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 import time
 from collections.abc import Callable
 
@@ -19,14 +20,19 @@ from gateway.errors import (
     BackendUnavailable,
     BackendUnreachable,
     GatewayError,
+    InvalidRequest,
     NotFound,
     Unsupported,
 )
+from gateway.headers import single_header
 from gateway.metrics import CONTENT_TYPE
 from gateway.routing import EJECTED, LOADING, READY, Replica, Router, health_status
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 
 JSON = "application/json"
+REPLICA_INDEX = re.compile(r"[0-9]{1,6}")
+CACHE_SECONDS = 1.0
+"""How old an answer to a route that needs no key (readiness, metrics) may be."""
 
 
 async def health(request: Request) -> Response:
@@ -54,21 +60,45 @@ class ReadyEndpoint:
         self.gates: list[tuple[Callable[[], str | None], str]] = []
         """(check, error code): each check says why the gateway cannot be ready (shutting
         down, an embedded backend loading), or None."""
-        self._probing: asyncio.Future[None] | None = None
+        self._probing: asyncio.Future[GatewayError | None] | None = None
         self._probed_at = 0.0
+        self._fleet_probing: asyncio.Future[None] | None = None
+        self._fleet_probed_at = 0.0
 
     async def endpoint(self, request: Request) -> Response:
-        try:
-            for check, code in self.gates:
-                if reason := check():
-                    raise BackendUnavailable(reason, code=code)
-            if self.router.single:
-                await self.probe()
-                body = b'{"status":"ready","backend":"%s"}' % self.router.default.name.encode()
-                return Response(body, media_type=JSON)
-        except GatewayError as exc:
-            return Response(exc.body(), status_code=503, media_type=JSON)
+        for check, code in self.gates:
+            if reason := check():
+                return Response(
+                    BackendUnavailable(reason, code=code).body(), status_code=503, media_type=JSON
+                )
+        if self.router.single:
+            error = await self.readiness()
+            if error is not None:
+                return Response(error.body(), status_code=503, media_type=JSON)
+            body = b'{"status":"ready","backend":"%s"}' % self.router.default.name.encode()
+            return Response(body, media_type=JSON)
         return await self._fleet()
+
+    async def readiness(self) -> GatewayError | None:
+        """Why the one backend is not ready (None: it is), from a probe at most a second old.
+
+        ``/ready`` needs no key, so however often it is asked, one probe is in flight at a
+        time and its answer serves every caller for a second: a flood of calls is not a
+        flood of probes, nor of the backend's pool.
+        """
+        probing = self._probing
+        if probing is None or (probing.done() and time.monotonic() - self._probed_at >= CACHE_SECONDS):
+            probing = self._probing = asyncio.ensure_future(self._probe_once())
+        return await asyncio.shield(probing)
+
+    async def _probe_once(self) -> GatewayError | None:
+        try:
+            await self.probe()
+        except GatewayError as exc:
+            return exc
+        finally:
+            self._probed_at = time.monotonic()
+        return None
 
     async def _fleet(self) -> Response:
         """Several backends: ready while any one has a ready replica, so that one backend
@@ -77,10 +107,12 @@ class ReadyEndpoint:
         # One round of probes at a time, and at most one a second however often /ready is
         # asked (it needs no key: it must not multiply into probes of every replica).
         now = time.monotonic()
-        if self._probing is None or (self._probing.done() and now - self._probed_at >= 1.0):
-            self._probing = asyncio.ensure_future(router.probe_all(self.timeout))
-            self._probed_at = now
-        await asyncio.shield(self._probing)
+        if self._fleet_probing is None or (
+            self._fleet_probing.done() and now - self._fleet_probed_at >= CACHE_SECONDS
+        ):
+            self._fleet_probing = asyncio.ensure_future(router.probe_all(self.timeout))
+            self._fleet_probed_at = now
+        await asyncio.shield(self._fleet_probing)
         now = time.monotonic()
         backends = {}
         for group in router.groups:
@@ -98,11 +130,7 @@ class ReadyEndpoint:
         return Response(body, status_code=503, media_type=JSON)
 
     async def is_ready(self) -> bool:
-        try:
-            await self.probe()
-        except GatewayError:
-            return False
-        return True
+        return await self.readiness() is None
 
     async def probe(self) -> None:
         """Probe the one backend's replica, raising the reason it is not ready."""
@@ -183,8 +211,12 @@ class RuntimeMetrics:
         return Response(body, status_code=status, headers=headers, media_type=CONTENT_TYPE)
 
     def _authenticate(self, request: Request) -> None:
-        authorization = request.headers.get("authorization", "").encode("latin-1")
-        if self.token is not None and hmac.compare_digest(authorization, self.token):
+        authorization = single_header(request.scope["headers"], b"authorization")
+        if (
+            self.token is not None
+            and authorization is not None
+            and hmac.compare_digest(authorization, self.token)
+        ):
             return
         if not self.admin.enabled:
             raise AuthenticationFailed("this route needs the metrics token", code="invalid_metrics_token")
@@ -193,8 +225,14 @@ class RuntimeMetrics:
     @staticmethod
     def _replica(replicas: list[Replica], asked: str | None) -> Replica:
         if asked is not None:
-            if not asked.isdigit() or int(asked) >= len(replicas):
-                raise NotFound(f"no replica {asked[:32]!r}: {len(replicas)} known", code="replica_not_found")
+            if not REPLICA_INDEX.fullmatch(asked):
+                raise InvalidRequest(
+                    f"replica must be a replica's index, 0 to {len(replicas) - 1}: got {asked[:32]!r}",
+                    code="invalid_replica",
+                    param="replica",
+                )
+            if int(asked) >= len(replicas):
+                raise NotFound(f"no replica {asked!r}: {len(replicas)} known", code="replica_not_found")
             return replicas[int(asked)]
         for replica in replicas:
             if not replica.ejected:
@@ -205,8 +243,6 @@ class RuntimeMetrics:
 
 
 def _authenticate_admin(admin: Authenticator, request: Request) -> None:
-    headers = request.headers
-    admin.authenticate(
-        headers.get("authorization", "").encode("latin-1") or None,
-        headers.get("x-api-key", "").encode("latin-1") or None,
-    )
+    """Admin keys, read as the proxy reads client keys: one header of each kind at most."""
+    raw = request.scope["headers"]
+    admin.authenticate(single_header(raw, b"authorization") or None, single_header(raw, b"x-api-key") or None)

@@ -12,8 +12,9 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,8 +23,9 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.exchange import Exchange
+from gateway.headers import single_header
 from gateway.routing import EJECTED, LOADING, READY, Router
 
 logger = logging.getLogger("gateway.metrics")
@@ -210,20 +212,58 @@ BACKEND_ERROR_TYPES = {
 }
 
 
+class Page:
+    """The rendered metrics, made at most once a second however often they are asked for:
+    a render holds the event loop for milliseconds, and ``/metrics`` may need no key."""
+
+    def __init__(self, render: Callable[[], bytes], token: SecretStr | None, max_age: float = 1.0) -> None:
+        self.render = render
+        self.expected = f"Bearer {token.get_secret_value()}".encode() if token else None
+        self.max_age = max_age
+        self._body = b""
+        self._rendered_at = -max_age
+
+    def body(self) -> bytes:
+        now = time.monotonic()
+        if now - self._rendered_at >= self.max_age:
+            self._body = self.render()
+            self._rendered_at = time.monotonic()
+        return self._body
+
+    def allowed(self, authorization: bytes | None) -> bool:
+        return self.expected is None or (
+            authorization is not None and hmac.compare_digest(authorization, self.expected)
+        )
+
+
+DENIED = AuthenticationFailed("/metrics needs the metrics token", code="invalid_metrics_token")
+
+
 class MetricsEndpoint:
     """``GET /metrics``, open or behind its own bearer token."""
 
-    def __init__(self, metrics: Metrics, token: SecretStr | None) -> None:
-        self.metrics = metrics
-        self.expected = f"Bearer {token.get_secret_value()}".encode() if token else None
+    def __init__(self, page: Page) -> None:
+        self.page = page
 
     async def endpoint(self, request: Request) -> Response:
-        if self.expected is not None:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
-                error = AuthenticationFailed("/metrics needs the metrics token", code="invalid_metrics_token")
-                return Response(error.body(), status_code=401, media_type="application/json")
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        try:
+            authorization = single_header(request.scope["headers"], b"authorization")
+            single_header(request.scope["headers"], b"x-api-key")  # refused when repeated, as everywhere
+        except GatewayError as exc:
+            return Response(exc.body(), status_code=exc.status, media_type="application/json")
+        if not self.page.allowed(authorization):
+            return Response(DENIED.body(), status_code=401, media_type="application/json")
+        return Response(self.page.body(), media_type=CONTENT_TYPE)
+
+
+def shown_url(url: str) -> str:
+    """A replica's URL as metrics show it: no credentials, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class FleetCollector(Collector):
@@ -261,7 +301,7 @@ class FleetCollector(Collector):
         now = time.monotonic()
         for group in self.router.groups:
             for replica in group.replicas:
-                values = [group.name, replica.url]
+                values = [group.name, shown_url(replica.url)]
                 in_flight.add_metric(values, replica.in_flight)
                 picks.add_metric(values, replica.picks)
                 ejections.add_metric(values, replica.ejected_total)

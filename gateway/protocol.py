@@ -13,6 +13,10 @@ This subclass adds what nginx has (``large_client_header_buffers``,
 - a request body may go ``body_timeout`` seconds without a byte while the app waits for
   it; then 408 if no answer has started, else the connection is closed. Time the app
   holds reading back (flow control) is not the client's;
+- an answer the client does not take: once the socket's send buffer is full, a client
+  that takes no byte of it for ``write_timeout`` seconds is cut (nginx's
+  ``send_timeout``); the app sees a disconnect, so the backend request is closed and its
+  replica's slot freed;
 - a request that is not HTTP/1.1 the parser accepts (a bad request line, a control byte
   in a header, two framings) gets 400 ``invalid_request`` in the gateway's envelope, and
   the connection is closed;
@@ -57,6 +61,7 @@ class ClientLimits:
     max_headers: int = 100
     header_timeout: float = 60.0
     body_timeout: float = 60.0
+    write_timeout: float = 60.0
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -66,6 +71,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.max_headers = limits.max_headers
         self.header_timeout = limits.header_timeout
         self.body_timeout = limits.body_timeout
+        self.write_timeout = limits.write_timeout
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0
+        """Bytes waiting in the send buffer when the client was last seen taking some."""
+        self._taken_at = 0.0
         self._phase = IDLE
         self._head_started = 0.0
         self._head_bytes = 0
@@ -91,7 +101,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._cancel_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._unsent = self.transport.get_write_buffer_size()
+        self._taken_at = self.loop.time()
+        self._cancel_write_timer()
+        self._write_timer = self.loop.call_later(self._write_check_every(), self._check_writing)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_timer()
+        super().resume_writing()
+
+    def _write_check_every(self) -> float:
+        return max(min(self.write_timeout / 4, 1.0), 0.01)
+
+    def _check_writing(self) -> None:
+        """While the app waits for the send buffer to drain: is the client taking bytes?"""
+        self._write_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.flow.write_paused:
+            return
+        now = self.loop.time()
+        unsent = transport.get_write_buffer_size()
+        if unsent < self._unsent:
+            self._unsent, self._taken_at = unsent, now
+        elif now - self._taken_at >= self.write_timeout:
+            logger.info(
+                "closing a client connection: it took no byte of its answer for %g s", self.write_timeout
+            )
+            # Not close(): that would wait for the buffer to drain, which is what never happens.
+            transport.abort()
+            return
+        self._write_timer = self.loop.call_later(self._write_check_every(), self._check_writing)
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     def data_received(self, data: bytes) -> None:
         if self._deferred is not None:

@@ -21,6 +21,7 @@ import orjson
 
 from adapters import normalise
 from adapters.base import (
+    BATCH_CREATE,
     CHAT_COMPLETIONS,
     COMPLETIONS,
     FILE_CONTENT,
@@ -42,11 +43,18 @@ from gateway.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     Unsupported,
     sse_error_event,
 )
 from gateway.exchange import Exchange
-from gateway.headers import RequestHeaders, response_headers, split_request_headers, valid_request_id
+from gateway.headers import (
+    RequestHeaders,
+    TrustedProxies,
+    response_headers,
+    split_request_headers,
+    valid_request_id,
+)
 from gateway.metrics import Metrics
 from gateway.ownership import Owners, StreamSealer
 from gateway.ratelimit import KeyLimits, Limiter
@@ -69,6 +77,8 @@ CLIENT_DISCONNECT = "client_disconnect"
 MID_STREAM = "mid_stream"
 # Routes whose answers are generated, so a token reservation counts their max_tokens.
 GENERATING = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES})
+# Routes that name no model: a key that may use only some models uses them freely.
+MODEL_FREE = (frozenset(ownership.ROUTE_KINDS) - {RESPONSES, BATCH_CREATE}) | {MODELS, MODEL}
 # Answers after which a request goes to another replica, if one is left and the budget allows.
 FAILOVER_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -102,6 +112,7 @@ class ProxyEndpoint:
         self.max_body = settings.max_body_bytes
         self.max_read_bytes = settings.backend_max_read_bytes
         self.idle_timeout = settings.stream_idle_timeout
+        self.trusted = TrustedProxies(settings.trust_forwarded)
         self.owners = owners if route.name in ownership.ROUTE_KINDS else None
         """Set on the routes of files, batches and stored responses when several keys share
         the gateway: their IDs are sealed to their owner."""
@@ -144,6 +155,10 @@ class ProxyEndpoint:
             path: str = scope["path"]
             if "/." in path and _has_dot_segment(path):
                 raise NotFound(f"no route {path}")
+            if headers.repeated is not None:
+                raise InvalidRequest(
+                    f"several {headers.repeated.decode()} headers: send one", code="duplicate_header"
+                )
             key = self.auth.authenticate(headers.authorization, headers.x_api_key)
             exchange.key = key.name if key is not None else None
             limiter = self.limiter
@@ -152,8 +167,11 @@ class ProxyEndpoint:
                 identity = key.name if key is not None else f"ip:{client[0] if client else '-'}"
                 limits = self.key_limits.get(key.name if key is not None else "", self.default_limits)
                 exchange.headers_out += await limiter.admit(identity, limits, exchange.key or "anonymous")
+            if key is not None and key.models is not None:
+                exchange.restricted = key
             if route.name == MODEL:
                 exchange.model = scope["path_params"]["model"][:MAX_MODEL_NAME]
+                _check_allowed(exchange, scope["path_params"]["model"])
             if router.single:
                 self._check_served(router.default)
             elif route.name in {MODELS, MODEL}:
@@ -165,6 +183,8 @@ class ProxyEndpoint:
                 model = parsed.get("model")
                 if isinstance(model, str):
                     exchange.model = model[:MAX_MODEL_NAME]
+                if exchange.restricted is not None and route.name not in MODEL_FREE:
+                    _check_allowed(exchange, model)
                 for name in route.required:
                     if not isinstance(parsed.get(name), str) or not parsed[name]:
                         raise InvalidRequest(
@@ -196,12 +216,15 @@ class ProxyEndpoint:
             if route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
-                if not router.single:
-                    # Routed by the form's model field when it precedes the file.
+                checked = exchange.restricted is not None and route.name not in MODEL_FREE
+                if not router.single or checked:
+                    # Routed (and checked) by the form's model field when it precedes the file.
                     content_type = next((v for n, v in headers.forward if n == b"content-type"), None)
                     model = await body.peek_form_field(content_type, "model")
                     if model is not None:
                         exchange.model = model[:MAX_MODEL_NAME]
+                    if checked:
+                        _check_allowed(exchange, model)
             if router.single:
                 groups = [router.default]
             elif self.management:
@@ -229,12 +252,13 @@ class ProxyEndpoint:
             forward.append((b"content-length", headers.content_length))
         forward.append((b"x-request-id", exchange.request_id.encode()))
         client = scope.get("client")
+        trusted = client is not None and self.trusted(client[0])
+        if trusted:
+            forward += headers.forwarding
         if client:
-            chain = headers.forwarded_for
+            chain = headers.forwarded_for if trusted else None
             peer = client[0].encode("latin-1")
             forward.append((b"x-forwarded-for", chain + b", " + peer if chain else peer))
-        elif headers.forwarded_for:
-            forward.append((b"x-forwarded-for", headers.forwarded_for))
 
         task = asyncio.current_task()
         assert task is not None
@@ -434,7 +458,9 @@ class ProxyEndpoint:
             exchange.status = response.status
             owners = self.owners
             sealing = owners is not None and exchange.key is not None and 200 <= response.status < 300
-            if sealing and not streaming and self.route.name != FILE_CONTENT:
+            if self.route.name == MODELS and exchange.restricted is not None and response.status == 200:
+                complete = await self._send_allowed_models(response, group, returned, send, exchange)
+            elif sealing and not streaming and self.route.name != FILE_CONTENT:
                 complete = await self._send_sealed(response, returned, send, exchange)
             elif group.backend.adapter.normalise and not streaming and self._reshapes(response):
                 complete = await self._send_reshaped(response, group, returned, send, exchange)
@@ -488,6 +514,40 @@ class ProxyEndpoint:
         if whole:
             return True
         return await self._relay(response, send, False, exchange)
+
+    async def _send_allowed_models(
+        self,
+        response: Response,
+        group: Group,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        exchange: Exchange,
+    ) -> bool:
+        """A model list cut to what the key may use."""
+        assert exchange.restricted is not None
+        head, whole = await response.read_up_to(self.max_read_bytes)
+        exchange.ttfb = time.perf_counter() - exchange.start
+        listed = (normalise.model_list(head, group.name) or head) if whole else b""
+        try:
+            document = orjson.loads(listed)
+            entries = document["data"]
+            assert isinstance(entries, list)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AssertionError):
+            error = BackendBadResponse("the backend's model list could not be read", code="bad_model_list")
+            await send_error(send, error, exchange)
+            return False
+        allowed = exchange.restricted
+        document["data"] = [
+            e for e in entries if isinstance(e, dict) and allowed.may_use(str(e.get("id", "")))
+        ]
+        body = orjson.dumps(document)
+        headers = [
+            h for h in headers if h[0] not in {b"content-type", b"content-length", b"content-encoding"}
+        ]
+        headers += [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return True
 
     async def _send_sealed(
         self, response: Response, headers: list[tuple[bytes, bytes]], send: Send, exchange: Exchange
@@ -564,6 +624,8 @@ class ProxyEndpoint:
         if any(group.models is None and group.listed_at is None for group in router.groups):
             await asyncio.gather(*(router.refresh(g) for g in router.groups if g.listed_at is None))
         entries = router.all_models()
+        if exchange.restricted is not None:
+            entries = [e for e in entries if exchange.restricted.may_use(str(e["id"]))]
         exchange.status = 200
         if self.route.name == MODELS:
             await _send_json(send, 200, orjson.dumps({"object": "list", "data": entries}), exchange)
@@ -629,6 +691,27 @@ class ProxyEndpoint:
             tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
             exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
         return True
+
+
+def _check_allowed(exchange: Exchange, model: Any) -> None:
+    """NotFound for a model the key may not use, as for one that does not exist: a key is
+    not told which models others may use."""
+    key = exchange.restricted
+    if key is None:
+        return
+    if exchange.route == BATCH_CREATE:
+        # A batch's lines name their models in a file the gateway does not read.
+        raise PermissionDenied("this key may use only some models, so it may not create batches")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(
+            "this key may use only some models: name one in 'model'", code="missing_model", param="model"
+        )
+    if not key.may_use(model):
+        raise NotFound(
+            f"the model {model[:MAX_MODEL_NAME]!r} does not exist or this key may not use it",
+            code="model_not_found",
+            param="model",
+        )
 
 
 def _final_event(error: BackendError, last: bytes) -> bytes:

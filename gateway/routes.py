@@ -66,7 +66,8 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(r.INTERNAL_TOKEN_COUNT, "/v1/internal/token-count", ("POST",), Body.JSON),
     RouteSpec(r.INTERNAL_LOGITS, "/v1/internal/logits", ("POST",), Body.JSON),
     RouteSpec(r.INTERNAL_CHAT_PROMPT, "/v1/internal/chat-prompt", ("POST",), Body.JSON),
-    RouteSpec(r.INTERNAL_STOP, "/v1/internal/stop-generation", ("POST",), Body.STREAM),
+    # It stops every client's generation, not the caller's.
+    RouteSpec(r.INTERNAL_STOP, "/v1/internal/stop-generation", ("POST",), Body.STREAM, admin=True),
     RouteSpec(r.INTERNAL_MODEL_INFO, "/v1/internal/model/info", ("GET",), Body.NONE),
     RouteSpec(r.INTERNAL_MODEL_LIST, "/v1/internal/model/list", ("GET",), Body.NONE, admin=True),
     RouteSpec(r.INTERNAL_MODEL_LOAD, "/v1/internal/model/load", ("POST",), Body.JSON, admin=True),

@@ -675,18 +675,22 @@ class Router:
         state and connections; removed ones are drained."""
         old = {group.name: group for group in self.groups}
         groups = []
+        gone = []
         for config in configs:
             group = group_from_config(config)
             previous = old.pop(config.name, None)
             if previous is not None and previous.config is not None and previous.config.kind == config.kind:
                 group.listed, group.listed_at = previous.listed, previous.listed_at
                 group.replicas = previous.replicas
+            elif previous is not None:
+                # Another kind of runtime under the same name: nothing of the old one is reused.
+                gone.append(previous)
             if not group.discovered:
                 await self._set_replicas(group, config.replica_urls)
             groups.append(group)
-        for gone in old.values():
-            for replica in gone.replicas:
-                self._drain(gone, replica)
+        for group in [*old.values(), *gone]:
+            for replica in group.replicas:
+                self._drain(group, replica)
         self._set_groups(groups)
         for group in groups:
             if group.discovered:

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from gateway.settings import Settings
 
 logger = logging.getLogger("gateway")
 
-WORKER_SETTINGS = "GATEWAY_WORKER_SETTINGS"
+WORKER_SETTINGS = "GATEWAY_WORKER_SETTINGS_FILE"
+"""Names the file that hands the settings down to worker processes."""
 
 
 def run(settings: Settings) -> int:
@@ -47,7 +49,7 @@ def run(settings: Settings) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     if settings.metrics_port is not None:
-        _serve_metrics_port(settings, app.state.metrics.registry)
+        _serve_metrics_port(settings, app.state.metrics_page)
     server = Server(uvicorn_config(app, settings), app.state.lifecycle, settings.shutdown_delay)
     tune_garbage_collector()
     server.run()
@@ -100,6 +102,7 @@ def client_protocol(settings: Settings) -> Any:
             max_headers=settings.max_headers,
             header_timeout=settings.client_header_timeout,
             body_timeout=settings.client_body_timeout,
+            write_timeout=settings.client_write_timeout,
         )
     )
 
@@ -110,13 +113,23 @@ def _run_workers(settings: Settings) -> int:
               "own backend)", file=sys.stderr)  # fmt: skip
         return 2
     # Each worker process rebuilds the same settings, and the metrics live in shared files.
-    os.environ[WORKER_SETTINGS] = _settings_json(settings)
+    # The settings hold secrets: they go in a file only this user can read, which the
+    # environment (shown by ps e, copied into every child) names.
+    private = tempfile.mkdtemp(prefix="gateway-settings-")
+    path = os.path.join(private, "settings.json")
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(_settings_json(settings))
+    os.environ[WORKER_SETTINGS] = path
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     if settings.metrics_port is not None:
         _serve_metrics_port(settings, None)
     config = uvicorn_config("gateway.server:worker_app", settings, factory=True, workers=settings.workers)
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    try:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     return 0
 
 
@@ -124,7 +137,8 @@ def worker_app() -> Starlette:
     """The app in a worker process, from the settings its parent handed down."""
     from gateway.app import create_app
 
-    settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS])
+    with open(os.environ[WORKER_SETTINGS], encoding="utf-8") as file:
+        settings = Settings.model_validate_json(file.read())
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -152,14 +166,18 @@ def _settings_json(settings: Settings) -> str:
     return orjson.dumps(data, default=str).decode()
 
 
-def _serve_metrics_port(settings: Settings, registry: Any) -> None:
-    from prometheus_client import CollectorRegistry, multiprocess, start_wsgi_server
+def _serve_metrics_port(settings: Settings, page: Any) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-    if registry is None:
+    from gateway.metrics import Page
+    from gateway.metrics_port import MetricsPort
+
+    if page is None:  # the workers' parent: their shared files
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        page = Page(lambda: generate_latest(registry), settings.metrics_token)
     assert settings.metrics_port is not None
-    start_wsgi_server(settings.metrics_port, addr=settings.host, registry=registry)
+    MetricsPort(page, settings.host, settings.metrics_port).start()
     logger.info("serving /metrics on port %d", settings.metrics_port)
 
 

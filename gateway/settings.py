@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     no_auth: bool = Field(
         False, description="Allow listening on a non-loopback address with no API keys configured."
     )
+    trust_forwarded: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Address or network (CIDR) of a proxy in front, such as an ingress, whose "
+        "X-Forwarded-For, X-Forwarded-Proto, Forwarded and X-Real-IP are passed on (repeatable; "
+        "comma-separated in the environment). From anyone else they are replaced by the peer's address.",
+    )
     max_body_bytes: int = Field(32 * MiB, gt=0, description="Largest request body accepted, in bytes.")
     backend_timeout: float = Field(
         600.0,
@@ -198,6 +204,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a client may go without sending a byte of a request body it has begun "
         "(then 408, or the connection is closed).",
+    )
+    client_write_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client may go without taking a byte of an answer it has let pile up "
+        "(then the connection is cut, and the backend request with it).",
     )
     ready_timeout: float = Field(5.0, gt=0, description="Seconds the readiness probe waits for the backend.")
     model: str | None = Field(
@@ -260,7 +272,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
     config: Path | None = Field(None, description="YAML or TOML file holding any of these settings.")
 
-    @field_validator("api_keys", "admin_api_keys", "metrics_models", "cors_origins", mode="before")
+    @field_validator(
+        "api_keys", "admin_api_keys", "metrics_models", "cors_origins", "trust_forwarded", mode="before"
+    )
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -284,6 +298,18 @@ class Settings(BaseSettings):
         elif isinstance(value, list) and not all(isinstance(entry, BackendConfig) for entry in value):
             data[key] = parse_backends(value, "the config file")
         return data
+
+    @field_validator("trust_forwarded")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"--trust-forwarded takes an address or a CIDR network: {network!r}"
+                ) from None
+        return value
 
     @field_validator("cors_origins")
     @classmethod

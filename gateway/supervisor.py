@@ -16,11 +16,13 @@ import ctypes
 import enum
 import importlib.util
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +43,35 @@ class State(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Launch:
-    """What to run and where it will answer."""
+    """What to run and where it will answer.
+
+    The child is given a random key that only the gateway knows (in its environment, not
+    its command line, which any local user can read), so a local process cannot use the
+    runtime around the gateway's keys and limits. ``listener``, where there is one, is the
+    socket the gateway bound for it, handed down so that no other process can take the
+    port first.
+    """
 
     runtime: str
     argv: tuple[str, ...]
     port: int
+    api_key: str = ""
+    listener: socket.socket | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the child's environment adds: the key, where the runtime reads it."""
+        if not self.api_key:
+            return {}
+        return {"VLLM_API_KEY" if self.runtime == "vllm" else "API_KEY": self.api_key}
+
+    @property
+    def auth_header(self) -> tuple[bytes, bytes] | None:
+        return (b"authorization", b"Bearer " + self.api_key.encode()) if self.api_key else None
 
 
 class EmbeddedBackendError(Exception):
@@ -64,11 +86,29 @@ def free_port() -> int:
 
 
 def plan_launch(settings: Settings, port: int | None = None) -> Launch:
-    port = port or free_port()
+    """The child to run. With ``port`` (tests), it binds that port itself; without, a
+    llama.cpp child serves a socket the gateway bound, and vLLM (which runs workers of its
+    own) a port picked free."""
+    key = secrets.token_urlsafe(32)
     if settings.backend == "vllm":
-        return Launch("vllm", tuple(vllm_argv(settings, port)), port)
+        port = port or free_port()
+        return Launch("vllm", tuple(vllm_argv(settings, port)), port, key)
     if settings.backend in {"openai", "llamacpp", "llamacpp-python"}:
-        return Launch("llamacpp", tuple(llamacpp_argv(settings, port)), port)
+        listener = None
+        if port is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(2048)
+            port = listener.getsockname()[1]
+        try:
+            argv = llamacpp_argv(settings, port)
+        except EmbeddedBackendError:
+            if listener is not None:
+                listener.close()
+            raise
+        if listener is not None:
+            argv = [sys.executable, "-m", "gateway.embedded", str(listener.fileno()), *argv[2:]]
+        return Launch("llamacpp", tuple(argv), port, key, listener)
     raise EmbeddedBackendError(
         f"the {settings.backend} backend cannot be started by the gateway: pass --backend-url "
         "(only llamacpp and vllm can run embedded)"
@@ -150,6 +190,8 @@ class Supervisor:
         probe: Probe,
         *,
         name: str = "backend",
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
         backoff: tuple[float, float] = (1.0, 30.0),
         probe_interval: float = 0.25,
         progress_interval: float = 5.0,
@@ -158,6 +200,8 @@ class Supervisor:
         self.argv = tuple(argv)
         self.probe = probe
         self.name = name
+        self.env = {**os.environ, **env} if env else None
+        self.pass_fds = tuple(pass_fds)
         self.backoff = backoff
         self.probe_interval = probe_interval
         self.progress_interval = progress_interval
@@ -225,6 +269,8 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             # Terminal signals are for the gateway, which stops the child itself.
             start_new_session=True,
+            env=self.env,
+            pass_fds=self.pass_fds,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         self.process = process

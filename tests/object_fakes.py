@@ -5,12 +5,15 @@ keeps one key from another's objects."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from typing import Any
 
 from aiohttp import web
 
 MODEL = "org/model-7b"
+OTHER_MODELS = ["org/other-1b", "team-a/tiny"]
 
 
 class ObjectRuntime:
@@ -19,12 +22,16 @@ class ObjectRuntime:
         self.contents: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.responses: dict[str, dict[str, Any]] = {}
+        self.probes = 0
+        self.flood_closed = threading.Event()
+        """Set when a ``flood`` stream's client went away."""
         self.requests: list[tuple[str, str]] = []
         """Method and path (with the query) of every request but the health probes."""
         self.app = web.Application(client_max_size=64 * 1024**2)
         router = self.app.router
         router.add_get("/health", self.health)
         router.add_get("/v1/models", self.models)
+        router.add_get("/v1/models/{id:.+}", self.model)
         router.add_post("/v1/files", self.upload)
         router.add_get("/v1/files", self.list_files)
         router.add_get("/v1/files/{id}", self.file)
@@ -42,18 +49,25 @@ class ObjectRuntime:
         self.requests.append((request.method, request.path_qs))
 
     async def health(self, request: web.Request) -> web.Response:
+        self.probes += 1
         return web.json_response({"status": "ok"})
 
     async def models(self, request: web.Request) -> web.Response:
         self._seen(request)
-        models = [MODEL, "org/other-1b", "team-a/tiny"]
+        models = [MODEL, *OTHER_MODELS]
         return web.json_response(
             {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "x"} for m in models]}
         )
 
+    async def model(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        return web.json_response({"id": request.match_info["id"], "object": "model", "owned_by": "x"})
+
     async def chat(self, request: web.Request) -> web.Response:
         self._seen(request)
         body = await request.json()
+        if body.get("model") == "flood":
+            return await self._flood(request)
         return web.json_response(
             {
                 "id": "chatcmpl-1",
@@ -66,6 +80,21 @@ class ObjectRuntime:
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
         )
+
+    async def _flood(self, request: web.Request) -> web.StreamResponse:
+        """A stream as fast as the socket takes it, until the client goes."""
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        event = b"data: " + json.dumps({"pad": "x" * 65_000}).encode() + b"\n\n"
+        try:
+            while True:
+                await stream.write(event)
+        except ConnectionError:
+            self.flood_closed.set()
+        except asyncio.CancelledError:
+            self.flood_closed.set()
+            raise
+        return stream
 
     # Files
 

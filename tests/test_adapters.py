@@ -3,6 +3,7 @@ through the gateway with the OpenAI SDK."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ def test_readiness(runtime: Runtime) -> None:
     url = runtime.gateway.url + "/ready"
     assert httpx.get(url).status_code == 200
     runtime.fake.loading = True
+    time.sleep(1.1)  # /ready answers from a probe at most a second old
     response = httpx.get(url)
     if runtime.fake.flavour in {"llamacpp", "sglang", "localai"}:
         assert response.status_code == 503

@@ -21,7 +21,7 @@ async def test_route_the_backend_lacks_is_501_without_calling_it(fake: Fake) -> 
     app = create_app(settings, backend)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             response = await client.post("/v1/embeddings", json={"model": "m", "input": "x"})
             assert response.status_code == 501
             assert response.headers["x-should-retry"] == "false"

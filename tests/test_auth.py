@@ -87,6 +87,8 @@ def test_keys_file_with_plain_keys_hashes_and_limits(tmp_path: Path) -> None:
         ("keys:\n  - name: a\n    key: k\n    limit: 5/minute", "unknown fields limit"),
         ("keys:\n  - name: a\n    key: k\n    rate_limit: 5", "must be a string"),
         ("keys: [", "not valid YAML"),
+        ("keys: []", "holds no keys"),
+        ("keys:\n  - name: a\n    key: k\n    models: gpt-4", "models must be a list"),
     ],
 )
 def test_bad_keys_files_are_explained(tmp_path: Path, text: str, message: str) -> None:
@@ -94,6 +96,21 @@ def test_bad_keys_files_are_explained(tmp_path: Path, text: str, message: str) -
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_keys_file(path)
+
+
+def test_a_keys_file_names_the_models_a_key_may_use(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n  - name: a\n    key: k\n    models: ['llama-3*', qwen]\n  - name: b\n    key: j\n"
+    )
+    limited, free = load_keys_file(path)
+    assert limited.models == ("llama-3*", "qwen")
+    assert limited.may_use("llama-3.1-8b")
+    assert limited.may_use("qwen")
+    assert not limited.may_use("qwen2")
+    assert not limited.may_use("LLAMA-3")  # names are matched as they are spelt
+    assert free.models is None
+    assert free.may_use("anything")
 
 
 def test_key_names_are_unique() -> None:

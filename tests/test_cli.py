@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,7 +88,7 @@ def test_open_gateway_says_so_at_start_up(fake: Fake) -> None:
 
 
 def test_a_worker_process_tunes_its_collector_as_a_single_process_does(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Each worker builds its own app: without this, its collector keeps Python's defaults
     # and pauses every open stream for hundreds of ms while streams pile up.
@@ -95,7 +96,9 @@ def test_a_worker_process_tunes_its_collector_as_a_single_process_does(
 
     from gateway.server import WORKER_SETTINGS, _settings_json, worker_app
 
-    monkeypatch.setenv(WORKER_SETTINGS, _settings_json(Settings(backend_url="http://127.0.0.1:9")))
+    handed = tmp_path / "settings.json"
+    handed.write_text(_settings_json(Settings(backend_url="http://127.0.0.1:9")))
+    monkeypatch.setenv(WORKER_SETTINGS, str(handed))
     before = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
     try:
@@ -105,3 +108,21 @@ def test_a_worker_process_tunes_its_collector_as_a_single_process_does(
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_workers_get_their_settings_without_secrets_in_the_environment(fake: Fake) -> None:
+    process, url = serve(
+        "--backend-url", fake.url, "--workers", "2", "--api-key", "sk-secret-1234", "--no-access-log",
+        "--backend-api-key", "backend-secret-5678",
+    )  # fmt: skip
+    try:
+        answer = httpx.get(url + "/v1/models", headers={"x-api-key": "sk-secret-1234"}, timeout=10)
+        assert answer.status_code == 200
+        children = subprocess.check_output(["pgrep", "-P", str(process.pid)]).split()
+        assert len(children) >= 2
+        for pid in [process.pid, *map(int, children)]:
+            environment = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"sk-secret-1234" not in environment
+            assert b"backend-secret-5678" not in environment
+    finally:
+        stop(process)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -66,6 +67,11 @@ def served() -> Iterator[Served]:
 def test_serves_chat_and_streams_then_stops_with_no_child_left(served: Served) -> None:
     children = served.children()
     assert len(children) == 1
+    # The runtime serves only the gateway: a local process going around it has no key.
+    argv = Path(f"/proc/{children[0]}/cmdline").read_bytes().split(b"\0")
+    port = int(argv[argv.index(b"--port") + 1])
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+    assert b"API_KEY=" in Path(f"/proc/{children[0]}/environ").read_bytes()
     with openai.OpenAI(base_url=served.url + "/v1", api_key="sk-local", max_retries=0, timeout=120) as sdk:
         assert [model.id for model in sdk.models.list()] == ["gemma-3-270m"]
         completion = sdk.chat.completions.create(

@@ -139,12 +139,13 @@ def test_textgen_internal_routes_client_and_admin(textgen: Runtime) -> None:
         response = textgen.post(f"/v1/internal/{path}", key=KEY, json={"text": "hi", "tokens": [1]})
         assert response.status_code == 200, path
         assert response.json() == {"route": path}
-    assert textgen.post("/v1/internal/stop-generation", key=KEY).status_code == 200
     info = httpx.get(textgen.gateway.url + "/v1/internal/model/info", headers={"x-api-key": KEY})
     assert info.json() == {"route": "model/info"}
     # Loading, unloading and listing what could be loaded are the operators'.
+    # So is stopping generation: it stops every client's.
     for method, path in (("GET", "model/list"), ("POST", "model/load"), ("POST", "model/unload"),
-                         ("GET", "lora/list"), ("POST", "lora/load"), ("POST", "lora/unload")):  # fmt: skip
+                         ("GET", "lora/list"), ("POST", "lora/load"), ("POST", "lora/unload"),
+                         ("POST", "stop-generation")):  # fmt: skip
         url = f"{textgen.gateway.url}/v1/internal/{path}"
         body = {"model_name": "llama3", "lora_names": ["sql"]} if path.endswith("/load") else None
         assert httpx.request(method, url, json=body, headers={"x-api-key": KEY}).status_code == 401, path

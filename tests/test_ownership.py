@@ -169,7 +169,9 @@ def test_stored_responses_belong_to_their_key(
 
     # Streamed: every event carries the sealed IDs, cut wherever the network cut them.
     events = list(
-        alice.responses.create(model="org/model-7b", input="three", previous_response_id=second.id, stream=True)
+        alice.responses.create(
+            model="org/model-7b", input="three", previous_response_id=second.id, stream=True
+        )
     )
     created = next(e for e in events if e.type == "response.created")
     final = next(e for e in events if e.type == "response.completed").response

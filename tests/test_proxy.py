@@ -98,13 +98,16 @@ def test_hop_by_hop_response_headers_are_stripped(gateway: Gateway) -> None:
     assert "keep-alive" not in response.headers
 
 
-def test_forwarded_for_chain_is_extended(gateway: Gateway) -> None:
-    response = chat(
-        gateway, {"model": "echo"}, headers={"X-Forwarded-For": "203.0.113.7", "Expect": "100-continue"}
-    )
-    headers = [(k.lower(), v) for k, v in response.json()["headers"]]
-    assert [v for k, v in headers if k == "x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
+def test_forwarded_for_is_the_peer_unless_it_is_a_trusted_proxy(
+    gateway: Gateway, start_gateway: GatewayFactory
+) -> None:
+    sent = {"X-Forwarded-For": "203.0.113.7", "Expect": "100-continue"}
+    headers = [(k.lower(), v) for k, v in chat(gateway, {"model": "echo"}, headers=sent).json()["headers"]]
+    assert [v for k, v in headers if k == "x-forwarded-for"] == ["127.0.0.1"]
     assert "expect" not in {k for k, _ in headers}
+    behind = start_gateway(api_keys=["sk-test-1"], trust_forwarded=["127.0.0.1"])
+    headers = [(k.lower(), v) for k, v in chat(behind, {"model": "echo"}, headers=sent).json()["headers"]]
+    assert [v for k, v in headers if k == "x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
 
 
 def test_request_id_is_generated_forwarded_and_returned(gateway: Gateway) -> None:
@@ -392,6 +395,8 @@ def test_health_needs_no_key(gateway: Gateway) -> None:
 def test_ready_follows_the_backend(gateway: Gateway, fake: Fake) -> None:
     assert httpx.get(gateway.url + "/ready").status_code == 200
     fake.backend.models_status = 500
+    # /ready answers from a probe at most a second old.
+    assert wait_until(lambda: httpx.get(gateway.url + "/ready").status_code == 503, timeout=5)
     response = httpx.get(gateway.url + "/ready")
     assert response.status_code == 503
     assert error_of(response)["type"] == "backend_unavailable"

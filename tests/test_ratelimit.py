@@ -22,9 +22,7 @@ from gateway.ratelimit import (
     RateLimited,
     RateLimitUnavailable,
     _duration,
-    estimate_tokens,
     parse_limits,
-    requested_max_tokens,
 )
 from tests.conftest import AUTH, Fake, GatewayFactory
 from tests.fakes import free_port
@@ -140,15 +138,6 @@ async def test_storage_failure_fails_open_or_closed() -> None:
     with pytest.raises(RateLimitUnavailable) as caught:
         await closed.admit("k", limits("1/minute"), "k")
     assert caught.value.status == 503
-
-
-def test_reservation_size() -> None:
-    assert requested_max_tokens({"max_tokens": 50}, 1024) == 50
-    assert requested_max_tokens({"max_completion_tokens": 70, "max_tokens": 50}, 1024) == 70
-    assert requested_max_tokens({"max_output_tokens": 9}, 1024) == 9
-    assert requested_max_tokens({"max_tokens": True}, 1024) == 1024
-    assert requested_max_tokens({}, 1024) == 1024
-    assert estimate_tokens(400, 50) == 150
 
 
 @pytest.mark.parametrize(

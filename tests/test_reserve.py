@@ -27,7 +27,7 @@ DEFAULT = 1024
         ({"max_tokens": 50}, 50),
         ({"max_tokens": "100000"}, 100_000),
         ({"max_tokens": 100000.0}, 100_000),
-        ({"max_tokens": 1e5}, 100_000),
+        ({"max_tokens": "1e5"}, 100_000),
         ({"max_tokens": " 7 "}, 7),
         ({"max_tokens": 2.5}, 3),
         ({"max_tokens": True}, 1),

@@ -654,3 +654,29 @@ def test_limits_metrics_and_the_access_log_work_across_backends(
         assert any(f'backend="{backend}"' in line and f'model="{model}"' in line for line in answered), (
             answered
         )
+
+
+def test_a_reload_that_changes_a_backends_kind_drains_the_old_replicas(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway], loop_thread: LoopThread
+) -> None:
+    from gateway.fleet import BackendConfig
+
+    _, url = runtimes("r", ["m"])
+    gateway = fleet_gateway([{"name": "r", "url": url, "kind": "openai"}])
+    router = gateway.app.state.router
+    assert chat(gateway).status_code == 200
+    before = router.groups[0].replicas[0]
+    closed = threading.Event()
+    original = before.upstream.close
+
+    async def close() -> None:
+        closed.set()
+        await original()
+
+    before.upstream.close = close  # type: ignore[method-assign]
+    loop_thread.run(router.reload([BackendConfig(name="r", url=url, kind="vllm")]))
+    after = router.groups[0].replicas[0]
+    assert after is not before
+    assert router.groups[0].backend.adapter.name == "vllm"
+    assert closed.wait(5)  # the old pool is closed, not left open
+    assert chat(gateway).status_code == 200

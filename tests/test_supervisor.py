@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +32,29 @@ def test_default_plan_runs_the_bundled_gemma_with_its_chat_format() -> None:
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == "9999"
     assert argv[argv.index("--n_ctx") + 1] == "4096"
+
+
+def test_the_planned_child_serves_a_socket_the_gateway_bound_with_a_key_of_its_own() -> None:
+    launch = plan_launch(Settings())
+    assert launch.listener is not None
+    try:
+        argv = list(launch.argv)
+        assert argv[:5] == [sys.executable, "-m", "gateway.embedded", str(launch.listener.fileno()),
+                            "llama_cpp.server"]  # fmt: skip
+        assert launch.listener.getsockname() == ("127.0.0.1", launch.port)
+        # The port is the gateway's from the start: nothing else can bind it in between.
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", launch.port))
+        assert len(launch.api_key) >= 32
+        assert launch.api_key not in " ".join(argv)
+        assert launch.env == {"API_KEY": launch.api_key}
+        assert launch.auth_header == (b"authorization", f"Bearer {launch.api_key}".encode())
+        another = plan_launch(Settings())
+        assert another.listener is not None
+        another.listener.close()
+        assert another.api_key != launch.api_key
+    finally:
+        launch.listener.close()
 
 
 def test_plan_with_a_model_file(tmp_path: Path) -> None:
