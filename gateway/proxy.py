@@ -72,6 +72,7 @@ Send = Callable[[Message], Awaitable[None]]
 logger = logging.getLogger("gateway.proxy")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+REWRITTEN_HEADERS = frozenset({b"content-type", b"content-length", b"content-encoding"})
 MAX_MODEL_NAME = 256
 CLIENT_DISCONNECT = "client_disconnect"
 MID_STREAM = "mid_stream"
@@ -244,8 +245,8 @@ class ProxyEndpoint:
             return
 
         forward = headers.forward
-        if self.owners is not None:
-            # Its answer is read to seal the IDs in it: it must come as it is.
+        if self.owners is not None or (route.name == MODELS and exchange.restricted is not None):
+            # Its answer is read to rewrite it (IDs sealed, a list cut): it must come as it is.
             forward = [h for h in forward if h[0] != b"accept-encoding"]
         if isinstance(body, StreamedBody) and headers.content_length is not None:
             # A fixed-size upload stays fixed-size: some runtimes do not take chunked bodies.
@@ -496,19 +497,15 @@ class ProxyEndpoint:
     ) -> bool:
         """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
         status = response.status
-        waited = time.perf_counter()
-        head, whole = await response.read_up_to(self.max_read_bytes)
-        exchange.upstream_wait += time.perf_counter() - waited
-        exchange.ttfb = time.perf_counter() - exchange.start
+        head, whole = await self._read_whole(response, exchange)
         if whole:
             if status >= 400:
                 reshaped = normalise.error_body(status, head)
             else:
                 reshaped = normalise.model_list(head, group.name)
             if reshaped is not None:
-                headers = [h for h in headers if h[0] not in {b"content-type", b"content-length"}]
-                headers += [*JSON_HEADERS, (b"content-length", str(len(reshaped)).encode())]
-                head = reshaped
+                await _send_whole(send, status, headers, reshaped)
+                return True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": head, "more_body": not whole})
         if whole:
@@ -525,8 +522,7 @@ class ProxyEndpoint:
     ) -> bool:
         """A model list cut to what the key may use."""
         assert exchange.restricted is not None
-        head, whole = await response.read_up_to(self.max_read_bytes)
-        exchange.ttfb = time.perf_counter() - exchange.start
+        head, whole = await self._read_whole(response, exchange)
         listed = (normalise.model_list(head, group.name) or head) if whole else b""
         try:
             document = orjson.loads(listed)
@@ -540,13 +536,7 @@ class ProxyEndpoint:
         document["data"] = [
             e for e in entries if isinstance(e, dict) and allowed.may_use(str(e.get("id", "")))
         ]
-        body = orjson.dumps(document)
-        headers = [
-            h for h in headers if h[0] not in {b"content-type", b"content-length", b"content-encoding"}
-        ]
-        headers += [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await _send_whole(send, 200, headers, orjson.dumps(document))
         return True
 
     async def _send_sealed(
@@ -556,10 +546,7 @@ class ProxyEndpoint:
         key's own objects."""
         assert self.owners is not None
         assert exchange.key is not None
-        waited = time.perf_counter()
-        head, whole = await response.read_up_to(self.max_read_bytes)
-        exchange.upstream_wait += time.perf_counter() - waited
-        exchange.ttfb = time.perf_counter() - exchange.start
+        head, whole = await self._read_whole(response, exchange)
         if not whole or response.header(b"content-encoding") is not None:
             if self.route.name in ownership.LISTS:
                 # Unread, it cannot be cut to the key's own objects; it must not go as it is.
@@ -573,11 +560,16 @@ class ProxyEndpoint:
             await send({"type": "http.response.body", "body": head, "more_body": not whole})
             return True if whole else await self._relay(response, send, False, exchange)
         sealed = await self.owners.answer(exchange.key, self.route.name, head)
-        headers = [h for h in headers if h[0] not in {b"content-type", b"content-length"}]
-        headers += [*JSON_HEADERS, (b"content-length", str(len(sealed)).encode())]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": sealed, "more_body": False})
+        await _send_whole(send, response.status, headers, sealed)
         return True
+
+    async def _read_whole(self, response: Response, exchange: Exchange) -> tuple[bytes, bool]:
+        """The answer's body up to the read cap, and whether that was all of it."""
+        waited = time.perf_counter()
+        head, whole = await response.read_up_to(self.max_read_bytes)
+        exchange.upstream_wait += time.perf_counter() - waited
+        exchange.ttfb = time.perf_counter() - exchange.start
+        return head, whole
 
     async def _model_from_list(
         self,
@@ -691,6 +683,14 @@ class ProxyEndpoint:
             tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
             exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
         return True
+
+
+async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """An answer the gateway rewrote (reshaped, cut to a key's share, IDs sealed), whole, as JSON."""
+    headers = [h for h in headers if h[0] not in REWRITTEN_HEADERS]
+    headers += [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _check_allowed(exchange: Exchange, model: Any) -> None:

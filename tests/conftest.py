@@ -20,6 +20,8 @@ from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from tests.fakes import FakeBackend, LoopThread, Seen, start_fake
 from tests.fleet_fakes import FleetRuntime, start_runtime
+from tests.object_fakes import ObjectRuntime, start_objects
+from tests.redis_server import RedisServer
 
 ENV_NAMES = ("API_KEYS", "BACKEND", "BACKEND_URL", "BACKEND_API_KEY")
 
@@ -97,6 +99,24 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
         server.should_exit = True
     for _, future in servers:
         future.result(10)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def objects(loop_thread: LoopThread) -> Iterator[tuple[ObjectRuntime, str]]:
+    """A runtime that stores files, batches and responses, and its URL."""
+    runtime = ObjectRuntime()
+    runner, port = loop_thread.run(start_objects(runtime))
+    yield runtime, f"http://127.0.0.1:{port}"
+    loop_thread.run(runner.cleanup())
 
 
 @pytest.fixture

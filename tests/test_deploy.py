@@ -142,8 +142,13 @@ def test_gateway_deployment_matches_the_app() -> None:
     (container,) = pod["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     config = by_kind(documents, "ConfigMap", "gateway-config")["data"]
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item.get("value") for item in container["env"]}
     assert ports["http"] == int(env["GATEWAY_PORT"])
+    # The object secret comes from the keys' Secret, so every replica seals IDs alike.
+    secret = next(item for item in container["env"] if item["name"] == "GATEWAY_OBJECT_SECRET")
+    reference = secret["valueFrom"]["secretKeyRef"]
+    keys_secret = by_kind(documents, "Secret", reference["name"])
+    assert reference["key"] in keys_secret["stringData"]
     assert ports["metrics"] == int(config["GATEWAY_METRICS_PORT"])
     paths = gateway_paths()
     for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready")):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,8 +15,7 @@ from hypothesis import strategies as st
 from gateway.errors import NotFound
 from gateway.ownership import BATCH, FILE, RESPONSE, Owners, Records, StreamSealer
 from tests.conftest import GatewayFactory
-from tests.fakes import LoopThread
-from tests.object_fakes import ObjectRuntime, start_objects
+from tests.object_fakes import ObjectRuntime
 from tests.processes import serve, stop
 from tests.redis_server import RedisServer
 
@@ -71,14 +68,6 @@ def test_a_stream_is_sealed_however_it_is_cut() -> None:
 
 
 # Through the gateway
-
-
-@pytest.fixture
-def objects(loop_thread: LoopThread) -> Iterator[tuple[ObjectRuntime, str]]:
-    runtime = ObjectRuntime()
-    runner, port = loop_thread.run(start_objects(runtime))
-    yield runtime, f"http://127.0.0.1:{port}"
-    loop_thread.run(runner.cleanup())
 
 
 def client(url: str, key: str) -> openai.OpenAI:
@@ -191,14 +180,6 @@ def test_with_one_key_ids_are_the_runtimes(
     made = alice.files.create(file=("in.jsonl", io.BytesIO(BATCH_LINE)), purpose="batch")
     assert made.id == "file-0001"
     assert alice.responses.create(model="org/model-7b", input="x").id == "resp_0001"
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_ownership_holds_across_two_gateway_processes(

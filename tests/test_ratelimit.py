@@ -7,7 +7,6 @@ import asyncio
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,14 +225,6 @@ def test_token_limit_refuses_before_the_backend_and_refunds(
 
 
 # Shared through a real redis-server
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def start_process(fake: Fake, *args: str) -> tuple[subprocess.Popen[bytes], str]:

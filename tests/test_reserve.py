@@ -4,7 +4,6 @@ reads it, multiplied by every answer asked for; through the gateway on a real re
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -82,14 +81,6 @@ def test_a_reservation_is_never_below_what_a_runtime_may_read(body: dict[str, An
 
 
 # Through the gateway, counted in a real redis-server
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import io
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ADMIN, AUTH, Fake, Gateway, GatewayFactory, Runtime
 from tests.fakes import LoopThread, free_port, start_fake, wait_until
-from tests.object_fakes import ObjectRuntime, start_objects
+from tests.object_fakes import ObjectRuntime
 from tests.processes import serve, stop
 from tests.raw import RawClient
 from tests.runtime_fakes import RuntimeFake
@@ -29,14 +29,6 @@ KEYS_FILE = """keys:
   - name: bob
     key: sk-bob
 """
-
-
-@pytest.fixture
-def objects(loop_thread: LoopThread) -> Iterator[tuple[ObjectRuntime, str]]:
-    runtime = ObjectRuntime()
-    runner, port = loop_thread.run(start_objects(runtime))
-    yield runtime, f"http://127.0.0.1:{port}"
-    loop_thread.run(runner.cleanup())
 
 
 @pytest.fixture
@@ -312,3 +304,36 @@ def _in_flight(gateway: Gateway) -> float:
         if line.startswith('gateway_in_flight_requests{route="chat_completions"}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_admin_keys_are_told_apart_in_metrics(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], admin_api_keys=["sk-admin"], backend="vllm")
+    httpx.post(
+        gateway.url + "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"}, headers=ADMIN
+    )
+    httpx.get(gateway.url + "/v1/models", headers=AUTH)
+    text = httpx.get(gateway.url + "/metrics").text
+    requests = [line for line in text.splitlines() if line.startswith("gateway_requests_total{")]
+    assert any('key="admin:key-1"' in line and "load_lora_adapter" in line for line in requests), requests
+    assert any('key="key-1"' in line and 'route="models"' in line for line in requests), requests
+
+
+def test_an_alias_counts_by_its_own_name_across_backends(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    _, a_url = runtimes("a", ["Qwen/Qwen2.5-7B-Instruct", "other-7b"])
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - name: alice\n    key: sk-alice\n    models: [qwen]\n")
+    gateway = fleet_gateway(
+        [{"name": "a", "url": a_url, "aliases": {"qwen": "Qwen/Qwen2.5-7B-Instruct"}}], keys_file=keys
+    )
+    alice = {"x-api-key": "sk-alice"}
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    chat = gateway.url + "/v1/chat/completions"
+    assert httpx.post(chat, json={**body, "model": "qwen"}, headers=alice).status_code == 200
+    for model in ("Qwen/Qwen2.5-7B-Instruct", "other-7b"):  # the alias's target is another name
+        assert httpx.post(chat, json={**body, "model": model}, headers=alice).status_code == 404
+    listed = httpx.get(gateway.url + "/v1/models", headers=alice).json()["data"]
+    assert [entry["id"] for entry in listed] == ["qwen"]
+    assert httpx.get(gateway.url + "/v1/models/other-7b", headers=alice).status_code == 404
+    assert len(httpx.get(gateway.url + "/v1/models", headers=AUTH).json()["data"]) == 3
