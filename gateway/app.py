@@ -224,6 +224,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     app.state.metrics = metrics
     app.state.metrics_page = page
     app.state.limiter = limiter
+    app.state.owners = owners
     app.state.lifecycle = lifecycle
     return app
 

@@ -52,6 +52,7 @@ ROUTE_KINDS = {
     **dict.fromkeys((r.RESPONSES, r.RESPONSE, r.RESPONSE_CANCEL), RESPONSE),
 }
 LISTS = frozenset({r.FILE_LIST, r.BATCH_LIST})
+LISTED_KINDS = frozenset({FILE, BATCH})
 PATH_PARAMS = {"file_id": FILE, "batch_id": BATCH, "response_id": RESPONSE}
 BODY_FIELDS = {r.BATCH_CREATE: ("input_file_id", FILE), r.RESPONSES: ("previous_response_id", RESPONSE)}
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
@@ -147,7 +148,8 @@ class Owners:
                     document[end] = kept[0 if end == "first_id" else -1]["id"] if kept else None
             return orjson.dumps(document)
         named = self.seal_object(owner, kind, document)
-        await self.records.add(owner, named)
+        # Only what can be listed is recorded: there is no list of stored responses.
+        await self.records.add(owner, [(of, raw) for of, raw in named if of in LISTED_KINDS])
         return orjson.dumps(document)
 
 

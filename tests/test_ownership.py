@@ -146,6 +146,9 @@ def test_stored_responses_belong_to_their_key(
     assert second.output_text == "one | two"
     assert second.previous_response_id == first.id
     assert alice.responses.retrieve(second.id).id == second.id
+    # Nothing lists stored responses, so nothing about them is kept in the gateway.
+    owners = gateway.app.state.owners
+    assert not any(kind == RESPONSE for _, kind in owners.records._owned)
 
     seen = len(runtime.requests)
     with pytest.raises(openai.NotFoundError):
