@@ -20,6 +20,9 @@ EMBEDDINGS = "embeddings"
 RESPONSES = "responses"
 RESPONSE = "response"  # GET /v1/responses/{id}
 RESPONSE_CANCEL = "response_cancel"
+# Anthropic's Messages API, which some runtimes serve beside OpenAI's.
+MESSAGES = "messages"
+COUNT_TOKENS = "messages_count_tokens"
 RERANK = "rerank"
 SCORE = "score"
 TOKENIZE = "tokenize"
@@ -62,6 +65,8 @@ INTERNAL_LORA_LOAD = "internal_lora_load"
 INTERNAL_LORA_UNLOAD = "internal_lora_unload"
 
 CORE_ROUTES = frozenset({MODELS, MODEL, CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS})
+ANTHROPIC_ROUTES = frozenset({MESSAGES, COUNT_TOKENS})
+"""Their errors go in Anthropic's envelope, which Anthropic's SDKs read."""
 LORA_ROUTES = frozenset({LOAD_LORA, UNLOAD_LORA})
 FILE_ROUTES = frozenset({FILE_UPLOAD, FILE_LIST, FILE, FILE_DELETE, FILE_CONTENT})
 BATCH_ROUTES = frozenset({BATCH_CREATE, BATCH_LIST, BATCH, BATCH_CANCEL})
@@ -89,6 +94,7 @@ ALL_ROUTES = (
     | FILE_ROUTES
     | BATCH_ROUTES
     | MANAGEMENT_ROUTES
+    | ANTHROPIC_ROUTES
     | {
         RESPONSES,
         RESPONSE,
@@ -161,8 +167,11 @@ class Adapter:
     """Probed instead when ``health_path`` answers 404 (a server of the family without it)."""
     loading_statuses: frozenset[int] = frozenset({503})
     normalise: bool = True
-    """Wrap errors that are not OpenAI-shaped, complete the model list, and answer
-    ``/v1/models/{id}`` from the list when the runtime has no such route."""
+    """Complete the model list, and answer ``/v1/models/{id}`` from the list when the
+    runtime has no such route. (Errors are put in the gateway's envelope for every runtime.)"""
+    unregistered: Mapping[str, str] = field(default_factory=dict)
+    """Why the runtime may not have registered a route it can serve (it registers some per
+    model or per flag): said in the 501 answered when it has not."""
 
     def serves(self, route: str) -> bool:
         return route in self.routes

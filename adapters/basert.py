@@ -1,10 +1,12 @@
 """basert's ``serve``: an OpenAI-compatible server with files, batches and model management.
 
-- OpenAI routes under /v1, ``/v1/models/{id}`` included, plus ``/v1/files`` (multipart
+- OpenAI routes under /v1, ``/v1/models/{id}`` included, ``/v1/rerank`` and
+  ``/v1/audio/transcriptions`` (multipart) among them, plus ``/v1/files`` (multipart
   uploads, ``/{id}``, ``/{id}/content``), ``/v1/batches`` (``/{id}``, ``/{id}/cancel``) and
   model management in the gateway's own shape: ``POST /v1/models/load`` and ``/unload``,
   ``/v1/lora/load`` and ``/unload``, forwarded as they are (admin keys only).
-- Errors are OpenAI-shaped; ``/health`` answers 200 once it serves.
+- Errors are OpenAI-shaped; ``/health`` answers 200 once it serves; Prometheus metrics at
+  ``/v1/metrics``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ ADAPTER = Adapter(
     | r.FILE_ROUTES
     | r.BATCH_ROUTES
     | r.MANAGEMENT_ROUTES
-    | {r.RESPONSES, r.EMBEDDINGS, r.TOKENIZE, r.DETOKENIZE},
+    | {r.RESPONSES, r.EMBEDDINGS, r.RERANK, r.TRANSCRIPTIONS, r.TOKENIZE, r.DETOKENIZE},
     health_path="/health",
     health_fallback_path="/v1/models",
-    metrics_path="/metrics",
+    metrics_path="/v1/metrics",
 )

@@ -2,7 +2,8 @@
 
 ``llama-server`` serves the OpenAI routes under /v1 (no ``/v1/models/{id}``), ``/tokenize``
 and ``/detokenize`` at the root, ``/v1/rerank`` with ``--reranking`` and embeddings with
-``--embeddings`` (else 501 ``not_supported_error``, passed through). While the model loads
+``--embeddings`` (else 501 ``not_supported_error``), and Anthropic's ``/v1/messages`` and
+``/v1/messages/count_tokens``. While the model loads
 every route, ``/health`` included, answers 503 ``unavailable_error`` "Loading model". Its
 ``/slots`` (which saves and restores files) is never reachable.
 
@@ -18,7 +19,9 @@ from adapters.base import Adapter, LoadSignals
 
 ADAPTER = Adapter(
     name="llamacpp",
-    routes=r.CORE_ROUTES - {r.MODEL} | {r.RESPONSES, r.RERANK, r.TOKENIZE, r.DETOKENIZE, r.TRANSCRIPTIONS},
+    routes=r.CORE_ROUTES - {r.MODEL}
+    | r.ANTHROPIC_ROUTES
+    | {r.RESPONSES, r.RERANK, r.TOKENIZE, r.DETOKENIZE, r.TRANSCRIPTIONS},
     paths={r.TOKENIZE: "/tokenize", r.DETOKENIZE: "/detokenize"},
     health_path="/health",
     health_fallback_path="/v1/models",

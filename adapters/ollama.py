@@ -1,6 +1,7 @@
 """Ollama.
 
 - OpenAI routes under /v1, ``/v1/models/{id}`` included; no tokenize, rerank or score.
+  Anthropic's ``/v1/messages`` (and ``/count_tokens``) beside them.
   Its own API (``/api/pull``, ``/api/delete``, …) is never reachable through the gateway.
 - ``GET /`` answers "Ollama is running"; models load lazily on their first request.
 - Errors are nested OpenAI-style; 503 "server busy" when its queue is full.
@@ -31,7 +32,7 @@ def unload_model(body: dict[str, Any]) -> dict[str, Any]:
 
 ADAPTER = Adapter(
     name="ollama",
-    routes=r.CORE_ROUTES | {r.RESPONSES, r.TRANSCRIPTIONS, r.MODEL_LOAD, r.MODEL_UNLOAD},
+    routes=r.CORE_ROUTES | r.ANTHROPIC_ROUTES | {r.RESPONSES, r.TRANSCRIPTIONS, r.MODEL_LOAD, r.MODEL_UNLOAD},
     paths={r.MODEL_LOAD: "/api/generate", r.MODEL_UNLOAD: "/api/generate"},
     rewrites={r.MODEL_LOAD: load_model, r.MODEL_UNLOAD: unload_model},
     health_path="/",

@@ -1,6 +1,7 @@
 """SGLang (``python -m sglang.launch_server``).
 
-- OpenAI routes under /v1, ``/v1/models/{id}`` included; tokenize and detokenize under /v1.
+- OpenAI routes under /v1, ``/v1/models/{id}`` included; tokenize and detokenize under /v1;
+  Anthropic's ``/v1/messages`` and ``/v1/messages/count_tokens``.
 - ``/health`` runs a one-token generation and answers 503 during warm-up after the socket
   opens (before that, connections are refused).
 - Errors are **flat**: ``{"object": "error", "message", "type", "param", "code"}``; the
@@ -19,6 +20,7 @@ ADAPTER = Adapter(
     name="sglang",
     routes=r.CORE_ROUTES
     | r.LORA_ROUTES
+    | r.ANTHROPIC_ROUTES
     | {
         r.RESPONSES,
         r.RESPONSE,

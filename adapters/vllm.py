@@ -4,7 +4,11 @@
   ``/v1/models/{id}``. Embeddings only on pooling models (a chat model answers 404).
 - ``/health`` answers 200 once the engine runs and 503 when it has died; while weights load
   the socket refuses connections, so "refused" means loading as often as down.
-- Errors are OpenAI-shaped, except unregistered routes (FastAPI's ``{"detail": ...}``).
+- Errors are OpenAI-shaped with vLLM's exception names as ``type`` and an integer ``code``;
+  a route it has not registered (routes are registered per model task and per flag:
+  embeddings only for pooling models, LoRA loading only when enabled) is FastAPI's
+  ``{"detail": "Not Found"}``, which the gateway answers as 501 saying why.
+- Anthropic's ``/v1/messages`` and ``/v1/messages/count_tokens`` beside the OpenAI routes.
 - LoRA load/unload at ``/v1/load_lora_adapter`` (needs VLLM_ALLOW_RUNTIME_LORA_UPDATING),
   which ``/v1/lora/load`` and ``/unload`` reach with the same body; no model loading (one
   model a server).
@@ -16,10 +20,16 @@ from __future__ import annotations
 from adapters import base as r
 from adapters.base import Adapter, LoadSignals
 
+LORA_OFF = (
+    "runtime LoRA updating is off: start vLLM with --enable-lora and the environment "
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+)
+
 ADAPTER = Adapter(
     name="vllm",
     routes=r.CORE_ROUTES - {r.MODEL}
     | r.LORA_ROUTES
+    | r.ANTHROPIC_ROUTES
     | {
         r.RESPONSES,
         r.RESPONSE,
@@ -47,4 +57,19 @@ ADAPTER = Adapter(
         kv_use=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
     ),
     loading_statuses=frozenset(),
+    unregistered={
+        r.EMBEDDINGS: "vLLM serves embeddings only for a pooling model (a generative model has none)",
+        r.RERANK: "vLLM serves rerank only for a cross-encoder or pooling model",
+        r.SCORE: "vLLM serves score only for a cross-encoder or pooling model",
+        r.TRANSCRIPTIONS: "vLLM serves transcriptions only for a speech-recognition model",
+        r.TRANSLATIONS: "vLLM serves translations only for a speech-recognition model",
+        r.CHAT_COMPLETIONS: "vLLM serves chat completions only for a generative model",
+        r.COMPLETIONS: "vLLM serves completions only for a generative model",
+        r.RESPONSES: "vLLM serves responses only for a generative model",
+        r.MESSAGES: "vLLM serves messages only for a generative model",
+        r.LOAD_LORA: LORA_OFF,
+        r.UNLOAD_LORA: LORA_OFF,
+        r.LORA_LOAD: LORA_OFF,
+        r.LORA_UNLOAD: LORA_OFF,
+    },
 )

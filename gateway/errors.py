@@ -21,7 +21,10 @@ Every error a client sees from the gateway itself is a ``GatewayError`` rendered
     │   └── BackendUnavailable    503 backend_unavailable
     └── InternalError         500 internal_error
 
-Errors a backend answers with are not GatewayErrors: they pass through untouched.
+Errors a backend answers with are not GatewayErrors: their status is kept and their body put
+in the same envelope (``adapters.normalise.error_body``). On Anthropic's routes
+(``/v1/messages``) both are rendered in Anthropic's envelope instead,
+``{"type": "error", "error": {"type": ..., "message": ...}}``, with Anthropic's types.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import orjson
+
+from adapters.normalise import anthropic_type
 
 
 class GatewayError(Exception):
@@ -146,6 +151,10 @@ class BackendUnavailable(BackendError):
 def envelope(type_: str, message: str, *, code: str | None = None, param: str | None = None) -> bytes:
     error: dict[str, str | None] = {"type": type_, "message": message, "code": code, "param": param}
     return orjson.dumps({"error": error})
+
+
+def anthropic_envelope(status: int, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": anthropic_type(status), "message": message}})
 
 
 def sse_error_event(error: GatewayError) -> bytes:

@@ -36,8 +36,11 @@ async def target_group(router: Router, parsed: dict[str, Any]) -> Group:
     return router.default
 
 
-def runtime_body(parsed: dict[str, Any], rewrite: Rewrite | None) -> bytes:
-    """The body in the runtime's shape, without the gateway's ``backend`` field."""
+def runtime_body(parsed: dict[str, Any], rewrite: Rewrite | None, raw: bytes) -> bytes:
+    """The body in the runtime's shape, without the gateway's ``backend`` field: ``raw``, the
+    client's own bytes, where the runtime takes the gateway's shape and no field is dropped."""
+    if rewrite is None and "backend" not in parsed:
+        return raw
     fields = {name: value for name, value in parsed.items() if name != "backend"}
     shaped = rewrite(fields) if rewrite is not None else fields
     return b"" if shaped is None else orjson.dumps(shaped)
@@ -49,6 +52,7 @@ async def on_every_replica(
     target: str,
     forward: list[tuple[bytes, bytes]],
     parsed: dict[str, Any],
+    raw: bytes,
     settings: Settings,
 ) -> tuple[int, bytes]:
     """The request on every replica at once (a model loaded on one replica of four would
@@ -57,7 +61,7 @@ async def on_every_replica(
     all succeeded, else the first failure's status with an error saying how many failed."""
     backend = group.backend
     headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
-    payload = runtime_body(parsed, backend.adapter.rewrites.get(route))
+    payload = runtime_body(parsed, backend.adapter.rewrites.get(route), raw)
 
     async def one(replica: Replica) -> dict[str, Any]:
         try:

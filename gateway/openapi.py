@@ -35,6 +35,8 @@ SUMMARIES: dict[str, tuple[str, bool]] = {
     r.RESPONSES: ("Create a response (streams with `stream: true`)", True),
     r.RESPONSE: ("A stored response", False),
     r.RESPONSE_CANCEL: ("Cancel a background response", False),
+    r.MESSAGES: ("Create a message, Anthropic's Messages API (streams with `stream: true`)", True),
+    r.COUNT_TOKENS: ("Count a message's tokens, Anthropic's Messages API", False),
     r.RERANK: ("Rerank documents", False),
     r.SCORE: ("Score text pairs", False),
     r.TOKENIZE: ("Tokenize (the runtime's body format)", False),
@@ -120,9 +122,9 @@ def document(
             "description": (
                 "An OpenAI-compatible gateway in front of self-hosted runtimes. Requests and answers "
                 "pass through unchanged (streams included, as server-sent events); the gateway's own "
-                "errors, and runtimes' errors that are not OpenAI-shaped, use one envelope "
-                '`{"error": {"type", "message", "code", "param"}}`. A runtime\'s own errors keep '
-                "its status."
+                "errors and every runtime's use one envelope "
+                '`{"error": {"type", "message", "code", "param"}}` (Anthropic\'s on its Messages '
+                "routes). A runtime's own errors keep its status."
             ),
         },
         "paths": paths,
@@ -143,16 +145,28 @@ def document(
                             "properties": {
                                 "type": {
                                     "type": "string",
-                                    "description": "The gateway's own: "
-                                    + ", ".join(error_types)
-                                    + "; a runtime's error keeps its type.",
+                                    "description": "By status, for the gateway's own errors and a "
+                                    "runtime's alike: " + ", ".join(error_types) + ".",
                                     "examples": error_types,
                                 },
                                 "message": {"type": "string"},
-                                "code": {"type": ["string", "integer", "null"]},
+                                "code": {"type": ["string", "null"]},
                                 "param": {"type": ["string", "null"]},
+                                "backend_type": {"type": "string", "description": "The runtime's own type."},
                             },
                         }
+                    },
+                },
+                "AnthropicError": {
+                    "type": "object",
+                    "required": ["type", "error"],
+                    "properties": {
+                        "type": {"const": "error"},
+                        "error": {
+                            "type": "object",
+                            "required": ["type", "message"],
+                            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                        },
                     },
                 },
                 "JsonObject": {"type": "object", "additionalProperties": True},
@@ -202,16 +216,28 @@ def _operation(spec: RouteSpec, parameters: list[dict[str, Any]], auth: bool) ->
         }
     errors = ["401"] if auth else []
     errors += ["404", "429", "501", "502", "503", "504"]
+    if spec.body is Body.JSON:
+        errors += ["400", "413"]
+    anthropic = spec.name in r.ANTHROPIC_ROUTES
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/AnthropicError"}}}
+
+    def error(status: str) -> dict[str, Any]:
+        if anthropic:
+            return {"description": GATEWAY_ERRORS[status] + " (Anthropic's envelope)", "content": envelope}
+        return {"$ref": f"#/components/responses/{status}"}
+
     operation: dict[str, Any] = {
         "operationId": f"{spec.name}_{'_'.join(spec.methods).lower()}",
         "summary": summary,
         "tags": ["admin" if spec.admin else _tag(spec)],
         "responses": {
             "200": {"description": "The runtime's answer, passed through", "content": success},
-            **{status: {"$ref": f"#/components/responses/{status}"} for status in errors},
+            **{status: error(status) for status in errors},
             "default": {
                 "description": "The runtime's own error, with its status",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                "content": envelope
+                if anthropic
+                else {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             },
         },
     }
@@ -227,8 +253,6 @@ def _operation(spec: RouteSpec, parameters: list[dict[str, Any]], auth: bool) ->
                 "additionalProperties": True,
             }
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
-        operation["responses"]["400"] = {"$ref": "#/components/responses/400"}
-        operation["responses"]["413"] = {"$ref": "#/components/responses/413"}
     elif spec.body is Body.STREAM and spec.name in {r.FILE_UPLOAD, r.TRANSCRIPTIONS, r.TRANSLATIONS}:
         form = {
             "type": "object",
@@ -245,6 +269,8 @@ def _operation(spec: RouteSpec, parameters: list[dict[str, Any]], auth: bool) ->
 
 
 def _tag(spec: RouteSpec) -> str:
+    if spec.name in r.ANTHROPIC_ROUTES:
+        return "anthropic"
     if spec.name in r.TEXTGEN_ROUTES:
         return "text-generation-webui"
     if spec.name in r.FILE_ROUTES or spec.name in r.BATCH_ROUTES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import quote
@@ -21,11 +22,13 @@ import orjson
 
 from adapters import normalise
 from adapters.base import (
+    ANTHROPIC_ROUTES,
     BATCH_CREATE,
     CHAT_COMPLETIONS,
     COMPLETIONS,
     FILE_CONTENT,
     MANAGEMENT_ROUTES,
+    MESSAGES,
     MODEL,
     MODELS,
     RESPONSES,
@@ -45,6 +48,7 @@ from gateway.errors import (
     NotFound,
     PermissionDenied,
     Unsupported,
+    anthropic_envelope,
     sse_error_event,
 )
 from gateway.exchange import Exchange
@@ -62,7 +66,7 @@ from gateway.routes import Body, RouteSpec
 from gateway.routing import Group, Replica, Router
 from gateway.settings import Settings
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error, mid_stream_error
-from gateway.usage import TAIL_BYTES, tokens_in
+from gateway.usage import TAIL_BYTES, prompt_tokens_at_start, tokens_in
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,11 +81,12 @@ MAX_MODEL_NAME = 256
 CLIENT_DISCONNECT = "client_disconnect"
 MID_STREAM = "mid_stream"
 # Routes whose answers are generated, so a token reservation counts their max_tokens.
-GENERATING = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES})
+GENERATING = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, MESSAGES})
 # Routes that name no model: a key that may use only some models uses them freely.
 MODEL_FREE = (frozenset(ownership.ROUTE_KINDS) - {RESPONSES, BATCH_CREATE}) | {MODELS, MODEL}
 # Answers after which a request goes to another replica, if one is left and the budget allows.
 FAILOVER_STATUSES = frozenset({429, 502, 503, 504})
+Rewriter = Callable[[Response, Group, list[tuple[bytes, bytes]], Send, Exchange], Awaitable[bool]]
 
 
 class ProxyEndpoint:
@@ -291,12 +296,15 @@ class ProxyEndpoint:
                 group = groups[0]
                 exchange.backend = group.name
                 exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
+                assert isinstance(body, bytes)
                 status, answer = await management.on_every_replica(
-                    group, route.name, target_for(group), forward, parsed, self.settings
+                    group, route.name, target_for(group), forward, parsed, body, self.settings
                 )
                 exchange.status = status
                 if status >= 300:
                     exchange.error = "backend_error"
+                else:
+                    await router.refresh(group, fresh=True)
                 await _send_json(send, status, answer, exchange)
                 return
             await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
@@ -361,7 +369,9 @@ class ProxyEndpoint:
                 payload = body
                 if self.management:
                     assert parsed is not None
-                    payload = management.runtime_body(parsed, backend.adapter.rewrites.get(self.route.name))
+                    assert isinstance(body, bytes)
+                    rewrite = backend.adapter.rewrites.get(self.route.name)
+                    payload = management.runtime_body(parsed, rewrite, body)
                 elif parsed is not None and group.aliases:
                     model = parsed.get("model")
                     if isinstance(model, str) and model in group.aliases:
@@ -457,14 +467,18 @@ class ProxyEndpoint:
                 response.status, response.raw_headers, exchange.headers_out
             )
             exchange.status = response.status
+            if self.management and 200 <= response.status < 300:
+                # What was loaded or unloaded is routed (or not) from the next request on.
+                await self.router.refresh(group, fresh=True)
             owners = self.owners
             sealing = owners is not None and exchange.key is not None and 200 <= response.status < 300
-            if self.route.name == MODELS and exchange.restricted is not None and response.status == 200:
-                complete = await self._send_allowed_models(response, group, returned, send, exchange)
-            elif sealing and not streaming and self.route.name != FILE_CONTENT:
-                complete = await self._send_sealed(response, returned, send, exchange)
-            elif group.backend.adapter.normalise and not streaming and self._reshapes(response):
-                complete = await self._send_reshaped(response, group, returned, send, exchange)
+            rewrite = None if streaming else self._rewriter(response, group, exchange, sealing)
+            if rewrite is not None:
+                try:
+                    complete = await rewrite(response, group, returned, send, exchange)
+                except BackendError as error:  # the body broke off before anything was sent
+                    exchange.error = MID_STREAM
+                    await send_error(send, error, exchange)
             else:
                 await send({"type": "http.response.start", "status": response.status, "headers": returned})
                 sealer = None
@@ -482,10 +496,22 @@ class ProxyEndpoint:
             else:
                 response.close()
 
-    def _reshapes(self, response: Response) -> bool:
-        if response.header(b"content-encoding") is not None:
-            return False
-        return response.status >= 400 or (self.route.name == MODELS and response.status == 200)
+    def _rewriter(
+        self, response: Response, group: Group, exchange: Exchange, sealing: bool
+    ) -> Rewriter | None:
+        """How a whole (not streamed) answer is rewritten before it goes out, if it is: a
+        model list cut to the key's share, IDs sealed, an error put in the envelope, a model
+        list completed."""
+        status = response.status
+        if self.route.name == MODELS and exchange.restricted is not None and status == 200:
+            return self._send_allowed_models
+        if sealing and self.route.name != FILE_CONTENT:
+            return self._send_sealed
+        if status >= 400:
+            return self._send_reshaped
+        if self.route.name == MODELS and status == 200 and group.backend.adapter.normalise:
+            return None if response.header(b"content-encoding") is not None else self._send_reshaped
+        return None
 
     async def _send_reshaped(
         self,
@@ -495,12 +521,29 @@ class ProxyEndpoint:
         send: Send,
         exchange: Exchange,
     ) -> bool:
-        """Send an error or a model list in the OpenAI shape, if it is small enough to read."""
+        """Send an error in the gateway's envelope, or a model list in the OpenAI shape, if it
+        is small enough to read."""
         status = response.status
         head, whole = await self._read_whole(response, exchange)
+        encoding = response.header(b"content-encoding")
+        if whole and encoding is not None:
+            decoded = _decoded(head, encoding, self.max_read_bytes)
+            if decoded is None:  # an encoding the gateway does not read: sent as it came
+                whole = False
+            else:
+                head = decoded
+                # Now sent as it is: the length and encoding are the gateway's.
+                headers = [h for h in headers if h[0] not in REWRITTEN_HEADERS]
+                headers.append((b"content-length", str(len(head)).encode()))
         if whole:
-            if status >= 400:
-                reshaped = normalise.error_body(status, head)
+            if status >= 400 and "{" not in self.route.path and normalise.route_missing(status, head):
+                await send_error(send, self._unregistered(group), exchange)
+                return True
+            reshaped: bytes | None
+            if status >= 400 and self.route.name in ANTHROPIC_ROUTES:
+                reshaped = normalise.anthropic_error_body(status, head)
+            elif status >= 400:
+                reshaped = normalise.error_body(status, head, model=exchange.model)
             else:
                 reshaped = normalise.model_list(head, group.name)
             if reshaped is not None:
@@ -511,6 +554,15 @@ class ProxyEndpoint:
         if whole:
             return True
         return await self._relay(response, send, False, exchange)
+
+    def _unregistered(self, group: Group) -> Unsupported:
+        """The 501 for a route the runtime has not registered (it answered its framework's 404)."""
+        adapter = group.backend.adapter
+        why = adapter.unregistered.get(self.route.name, "this runtime or model does not serve it")
+        return Unsupported(
+            f"the {group.name} backend ({adapter.name}) has no {self.route.path} for this model: {why}",
+            code="unsupported_route",
+        )
 
     async def _send_allowed_models(
         self,
@@ -540,7 +592,12 @@ class ProxyEndpoint:
         return True
 
     async def _send_sealed(
-        self, response: Response, headers: list[tuple[bytes, bytes]], send: Send, exchange: Exchange
+        self,
+        response: Response,
+        group: Group,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        exchange: Exchange,
     ) -> bool:
         """An object, or a list of them, with its IDs sealed to the key and a list cut to the
         key's own objects."""
@@ -564,10 +621,15 @@ class ProxyEndpoint:
         return True
 
     async def _read_whole(self, response: Response, exchange: Exchange) -> tuple[bytes, bool]:
-        """The answer's body up to the read cap, and whether that was all of it."""
+        """The answer's body up to the read cap, and whether that was all of it; read before
+        anything was sent, so a body the backend breaks off is the gateway's error."""
         waited = time.perf_counter()
-        head, whole = await response.read_up_to(self.max_read_bytes)
-        exchange.upstream_wait += time.perf_counter() - waited
+        try:
+            head, whole = await response.read_up_to(self.max_read_bytes)
+        except UPSTREAM_ERRORS as exc:
+            raise mid_stream_error(exc, self.settings) from exc
+        finally:
+            exchange.upstream_wait += time.perf_counter() - waited
         exchange.ttfb = time.perf_counter() - exchange.start
         return head, whole
 
@@ -598,8 +660,7 @@ class ProxyEndpoint:
         exchange.status = status
         exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
         if status != 200:
-            reshaped = normalise.error_body(status, body) or body
-            await _send_json(send, status, reshaped, exchange)
+            await _send_json(send, status, normalise.error_body(status, body), exchange)
             return
         wanted = group.backend_model(exchange.model or "")
         entry = normalise.find_model(body, wanted, backend.name)
@@ -644,6 +705,8 @@ class ProxyEndpoint:
         response.set_read_timeout(self.idle_timeout)
         clock = time.perf_counter
         previous = last = b""
+        # Anthropic's streams give the prompt's tokens at their start (message_start).
+        first: bytes | None = b"" if streaming and exchange.route == MESSAGES else None
         waiting = 0.0
         done = False
         try:
@@ -656,6 +719,8 @@ class ProxyEndpoint:
                 if exchange.ttfb is None:
                     exchange.ttfb = clock() - exchange.start
                 previous, last = last, chunk
+                if first is not None and len(first) < TAIL_BYTES:
+                    first += chunk[: TAIL_BYTES - len(first)]
                 done = response.at_eof()
                 if sealer is not None:
                     chunk = sealer.feed(chunk) + (sealer.flush() if done else b"")
@@ -673,7 +738,8 @@ class ProxyEndpoint:
                 # Returning without the final body message makes the server drop the
                 # connection, so the client sees a cut, not a short body that looks whole.
                 return False
-            await send({"type": "http.response.body", "body": _final_event(error, last), "more_body": False})
+            final = _final_event(error, last, exchange.route in ANTHROPIC_ROUTES)
+            await send({"type": "http.response.body", "body": final, "more_body": False})
             return False
         exchange.upstream_wait += waiting
         if not done:
@@ -682,6 +748,8 @@ class ProxyEndpoint:
         if 200 <= exchange.status < 300:
             tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
             exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
+            if first is not None and exchange.prompt_tokens is None:
+                exchange.prompt_tokens = prompt_tokens_at_start(first)
         return True
 
 
@@ -714,10 +782,30 @@ def _check_allowed(exchange: Exchange, model: Any) -> None:
         )
 
 
-def _final_event(error: BackendError, last: bytes) -> bytes:
-    event = sse_error_event(error)
+def _final_event(error: BackendError, last: bytes, anthropic: bool) -> bytes:
+    if anthropic:
+        event = b"event: error\ndata: " + anthropic_envelope(error.status, error.message) + b"\n\n"
+    else:
+        event = sse_error_event(error)
     # Close an event the backend left half-sent, so that ours is read on its own.
     return event if last.endswith(b"\n\n") else b"\n\n" + event
+
+
+def _decoded(body: bytes, encoding: bytes, limit: int) -> bytes | None:
+    """A small compressed answer (an error the gateway rewrites), decompressed within ``limit``."""
+    name = encoding.strip().lower()
+    if name == b"identity":
+        return body
+    if name not in {b"gzip", b"x-gzip", b"deflate"}:
+        return None
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32 if name != b"deflate" else zlib.MAX_WBITS)
+    try:
+        decoded = decompressor.decompress(body, limit)
+    except zlib.error:
+        return None
+    if decompressor.unconsumed_tail or not decompressor.eof:
+        return None
+    return decoded
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -742,7 +830,11 @@ async def _send_json(send: Send, status: int, body: bytes, exchange: Exchange) -
 async def send_error(send: Send, error: GatewayError, exchange: Exchange) -> None:
     exchange.status = error.status
     exchange.error = error.type
-    body = error.body()
+    body = (
+        anthropic_envelope(error.status, error.message)
+        if exchange.route in ANTHROPIC_ROUTES
+        else error.body()
+    )
     headers = error.response_headers()
     headers.append((b"content-length", str(len(body)).encode()))
     headers.extend(exchange.headers_out)

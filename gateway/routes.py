@@ -37,6 +37,8 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(r.RESPONSES, "/v1/responses", ("POST",), Body.JSON),
     RouteSpec(r.RESPONSE_CANCEL, "/v1/responses/{response_id}/cancel", ("POST",), Body.STREAM),
     RouteSpec(r.RESPONSE, "/v1/responses/{response_id}", ("GET",), Body.NONE),
+    RouteSpec(r.MESSAGES, "/v1/messages", ("POST",), Body.JSON),
+    RouteSpec(r.COUNT_TOKENS, "/v1/messages/count_tokens", ("POST",), Body.JSON),
     RouteSpec(r.RERANK, "/v1/rerank", ("POST",), Body.JSON),
     RouteSpec(r.SCORE, "/v1/score", ("POST",), Body.JSON),
     RouteSpec(r.TOKENIZE, "/v1/tokenize", ("POST",), Body.JSON),

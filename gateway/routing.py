@@ -292,9 +292,13 @@ class Router:
         await asyncio.gather(*(self.refresh(group) for group in stale))
         return True
 
-    async def refresh(self, group: Group) -> None:
-        """Read ``group``'s model list (one read at a time, whoever asks)."""
+    async def refresh(self, group: Group, fresh: bool = False) -> None:
+        """Read ``group``'s model list (one read at a time, whoever asks); ``fresh``: a read
+        begun after this call (a model was just loaded), not one already under way."""
         running = self._refreshing.get(group.name)
+        if running is not None and fresh:
+            await asyncio.shield(running)
+            running = self._refreshing.get(group.name)
         if running is None:
             running = self._refreshing[group.name] = asyncio.ensure_future(self._read_list(group))
             running.add_done_callback(lambda _: self._refreshing.pop(group.name, None))

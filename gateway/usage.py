@@ -34,6 +34,16 @@ def tokens_in(tail: bytes) -> tuple[int | None, int | None]:
     return None, None
 
 
+def prompt_tokens_at_start(head: bytes) -> int | None:
+    """The prompt's tokens in the first ``usage`` of ``head`` (Anthropic's streams give them in
+    ``message_start`` and may not repeat them at the end)."""
+    at = head.find(USAGE)
+    if at < 0:
+        return None
+    found = PROMPT.search(_object_after(head, at + len(USAGE)))
+    return int(found.group(1)) if found else None
+
+
 def _object_after(data: bytes, start: int) -> bytes:
     """The JSON object that starts after ``start`` (nested one level deep, as usage's
     ``*_details`` are), or what there is of it."""

@@ -35,6 +35,8 @@ class RuntimeFake:
     def __init__(self, flavour: str) -> None:
         self.flavour = flavour
         self.loading = False
+        self.lora_updating = True
+        """vLLM registers its LoRA routes only with VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
         self.paths: list[str] = []
         self.requests: list[tuple[str, str, bytes]] = []
         """Method, path and body of each request the catch-all route took."""
@@ -128,13 +130,15 @@ class RuntimeFake:
         # A multipart upload is read by its parser, below, not here.
         body = b"" if path == "/v1/files" else await request.read()
         self.requests.append((request.method, path, body))
+        if path.endswith("_lora_adapter") and self.flavour == "vllm" and not self.lora_updating:
+            return web.json_response({"detail": "Not Found"}, status=404)
         if path in MANAGEMENT_PATHS:
             if self.flavour == "ollama":
                 return web.json_response({"model": MODEL, "response": "", "done": True})
             return web.json_response("OK")
         if path.startswith("/v1/internal/") and self.flavour == "textgen":
             return web.json_response({"route": path.removeprefix("/v1/internal/")})
-        if path == "/metrics" and self.flavour != "ollama":
+        if path == ("/v1/metrics" if self.flavour == "basert" else "/metrics") and self.flavour != "ollama":
             return web.Response(
                 text=f"# TYPE {self.flavour}_requests_running gauge\n{self.flavour}_requests_running 3\n"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -15,6 +16,17 @@ SECRET_PROMPT = "the launch code is 7-7-alpha"
 
 def lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def read_lines(capfd: pytest.CaptureFixture[str], count: int, within: float = 5) -> str:
+    """What was written until ``count`` lines are there: a line is written once the answer
+    has gone, so the client may read its answer before the line exists."""
+    out = ""
+    deadline = time.monotonic() + within
+    while len(lines(out)) < count and time.monotonic() < deadline:
+        out += capfd.readouterr().out
+        time.sleep(0.02)
+    return out
 
 
 def test_one_line_per_request_with_its_fields(
@@ -34,7 +46,7 @@ def test_one_line_per_request_with_its_fields(
         headers={"Authorization": "Bearer sk-test-1"},
     )  # fmt: skip
     httpx.get(gateway.url + "/v1/models", headers={"x-api-key": "wrong-key"})
-    out = capfd.readouterr().out
+    out = read_lines(capfd, 3)
     assert SECRET_PROMPT not in out
     assert "sk-test" not in out
     assert "wrong-key" not in out

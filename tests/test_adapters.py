@@ -3,6 +3,7 @@ through the gateway with the OpenAI SDK."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -217,36 +218,88 @@ def test_routes_only_some_runtimes_serve(runtime: Runtime) -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "body", "type_", "message", "code"),
+    ("status", "body", "type_", "message", "code", "backend_type"),
     [
         (422, b'{"error": "Input validation error: too long", "error_type": "validation"}',
-         "invalid_request", "Input validation error: too long", "validation"),
+         "invalid_request", "Input validation error: too long", None, "validation"),
         (429, b'{"error": "Model is overloaded", "error_type": "overloaded"}',
-         "rate_limit_exceeded", "Model is overloaded", "overloaded"),
+         "rate_limit_exceeded", "Model is overloaded", None, "overloaded"),
         (400, b'{"object": "error", "message": "bad", "type": "BadRequestError", "param": null, "code": 400}',
-         "BadRequestError", "bad", 400),
-        (404, b'{"detail": "Not Found"}', "not_found", "Not Found", None),
+         "invalid_request", "bad", None, "BadRequestError"),
+        # vLLM's own errors: its exception names as type, the status as an integer code.
+        (404, b'{"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",'
+              b' "param": "model", "code": 404}}',
+         "not_found", "The model `x` does not exist.", "model_not_found", "NotFoundError"),
+        (400, b'{"error": {"message": "1 validation error", "type": "Bad Request", "param": "body.messages",'
+              b' "code": 400}}', "invalid_request", "1 validation error", None, "Bad Request"),
+        (400, b'{"error": {"message": "max_tokens=5000 cannot be greater than max_model_len=2048.",'
+              b' "type": "BadRequestError", "param": "max_tokens", "code": 400}}',
+         "invalid_request", "max_tokens=5000 cannot be greater than max_model_len=2048.",
+         "context_length_exceeded", "BadRequestError"),
+        # llama.cpp's: its own type names, integer codes.
+        (400, b'{"error": {"code": 400, "message": "the request exceeds the available context size",'
+              b' "type": "exceed_context_size_error", "n_prompt_tokens": 9000, "n_ctx": 4096}}',
+         "invalid_request", "the request exceeds the available context size", "context_length_exceeded",
+         "exceed_context_size_error"),
+        (503, b'{"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}',
+         "backend_unavailable", "Loading model", None, "unavailable_error"),
+        # Hosted APIs' string codes are kept.
+        (429, b'{"error": {"message": "slow down", "type": "requests", "param": null, "code": "rate_limit"}}',
+         "rate_limit_exceeded", "slow down", "rate_limit", "requests"),
+        (404, b'{"detail": "Not Found"}', "not_found", "Not Found", None, None),
         (422, b'{"detail": [{"loc": ["body", "messages"], "msg": "field required", "type": "missing"}]}',
-         "invalid_request", "body.messages: field required", None),
-        (401, b"", "authentication_error", "the backend answered 401 with an empty body", None),
+         "invalid_request", "body.messages: field required", None, None),
+        (401, b"", "authentication_error", "the backend answered 401 with an empty body", None, None),
         (502, b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
-         "backend_error", "the backend answered 502 with a body that is not JSON: 502 Bad Gateway", None),
-        (500, b"[1, 2]", "backend_error", "the backend answered 500: [1,2]", None),
+         "backend_error", "the backend answered 502 with a body that is not JSON: 502 Bad Gateway",
+         None, None),
+        (500, b"[1, 2]", "backend_error", "the backend answered 500: [1,2]", None, None),
     ],
 )  # fmt: skip
-def test_error_shapes_are_wrapped(status: int, body: bytes, type_: str, message: str, code: object) -> None:
-    wrapped = normalise.error_body(status, body)
-    assert wrapped is not None
-    import json
-
-    error = json.loads(wrapped)["error"]
+def test_every_error_shape_gets_one_envelope(
+    status: int, body: bytes, type_: str, message: str, code: object, backend_type: str | None
+) -> None:
+    error = json.loads(normalise.error_body(status, body, model="x"))["error"]
     assert error["type"] == type_
     assert error["message"] == message
     assert error["code"] == code
+    assert error.get("backend_type") == backend_type
+    assert set(error) >= {"type", "message", "param", "code"}
 
 
-def test_openai_shaped_errors_pass_untouched() -> None:
-    assert normalise.error_body(400, b'{"error": {"message": "x", "type": "", "code": 400}}') is None
+def test_a_runtimes_other_error_fields_are_kept() -> None:
+    body = b'{"error": {"code": 400, "message": "m", "type": "exceed_context_size_error", "n_ctx": 4096}}'
+    assert json.loads(normalise.error_body(400, body))["error"]["n_ctx"] == 4096
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "missing"),
+    [
+        (404, b'{"detail":"Not Found"}', True),  # FastAPI: vLLM, SGLang, llama-cpp-python
+        (405, b'{"detail":"Method Not Allowed"}', True),
+        (404, b"404 page not found", True),  # Go: Ollama
+        (404, b"", True),  # axum: TGI
+        (404, b'{"error": {"message": "The model `x` does not exist.", "type": "NotFoundError"}}', False),
+        (404, b'{"detail":"File not found"}', False),
+        (400, b'{"detail":"Not Found"}', False),
+    ],
+)
+def test_an_unregistered_route_is_told_from_a_missing_model(status: int, body: bytes, missing: bool) -> None:
+    assert normalise.route_missing(status, body) is missing
+
+
+def test_anthropic_errors_get_anthropics_types() -> None:
+    vllm = b'{"type":"error","error":{"type":"NotFoundError","message":"The model `x` does not exist."}}'
+    assert json.loads(normalise.anthropic_error_body(404, vllm)) == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "The model `x` does not exist."},
+    }
+    openai_shaped = b'{"error":{"message":"bad","type":"Bad Request","param":null,"code":400}}'
+    assert json.loads(normalise.anthropic_error_body(400, openai_shaped))["error"] == {
+        "type": "invalid_request_error",
+        "message": "bad",
+    }
+    assert json.loads(normalise.anthropic_error_body(503, b"busy"))["error"]["type"] == "overloaded_error"
 
 
 def test_complete_model_list_is_left_as_sent() -> None:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from adapters.normalise import error_type
 from tests.conftest import GatewayFactory
 from tests.fakes import free_port, wait_until
 
@@ -136,8 +137,12 @@ def test_backend_errors_pass_through(start_gateway: GatewayFactory, llama_server
     through = httpx.post(gateway.url + "/v1/chat/completions", json=bad, timeout=60)
     assert direct.status_code >= 400
     assert through.status_code == direct.status_code
-    # llama-cpp-python's errors are OpenAI-shaped already, so they pass through untouched.
-    assert through.content == direct.content
+    # The runtime's message, in the gateway's envelope with its type for the status.
+    error = through.json()["error"]
+    assert error["type"] == error_type(direct.status_code)
+    assert error["code"] is None or isinstance(error["code"], str)
+    own = direct.json()["error"]
+    assert (error["message"], error["backend_type"]) == (own["message"], own["type"])
 
 
 def test_tokenize_and_detokenize(start_gateway: GatewayFactory, llama_server: str) -> None:

@@ -95,6 +95,37 @@ EXPECTED: dict[str, dict[str, tuple[str, Any]]] = {
 }
 
 
+@pytest.mark.parametrize("runtime", ["basert", "openai"], indirect=True)
+def test_management_bodies_reach_runtimes_that_take_them_as_they_are_byte_for_byte(
+    runtime: Runtime,
+) -> None:
+    # Spacing, key order, a float's spelling and a field the gateway does not know: all kept.
+    body = b'{ "lora_path":"/loras/sql",  "lora_name" : "sql", "scale": 1.50, "x-extra": [1,2] }'
+    for path in ("/v1/lora/load", "/v1/models/load"):
+        runtime.fake.requests.clear()
+        sent = body if path == "/v1/lora/load" else b'{"model": "llama3" , "keep_alive": "10m"}'
+        response = httpx.post(
+            runtime.gateway.url + path,
+            content=sent,
+            headers={"x-api-key": ADMIN, "content-type": "application/json"},
+        )
+        assert response.status_code == 200, response.text
+        assert runtime.fake.requests == [("POST", path, sent)]
+
+
+@pytest.mark.parametrize("runtime", ["vllm"], indirect=True)
+def test_lora_routes_vllm_has_not_registered_are_501_saying_how_to_turn_them_on(runtime: Runtime) -> None:
+    runtime.fake.lora_updating = False
+    for path in ("/v1/lora/load", "/v1/lora/unload"):
+        response = runtime.post(path, json=LORA)
+        assert response.status_code == 501
+        assert response.headers["x-should-retry"] == "false"
+        error = response.json()["error"]
+        assert error["type"] == "unsupported"
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in error["message"]
+        assert "--enable-lora" in error["message"]
+
+
 @pytest.mark.parametrize("path", list(EXPECTED))
 def test_model_management_reaches_each_runtime_its_own_way(runtime: Runtime, path: str) -> None:
     body = LOAD if path.startswith("/v1/models") else LORA

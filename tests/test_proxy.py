@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
 from tests.fakes import chat_completion, free_port, wait_until
+from tests.raw import Reply, Request, raw_backend, response
 
 
 def chat(
@@ -180,17 +181,29 @@ def test_backend_cookies_are_not_kept_between_clients(gateway: Gateway, fake: Fa
     assert "cookie" not in {k.lower() for k in fake.seen.requests[-1]["headers"]}
 
 
-def test_backend_errors_pass_through_with_status_and_body(gateway: Gateway) -> None:
-    for model, status in (("error-400", 400), ("error-500", 500)):
+def test_backend_errors_keep_their_status_and_message_in_the_gateways_envelope(gateway: Gateway) -> None:
+    for model, status, type_, code in (
+        ("error-400", 400, "invalid_request", "context_length_exceeded"),
+        ("error-500", 500, "backend_error", None),
+    ):
         response = chat(gateway, {"model": model})
         assert response.status_code == status
-        assert response.json()["error"]["type"] in {"invalid_request_error", "internal_error"}
+        error = response.json()["error"]
+        assert error["type"] == type_
+        assert error["code"] == code
+        assert error["backend_type"] in {"invalid_request_error", "internal_error"}
+        assert error["message"] in {"This model's maximum context length is 8 tokens", "engine crashed"}
 
 
-def test_empty_backend_error_body_passes_through(gateway: Gateway) -> None:
+def test_an_empty_backend_error_body_is_said_so_in_the_envelope(gateway: Gateway) -> None:
     response = httpx.get(gateway.url + "/v1/models?fail=401", headers=AUTH)
     assert response.status_code == 401
-    assert response.content == b""
+    assert response.json()["error"] == {
+        "type": "authentication_error",
+        "message": "the backend answered 401 with an empty body",
+        "param": None,
+        "code": None,
+    }
 
 
 # Streaming
@@ -408,3 +421,31 @@ def test_ready_is_503_when_the_backend_is_down(start_gateway: GatewayFactory) ->
     assert response.status_code == 503
     assert error_of(response)["type"] == "backend_unreachable"
     assert httpx.get(gateway.url + "/health").status_code == 200
+
+
+def test_a_compressed_error_is_read_and_put_in_the_envelope(start_gateway: GatewayFactory) -> None:
+    error = b'{"error": {"message": "too long", "type": "BadRequestError", "code": 400}}'
+    gzipped = gzip.compress(error)
+
+    def script(request: Request) -> Reply:
+        if request.own:
+            return Reply(response(200, b'{"object":"list","data":[]}'))
+        encoding = (("content-type", "application/json"), ("content-encoding", "gzip"))
+        if b"brotli" in request.body:  # an encoding the gateway does not read: as it came
+            encoding = (("content-type", "application/json"), ("content-encoding", "br"))
+        return Reply(response(400, gzipped, encoding))
+
+    with raw_backend(script) as backend:
+        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, backend="vllm")
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "m"}, headers=AUTH)
+        assert answer.status_code == 400
+        assert "content-encoding" not in answer.headers
+        assert answer.json()["error"]["type"] == "invalid_request"
+        assert answer.json()["error"]["backend_type"] == "BadRequestError"
+        raw = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "brotli"},
+            headers={**AUTH, "accept-encoding": "br"},
+        )
+        assert raw.status_code == 400
+        assert raw.headers["content-encoding"] == "br"
