@@ -71,12 +71,21 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     ready.gates.append((lifecycle.not_ready_reason, "shutting_down"))
     supervisor: Supervisor | None = None
     if launch is not None:
+        health_path = EMBEDDED_ADAPTERS[launch.runtime].health_path
+
+        def give_up(reason: str) -> None:
+            # The gateway cannot serve without it: it stops, and says why in its exit status.
+            lifecycle.failed = reason
+            os.kill(os.getpid(), signal.SIGTERM)
+
         supervisor = Supervisor(
             launch.argv,
             ready.is_ready,
             name=launch.runtime,
             env=launch.env,
             pass_fds=[launch.listener.fileno()] if launch.listener is not None else [],
+            waiting_for=f"GET {health_path} at {launch.url}",
+            on_give_up=give_up,
         )
         ready.gates.append((supervisor.not_ready_reason, "backend_loading"))
 

