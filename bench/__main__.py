@@ -10,6 +10,7 @@ reverse proxy to the same upstreams in two configurations: plain (``proxy_pass``
 comes, a new upstream connection per request) and tuned (HTTP/1.1 keep-alive to the
 upstream). Then it drives each path with wrk, alternating between them for several rounds.
 Then the several-replica workloads of ``bench.fleet`` (``--no-fleet`` skips them).
+``python -m bench vllm`` is vLLM's own serving benchmark against a real vLLM (``bench.vllm``).
 Results (medians, ratios, targets) go to ``bench/results/<time>/`` as results.md,
 results.json and results.png.
 """
@@ -460,6 +461,11 @@ def main() -> None:
         from bench import balance
 
         balance.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["vllm"]:
+        from bench import vllm
+
+        vllm.main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.vllm_server import vllm_python
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -74,3 +78,16 @@ def test_the_balancing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> No
     assert "| target | measured | met |" in report
     assert "balancing.py" in report  # the profile names the functions it timed
     assert (tmp_path / "balance.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.vllm
+def test_the_vllm_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+    vllm_python()  # vLLM's own environment, which make test makes
+    run_quick(tmp_path, "vllm")
+    data = json.loads((tmp_path / "results.json").read_text())
+    for path in ("direct", "gateway"):
+        (round_,) = data["rounds"][path]
+        assert round_["ttft_median_ms"] > 0
+        assert round_["output_throughput"] > 0
+    assert set(data["added_ms"]) >= {"ttft_median_ms", "itl_median_ms", "itl_p99_ms"}
+    assert "| figure | direct | through the gateway | added |" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,430 @@
+"""End to end: the gateway in front of a real vLLM (its CPU build) serving a tiny random Llama.
+
+One vLLM serves the module (about a minute to start); the gateway's own launch of vLLM
+starts one more. What a real server cannot be made to do stays with the fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ADMIN, Gateway, GatewayFactory, replicas
+from tests.fakes import free_port, wait_until
+from tests.vllm_server import (
+    ENV,
+    LORA_NAME,
+    MODEL_NAME,
+    TinyModel,
+    VllmServer,
+    children_of,
+    make_model,
+    session_members,
+    start_vllm,
+    stop_vllm,
+    vllm_python,
+)
+
+pytestmark = pytest.mark.vllm
+
+KEY = "sk-test-1"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = [{"role": "user", "content": "Hello, how are you today?"}]
+# About 14 s of generation here: long enough to look at while it runs.
+LONG = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return make_model(tmp_path_factory.mktemp("vllm-model"))
+
+
+@pytest.fixture(scope="module")
+def vllm(tiny: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    server = start_vllm(tiny, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
+    yield server
+    stop_vllm(server)
+
+
+@pytest.fixture
+def through(start_gateway: GatewayFactory, vllm: VllmServer) -> Gateway:
+    return start_gateway(backend="vllm", backend_url=vllm.url, api_keys=[KEY], admin_api_keys=["sk-admin"])
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_the_same_greedy_answers_direct_and_through(vllm: VllmServer, through: Gateway) -> None:
+    answers = []
+    for client in (sdk(vllm.url), sdk(through.url)):
+        chat = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
+        completion = client.completions.create(
+            model=MODEL_NAME, prompt="The gateway", max_tokens=8, temperature=0, logprobs=2
+        )
+        stream = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=CHAT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert completion.choices[0].logprobs is not None
+        answers.append(
+            (
+                chat.choices[0].message.content,
+                chat.usage,
+                completion.choices[0].text,
+                completion.choices[0].logprobs.tokens,
+                completion.choices[0].logprobs.token_logprobs,
+                streamed,
+                chunks[-1].usage,
+            )
+        )
+    direct, gateway = answers
+    assert direct == gateway
+    assert direct[1] is not None
+    assert direct[1].completion_tokens == 12
+    assert direct[6] is not None
+    assert direct[6].completion_tokens == 12
+    tokenized = httpx.post(
+        through.url + "/v1/tokenize", json={"model": MODEL_NAME, "prompt": "hi"}, headers=AUTH
+    )
+    assert tokenized.status_code == 200
+    assert (
+        tokenized.json()
+        == httpx.post(vllm.url + "/tokenize", json={"model": MODEL_NAME, "prompt": "hi"}).json()
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_body", "exception", "status", "type_", "code"),
+    [
+        (
+            {"model": "no-such-model", "messages": CHAT},
+            openai.NotFoundError,
+            404,
+            "not_found",
+            "model_not_found",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": "not a list"},
+            openai.BadRequestError,
+            400,
+            "invalid_request",
+            None,
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 5000},
+            openai.BadRequestError,
+            400,
+            "invalid_request",
+            "context_length_exceeded",
+        ),
+    ],
+)
+def test_errors_are_the_same_sdk_classes_in_one_envelope(
+    vllm: VllmServer,
+    through: Gateway,
+    request_body: dict[str, Any],
+    exception: type[openai.APIStatusError],
+    status: int,
+    type_: str,
+    code: str | None,
+) -> None:
+    for client in (sdk(vllm.url), sdk(through.url)):
+        with pytest.raises(exception) as raised:
+            client.chat.completions.create(**request_body)
+        assert raised.value.status_code == status
+    direct = httpx.post(vllm.url + "/v1/chat/completions", json=request_body).json()["error"]
+    error = httpx.post(through.url + "/v1/chat/completions", json=request_body, headers=AUTH).json()["error"]
+    # vLLM's own: its exception names as type, an integer code.
+    assert isinstance(direct["code"], int)
+    assert error["type"] == type_
+    assert error["code"] == code
+    assert error["message"] == direct["message"]
+    assert error["param"] == direct["param"]
+    assert error["backend_type"] == direct["type"]
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [("/v1/embeddings", "pooling model"), ("/v1/rerank", "cross-encoder"), ("/v1/score", "cross-encoder")],
+)
+def test_a_route_vllm_has_not_registered_is_501_saying_why(
+    vllm: VllmServer, through: Gateway, path: str, why: str
+) -> None:
+    body = {"model": MODEL_NAME, "input": "x", "query": "x", "documents": ["a"], "text_1": "a", "text_2": "b"}
+    direct = httpx.post(vllm.url + path, json=body)
+    assert (direct.status_code, direct.json()) == (404, {"detail": "Not Found"})
+    answer = httpx.post(through.url + path, json=body, headers=AUTH)
+    assert answer.status_code == 501
+    assert answer.headers["x-should-retry"] == "false"
+    error = answer.json()["error"]
+    assert error["type"] == "unsupported"
+    assert why in error["message"]
+    assert path in error["message"]
+    assert "vllm" in error["message"]
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk(through.url).embeddings.create(model=MODEL_NAME, input="x")
+    assert raised.value.status_code == 501
+    # A model that does not exist is still that, not a missing route.
+    missing = httpx.post(
+        through.url + "/v1/chat/completions", json={"model": "nope", "messages": CHAT}, headers=AUTH
+    )
+    assert missing.status_code == 404
+
+
+def _lora_round_trip(gateway: Gateway, tiny: TinyModel) -> None:
+    client = sdk(gateway.url)
+    base = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0)
+    loaded = httpx.post(
+        gateway.url + "/v1/lora/load",
+        json={"lora_name": LORA_NAME, "lora_path": str(tiny.lora)},
+        headers=ADMIN,
+        timeout=60,
+    )
+    assert loaded.status_code == 200, loaded.text
+    try:
+        # At once, with no wait for a refresh: the list was read again before the answer.
+        adapted = client.chat.completions.create(model=LORA_NAME, messages=CHAT, max_tokens=8, temperature=0)
+        assert adapted.model == LORA_NAME
+        assert adapted.choices[0].message.content != base.choices[0].message.content
+        assert LORA_NAME in {model.id for model in client.models.list()}
+    finally:
+        unloaded = httpx.post(
+            gateway.url + "/v1/lora/unload", json={"lora_name": LORA_NAME}, headers=ADMIN, timeout=60
+        )
+    assert unloaded.status_code == 200, unloaded.text
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model=LORA_NAME, messages=CHAT, max_tokens=8)
+    assert raised.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert LORA_NAME not in {model.id for model in client.models.list()}
+
+
+def test_a_lora_loaded_through_the_gateway_is_routed_at_once_and_gone_after_unload(
+    through: Gateway, tiny: TinyModel
+) -> None:
+    _lora_round_trip(through, tiny)
+
+
+def test_a_lora_loaded_through_a_fleet_gateway_is_routed_at_once(
+    fleet_gateway: Any, vllm: VllmServer, tiny: TinyModel
+) -> None:
+    gateway = fleet_gateway([{"name": "cpu", "kind": "vllm", "url": vllm.url}])
+    _lora_round_trip(gateway, tiny)
+
+
+def test_a_client_that_leaves_frees_its_slot_in_vllm(vllm: VllmServer, through: Gateway) -> None:
+    with httpx.stream(
+        "POST",
+        through.url + "/v1/chat/completions",
+        json=LONG,
+        headers=AUTH,
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()  # held: a dropped line iterator closes the connection
+        assert next(line for line in lines if line.startswith("data: "))
+        assert vllm.metric("vllm:num_requests_running") == 1
+    assert wait_until(lambda: vllm.metric("vllm:num_requests_running") == 0, timeout=5)
+
+
+def test_queue_balancing_reads_vllms_own_running_count(fleet_gateway: Any, vllm: VllmServer) -> None:
+    gateway = fleet_gateway(
+        [{"name": "cpu", "kind": "vllm", "url": vllm.url, "strategy": "queue", "scrape_interval": 0.1}]
+    )
+    seen: list[Any] = []
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=LONG,
+        headers=AUTH,
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()  # held: a dropped line iterator closes the connection
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "chat.completion.chunk" in first, first
+
+        def reported_running() -> bool:
+            report = replicas(gateway)[vllm.url]["reported"]
+            seen.append(report)
+            return report is not None and report["running"] >= 1
+
+        assert wait_until(reported_running, timeout=5), (seen[-3:], vllm.metric("vllm:num_requests_running"))
+    assert wait_until(lambda: (replicas(gateway)[vllm.url]["reported"] or {}).get("running") == 0, timeout=5)
+
+
+def test_the_anthropic_sdk_through_the_gateway(vllm: VllmServer, through: Gateway) -> None:
+    texts = []
+    for url in (vllm.url, through.url):
+        client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        greedy = {"temperature": 0}
+        message = client.messages.create(
+            model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": "Hello"}], extra_body=greedy
+        )
+        with client.messages.stream(
+            model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": "Hello"}], extra_body=greedy
+        ) as stream:
+            streamed = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        counted = client.messages.count_tokens(
+            model=MODEL_NAME, messages=[{"role": "user", "content": "Hello"}]
+        )
+        texts.append(
+            (
+                message.content[0].text,
+                message.usage.output_tokens,
+                streamed,
+                final.usage,
+                counted.input_tokens,
+            )
+        )  # type: ignore[union-attr]
+        with pytest.raises(anthropic.NotFoundError) as raised:
+            client.messages.create(
+                model="nope", max_tokens=8, messages=[{"role": "user", "content": "Hello"}]
+            )
+        assert raised.value.status_code == 404
+    assert texts[0] == texts[1]
+    # Its errors in Anthropic's envelope, with Anthropic's type for the status.
+    body = {"model": "nope", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]}
+    answer = httpx.post(through.url + "/v1/messages", json=body, headers={"x-api-key": KEY})
+    assert answer.json()["type"] == "error"
+    assert answer.json()["error"]["type"] == "not_found_error"
+    refused = httpx.post(through.url + "/v1/messages", json=body, headers={"x-api-key": "wrong"})
+    assert refused.status_code == 401
+    assert refused.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": refused.json()["error"]["message"]},
+    }
+    # Charged from its usage: the prompt's tokens at the stream's start, the answer's at its end.
+    page = httpx.get(through.url + "/metrics").text
+    charged = [
+        line
+        for line in page.splitlines()
+        if line.startswith("gateway_tokens_total") and 'route="messages"' in line
+    ]
+    assert any('kind="prompt"' in line for line in charged), charged
+    assert any('kind="completion"' in line for line in charged), charged
+
+
+# The gateway launching vLLM itself
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **ENV, **(env or {})},
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.TransportError:
+        return None
+
+
+def test_the_gateway_runs_vllm_with_its_flags_and_leaves_nothing_after_sigterm(tiny: TinyModel) -> None:
+    process, url = _serve(
+        "--backend", "vllm",
+        "--model", str(tiny.model),
+        "--model-alias", MODEL_NAME,
+        "--runtime-python", vllm_python(),
+        "--backend-arg=--enforce-eager",
+        "--",
+        "--max-num-seqs", "4",
+    )  # fmt: skip
+    stderr: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(process.stderr.readline, b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        assert wait_until(lambda: _get(url + "/health") is not None, timeout=30)
+        waiting = _get(url + "/ready")
+        assert waiting is not None
+        assert waiting.status_code == 503
+        reason = waiting.json()["error"]["message"]
+        assert "waiting for the embedded vllm backend" in reason
+        assert "GET /health" in reason
+        (child,) = children_of(process.pid)
+        assert wait_until(
+            lambda: (_get(url + "/ready") or httpx.Response(503)).status_code == 200, timeout=400
+        ), b"".join(stderr)[-3000:].decode(errors="replace")
+        command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        assert b"--enforce-eager" in command
+        assert b"--max-num-seqs" in command
+        assert b"--max-model-len" not in command  # the model's own window
+        client = sdk(url)
+        answer = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=4, temperature=0)
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == 4
+        engine = session_members(child)
+        assert len(engine) >= 2, engine  # the API server and its engine core
+
+        # vLLM killed mid-stream: the client's stream ends with an error event.
+        with httpx.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            json=LONG,
+            timeout=60,
+        ) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            os.kill(child, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        last = json.loads(rest[-1].removeprefix("data: "))
+        assert last["error"]["type"] in {"backend_error", "backend_unreachable"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(5)
+        process.stderr.close()  # type: ignore[union-attr]
+    # Whatever vLLM had started (its engine core) went with it, restart or not.
+    assert wait_until(lambda: not session_members(child), timeout=15), session_members(child)
+    for pid in children_of(process.pid):
+        assert not session_members(pid)
+
+
+def test_a_vllm_that_never_becomes_ready_stops_the_gateway_saying_why(tiny: TinyModel) -> None:
+    # 4096 tokens is more than the model's window: vLLM refuses to start, every time.
+    process, _url = _serve(
+        "--backend", "vllm",
+        "--model", str(tiny.model),
+        "--runtime-python", vllm_python(),
+        "--context-size", "4096",
+        "--backend-arg=--enforce-eager",
+    )  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        raise AssertionError(
+            f"the gateway kept restarting vLLM: {stderr.decode(errors='replace')[-3000:]}"
+        ) from None
+    log = stderr.decode(errors="replace")
+    assert process.returncode == 1, log[-3000:]
+    assert "exited 3 times in a row before it was ever ready" in log
+    assert "max_model_len" in log or "max-model-len" in log  # vLLM's own words, from its output
