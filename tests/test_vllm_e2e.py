@@ -63,8 +63,20 @@ def through(start_gateway: GatewayFactory, vllm: VllmServer) -> Gateway:
     return start_gateway(backend="vllm", backend_url=vllm.url, api_keys=[KEY], admin_api_keys=["sk-admin"])
 
 
+OPENED: list[openai.OpenAI | anthropic.Anthropic] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
 def sdk(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    """An OpenAI client, closed after the test."""
+    OPENED.append(openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60))
+    return OPENED[-1]
 
 
 def test_the_same_greedy_answers_direct_and_through(vllm: VllmServer, through: Gateway) -> None:
@@ -240,7 +252,8 @@ def test_a_client_that_leaves_frees_its_slot_in_vllm(vllm: VllmServer, through: 
     ) as response:
         lines = response.iter_lines()  # held: a dropped line iterator closes the connection
         assert next(line for line in lines if line.startswith("data: "))
-        assert vllm.metric("vllm:num_requests_running") == 1
+        # vLLM's gauges follow its engine's steps, not the first chunk.
+        assert wait_until(lambda: vllm.metric("vllm:num_requests_running") == 1, timeout=5)
     assert wait_until(lambda: vllm.metric("vllm:num_requests_running") == 0, timeout=5)
 
 
@@ -273,6 +286,7 @@ def test_the_anthropic_sdk_through_the_gateway(vllm: VllmServer, through: Gatewa
     texts = []
     for url in (vllm.url, through.url):
         client = anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        OPENED.append(client)
         greedy = {"temperature": 0}
         message = client.messages.create(
             model=MODEL_NAME, max_tokens=8, messages=[{"role": "user", "content": "Hello"}], extra_body=greedy
