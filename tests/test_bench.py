@@ -13,6 +13,7 @@ import pytest
 from tests.vllm_server import vllm_python
 
 ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.bench
 
 
 def run_quick(out: Path, *command: str) -> None:
