@@ -32,21 +32,13 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.base import LoadSignals
+from gateway.replicas import Group, Load, Replica
 from gateway.upstream import UPSTREAM_ERRORS
-
-if TYPE_CHECKING:
-    from gateway.routing import Group, Replica
-
-QUEUE = "queue"
-AFFINITY = "affinity"
-ROUND_ROBIN = "round-robin"
-LEAST_OUTSTANDING = "least-outstanding"
 
 KV_PENALTY = 4.0
 """A full KV cache counts as this many more requests: the runtime is about to preempt."""
@@ -67,18 +59,6 @@ NO_SIGNALS = "no load metrics"
 """A scrape's outcome when the page has none of the runtime's load metrics."""
 
 logger = logging.getLogger("gateway.balancing")
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """One replica's report: requests waiting and running, and the share of KV cache in use."""
-
-    waiting: float
-    running: float
-    kv_use: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {"waiting": self.waiting, "running": self.running, "kv_use": round(self.kv_use, 4)}
 
 
 _patterns: dict[frozenset[str], re.Pattern[str]] = {}

@@ -26,7 +26,8 @@ from gateway.errors import (
 )
 from gateway.headers import single_header
 from gateway.metrics import CONTENT_TYPE
-from gateway.routing import EJECTED, LOADING, READY, Replica, Router, health_status
+from gateway.replicas import EJECTED, LOADING, READY, Replica
+from gateway.routing import Router, health_status
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 
 JSON = "application/json"

@@ -11,7 +11,8 @@ import orjson
 
 from adapters.base import Rewrite
 from gateway.errors import NotFound
-from gateway.routing import Group, Replica, Router
+from gateway.replicas import Group, Replica
+from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error
 

@@ -26,7 +26,8 @@ from starlette.responses import Response
 from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.exchange import Exchange
 from gateway.headers import single_header
-from gateway.routing import EJECTED, LOADING, READY, Router
+from gateway.replicas import EJECTED, LOADING, READY
+from gateway.routing import Router
 
 logger = logging.getLogger("gateway.metrics")
 

@@ -36,7 +36,7 @@ from adapters.base import (
 from gateway import management, ownership, reserve
 from gateway.accesslog import AccessLog
 from gateway.auth import Authenticator
-from gateway.balancing import AFFINITY, affinity_key
+from gateway.balancing import affinity_key
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
 from gateway.client import PoolTimeout, Response
 from gateway.errors import (
@@ -62,8 +62,9 @@ from gateway.headers import (
 from gateway.metrics import Metrics
 from gateway.ownership import Owners, StreamSealer
 from gateway.ratelimit import KeyLimits, Limiter
+from gateway.replicas import AFFINITY, Group, Replica
 from gateway.routes import Body, RouteSpec
-from gateway.routing import Group, Replica, Router
+from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.upstream import UPSTREAM_ERRORS, before_response_error, mid_stream_error
 from gateway.usage import TAIL_BYTES, prompt_tokens_at_start, tokens_in

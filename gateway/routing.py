@@ -34,21 +34,14 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from adapters import ADAPTERS
 from adapters.base import Readiness
 from gateway.backend import Backend
 from gateway.balancing import (
-    AFFINITY,
-    LEAST_OUTSTANDING,
-    QUEUE,
-    ROUND_ROBIN,
-    Load,
     affinity_pick,
     queue_score,
     replica_seed,
@@ -59,6 +52,15 @@ from gateway.balancing import (
 from gateway.client import ConnectFailed, ConnectTimeout
 from gateway.errors import NotFound
 from gateway.fleet import BackendConfig
+from gateway.replicas import (
+    AFFINITY,
+    LEAST_OUTSTANDING,
+    QUEUE,
+    ROUND_ROBIN,
+    Group,
+    Replica,
+    group_from_config,
+)
 from gateway.settings import Settings
 from gateway.upstream import UPSTREAM_ERRORS, Upstream
 
@@ -70,124 +72,6 @@ MAX_EJECTION_DOUBLINGS = 6  # 2 s doubles to 128 s at most
 RETRY_BURST = 10.0
 LIST_REFRESH = 60.0
 LIST_RETRY = 5.0
-
-# Replica states, as /admin/backends and the metrics show them.
-READY = "ready"
-EJECTED = "ejected"
-LOADING = "loading"
-
-
-@dataclass(eq=False)
-class Replica:
-    url: str
-    upstream: Upstream
-    weight: float = 1.0
-    in_flight: int = 0
-    picks: int = 0
-    failures: int = 0
-    """Failures in a row (timeouts, 5xx, refused connections); a success resets it."""
-    ejections: int = 0
-    """Ejections in a row: each one lasts twice as long as the one before. Reset once the
-    replica has served well for as long as its last ejection lasted."""
-    ejected_total: int = 0
-    ejected: bool = False
-    ejected_until: float = 0.0
-    """The earliest a probe may bring an ejected replica back."""
-    next_probe: float = 0.0
-    loading: bool = False
-    ramp_from: float = 0.0
-    """When the replica came back; it gets its full share ``slow_start`` seconds later."""
-    last_probe: str | None = None
-    last_probe_at: float | None = None
-    current: float = 0.0
-    """Smooth weighted round robin's running score."""
-    seed: int = 0
-    """Its place in affinity keys' orders (from its URL)."""
-    reported: Load | None = None
-    """What its metrics said at the last scrape (``strategy: queue``)."""
-    scraped_at: float | None = None
-    in_flight_at_scrape: int = 0
-    """This gateway's requests to it when the scrape was answered."""
-    batch_seen: float = 0.0
-    """The most requests it has reported running at once: its batch, as far as is known."""
-    scraping: bool = False
-    next_scrape: float = 0.0
-    last_scrape: str | None = None
-
-    def state(self, now: float) -> str:
-        if self.ejected:
-            return EJECTED
-        if self.loading:
-            return LOADING
-        return READY
-
-    def available(self) -> bool:
-        return not self.ejected and not self.loading
-
-    def share(self, now: float, slow_start: float) -> float:
-        """Its weight, cut while it ramps up after coming back."""
-        weight = self.weight
-        if slow_start and now - self.ramp_from < slow_start:
-            weight *= max(0.1, (now - self.ramp_from) / slow_start)
-        return weight
-
-    def load(self, now: float, slow_start: float) -> float:
-        return (self.in_flight + 1) / self.share(now, slow_start)
-
-
-@dataclass(eq=False)
-class Group:
-    """One configured backend: a runtime, its replicas, the models it serves."""
-
-    backend: Backend
-    replicas: list[Replica]
-    models: frozenset[str] | None = None
-    """Configured; None means the backend's own list decides."""
-    aliases: dict[str, str] = field(default_factory=dict)
-    default: bool = False
-    listed: list[dict[str, object]] = field(default_factory=list)
-    """The entries of the backend's last model list."""
-    listed_at: float | None = None
-    config: BackendConfig | None = None
-    """As configured (None for the one backend of --backend-url)."""
-    strategy: str = LEAST_OUTSTANDING
-    """Its ``strategy``, else ``--balance``."""
-
-    @property
-    def scrape_interval(self) -> float:
-        return self.config.scrape_interval if self.config is not None else 1.0
-
-    @property
-    def affinity_spread(self) -> float:
-        return self.config.affinity_spread if self.config is not None else 0.25
-
-    @property
-    def scraped(self) -> bool:
-        """Whether its replicas' metrics are read: ``strategy: queue`` on a runtime that has them."""
-        adapter = self.backend.adapter
-        return (
-            self.strategy == QUEUE and adapter.load_signals is not None and adapter.metrics_path is not None
-        )
-
-    @property
-    def weight(self) -> float:
-        return self.config.weight if self.config is not None else 1.0
-
-    @property
-    def discovered(self) -> bool:
-        return self.config is not None and self.config.discovery == "dns"
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
-
-    def model_names(self) -> set[str]:
-        """The names clients may use for this backend's models (aliases included)."""
-        names = set(self.models) if self.models is not None else {str(e["id"]) for e in self.listed}
-        return names | set(self.aliases)
-
-    def backend_model(self, model: str) -> str:
-        return self.aliases.get(model, model)
 
 
 class Router:
@@ -751,19 +635,3 @@ async def health_status(backend: Backend, replica: Replica, seconds: float) -> i
 async def resolve(host: str, port: int) -> list[str]:
     found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in found]
-
-
-def group_from_config(config: BackendConfig) -> Group:
-    key = config.key()
-    auth = (b"authorization", f"Bearer {key}".encode()) if key else None
-    backend = Backend(
-        adapter=ADAPTERS[config.kind], url=config.replica_urls[0], auth_header=auth, label=config.name
-    )
-    return Group(
-        backend,
-        [],
-        models=frozenset(config.models) if config.models is not None else None,
-        aliases=dict(config.aliases),
-        default=config.default,
-        config=config,
-    )

@@ -23,7 +23,6 @@ from bench.simulator import Runtime as Simulator
 from bench.simulator import Settings as SimulatorSettings
 from gateway.balancing import (
     STALE_PENALTY,
-    Load,
     affinity_key,
     affinity_pick,
     leading_bytes,
@@ -34,7 +33,8 @@ from gateway.balancing import (
     saturated,
 )
 from gateway.fleet import parse_backends
-from gateway.routing import Group, Replica, Router
+from gateway.replicas import Group, Load, Replica
+from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from tests.conftest import AUTH, Gateway, Runtime, replicas

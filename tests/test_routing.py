@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.body import StreamedBody
-from gateway.routing import Replica
+from gateway.replicas import Replica
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from tests.conftest import ADMIN, AUTH, Gateway, GatewayFactory, Runtime, replicas
