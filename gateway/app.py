@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adapters import llamacpp, vllm
 from gateway import openapi
 from gateway.accesslog import AccessLog
+from gateway.admin import AdminBackends, RuntimeMetrics
 from gateway.auth import Authenticator, load_keys_file
 from gateway.backend import Backend
 from gateway.cors import Cors
@@ -36,7 +37,7 @@ from gateway.errors import (
     envelope,
 )
 from gateway.fleet import load_backends_file
-from gateway.health import AdminBackends, Lifecycle, ReadyEndpoint, RuntimeMetrics, health
+from gateway.health import Lifecycle, ReadyEndpoint, health
 from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint, Page
 from gateway.ownership import Owners, records_for
 from gateway.proxy import ProxyEndpoint
