@@ -410,7 +410,7 @@ def run(plan: Plan, workdir: Path, only: set[str] | None = None) -> dict[str, An
 def picking_cost(plan: Plan) -> dict[str, Any]:
     """Microseconds per pick at 8 replicas, each strategy, in this process; and a profile of
     the queue strategy's picks."""
-    from gateway.balancing import affinity_key
+    from gateway.affinity import affinity_key
     from gateway.fleet import parse_backends
     from gateway.replicas import Load
     from gateway.routing import Router

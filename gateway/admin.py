@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
+from gateway.client import UpstreamError
 from gateway.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -24,7 +25,7 @@ from gateway.headers import single_header
 from gateway.metrics import CONTENT_TYPE
 from gateway.replicas import Replica
 from gateway.routing import Router
-from gateway.upstream import UPSTREAM_ERRORS, before_response_error
+from gateway.upstream import before_response_error
 
 JSON = "application/json"
 REPLICA_INDEX = re.compile(r"[0-9]{1,6}")
@@ -75,10 +76,8 @@ class RuntimeMetrics:
                 raise Unsupported(f"the {group.name} backend has no metrics route", code="unsupported_route")
             replica = self._replica(group.replicas, request.query_params.get("replica"))
             try:
-                status, body = await replica.upstream.pool.fetch(
-                    "GET", path, group.backend.own_headers(), self.timeout
-                )
-            except UPSTREAM_ERRORS as exc:
+                status, body = await replica.upstream.fetch("GET", path, self.timeout)
+            except UpstreamError as exc:
                 raise before_response_error(exc, self.router.settings) from None
         except GatewayError as exc:
             return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=JSON)

@@ -96,12 +96,14 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     known_models = KnownModels(settings.metrics_models)
     metrics = Metrics(known_models)
     router.on_retry = lambda name: metrics.retries.labels(name).inc()
+    router.on_failover = metrics.failover
+    router.on_budget_exhausted = metrics.retry_budget_exhausted.inc
     for group in router.groups:  # shown at 0 from the start
         metrics.retries.labels(group.name)
         metrics.failovers.labels(group.name)
     metrics.fleet = FleetCollector(router)
     metrics.registry.register(metrics.fleet)
-    router.on_models = known_models.update
+    router.catalogue.on_models = known_models.update
     access_log = AccessLog() if settings.access_log else None
     default_limits = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))
     limits_by_key = {"": default_limits} | {

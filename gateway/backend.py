@@ -33,12 +33,5 @@ class Backend:
     def name(self) -> str:
         return self.label or self.adapter.name
 
-    def own_headers(self) -> list[tuple[bytes, bytes]]:
-        """Headers for the gateway's own requests (probes, model lists), not a client's."""
-        headers = [(b"user-agent", USER_AGENT)]
-        if self.auth_header is not None:
-            headers.append(self.auth_header)
-        return headers
-
     def path_for(self, route: str, request_path: str) -> str:
         return self.adapter.paths.get(route, request_path)

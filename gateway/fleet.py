@@ -6,6 +6,7 @@ module only reads and checks the configuration; ``gateway.routing`` runs it.
 
 from __future__ import annotations
 
+import enum
 import os
 import tomllib
 from pathlib import Path
@@ -25,7 +26,14 @@ from pydantic import (
 from adapters import ADAPTERS
 from gateway.client import Origin
 
-Strategy = Literal["least-outstanding", "round-robin", "queue", "affinity"]
+
+class Strategy(enum.StrEnum):
+    """How a backend's replicas share requests (``strategy:``, ``--balance``); one balancer each."""
+
+    LEAST_OUTSTANDING = "least-outstanding"
+    ROUND_ROBIN = "round-robin"
+    QUEUE = "queue"
+    AFFINITY = "affinity"
 
 
 class BackendConfig(BaseModel):

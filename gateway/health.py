@@ -11,15 +11,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from adapters.base import Readiness
-from gateway.client import ReadTimeout
+from gateway.client import ReadTimeout, UpstreamError
 from gateway.errors import (
     BackendUnavailable,
     BackendUnreachable,
     GatewayError,
 )
 from gateway.replicas import EJECTED, LOADING, READY
-from gateway.routing import Router, health_status
-from gateway.upstream import UPSTREAM_ERRORS, before_response_error
+from gateway.routing import Router
+from gateway.upstream import before_response_error
 
 JSON = "application/json"
 CACHE_SECONDS = 1.0
@@ -105,7 +105,7 @@ class ReadyEndpoint:
         if self._fleet_probing is None or (
             self._fleet_probing.done() and now - self._fleet_probed_at >= CACHE_SECONDS
         ):
-            self._fleet_probing = asyncio.ensure_future(router.probe_all(self.timeout))
+            self._fleet_probing = asyncio.ensure_future(router.health.probe_all(router.groups, self.timeout))
             self._fleet_probed_at = now
         await asyncio.shield(self._fleet_probing)
         now = time.monotonic()
@@ -132,12 +132,15 @@ class ReadyEndpoint:
         group = self.router.default
         backend = group.backend
         try:
-            status = await health_status(backend, group.replicas[0], self.timeout)
-        except UPSTREAM_ERRORS as exc:
+            adapter = backend.adapter
+            status = await group.replicas[0].upstream.health(
+                adapter.health_path, adapter.health_fallback_path, self.timeout
+            )
+        except UpstreamError as exc:
             error = before_response_error(exc, self.router.settings)
             if isinstance(error, BackendUnreachable):
                 raise error from None
-            if isinstance(exc, TimeoutError | ReadTimeout):
+            if isinstance(exc, ReadTimeout):
                 raise BackendUnavailable(
                     f"backend health probe got no answer within {self.timeout:g} s",
                     code="backend_timeout",

@@ -10,11 +10,12 @@ from typing import Any
 import orjson
 
 from adapters.base import Rewrite
+from gateway.client import UpstreamError
 from gateway.errors import NotFound
 from gateway.replicas import Group, Replica
 from gateway.routing import Router
 from gateway.settings import Settings
-from gateway.upstream import UPSTREAM_ERRORS, before_response_error
+from gateway.upstream import before_response_error
 
 MAX_NAME = 256
 
@@ -31,7 +32,7 @@ async def target_group(router: Router, parsed: dict[str, Any]) -> Group:
     model = parsed.get("model")
     if isinstance(model, str):
         try:
-            return (await router.groups_for(model))[0]
+            return (await router.catalogue.groups_for(model))[0]
         except NotFound:
             pass
     return router.default
@@ -61,15 +62,14 @@ async def on_every_replica(
     backend timeout. The status and body to answer: every replica's answer listed, 200 when
     all succeeded, else the first failure's status with an error saying how many failed."""
     backend = group.backend
-    headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
     payload = runtime_body(parsed, backend.adapter.rewrites.get(route), raw)
 
     async def one(replica: Replica) -> dict[str, Any]:
         try:
-            status, answer = await replica.upstream.pool.fetch(
-                "POST", target, headers, settings.backend_timeout, payload
+            status, answer = await replica.upstream.fetch(
+                "POST", target, settings.backend_timeout, body=payload, forward=forward
             )
-        except UPSTREAM_ERRORS as exc:
+        except UpstreamError as exc:
             error = before_response_error(exc, settings)
             return {"url": replica.url, "status": error.status, "body": orjson.loads(error.body())}
         try:

@@ -13,34 +13,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from adapters import normalise
 from adapters.base import (
-    ANTHROPIC_ROUTES,
     BATCH_CREATE,
     CHAT_COMPLETIONS,
     COMPLETIONS,
-    FILE_CONTENT,
     MANAGEMENT_ROUTES,
     MESSAGES,
     MODEL,
     MODELS,
     RESPONSES,
 )
-from gateway import management, ownership, reserve
+from gateway import listing, management, ownership, reserve
 from gateway.accesslog import AccessLog
+from gateway.attempts import Attempt
 from gateway.auth import Authenticator
-from gateway.balancing import affinity_key
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
-from gateway.client import PoolTimeout, Response
+from gateway.client import Response, UpstreamError
 from gateway.errors import (
-    BackendBadResponse,
     BackendError,
     BackendUnavailable,
     GatewayError,
@@ -48,8 +43,6 @@ from gateway.errors import (
     NotFound,
     PermissionDenied,
     Unsupported,
-    anthropic_envelope,
-    sse_error_event,
 )
 from gateway.exchange import Exchange
 from gateway.headers import (
@@ -62,32 +55,27 @@ from gateway.headers import (
 from gateway.metrics import Metrics
 from gateway.ownership import Owners, StreamSealer
 from gateway.ratelimit import KeyLimits, Limiter
-from gateway.replicas import AFFINITY, Group, Replica
+from gateway.relay import MID_STREAM, relay
+from gateway.replicas import Group
+from gateway.replies import Send, send_error, send_json
+from gateway.rewrite import Rewrites
 from gateway.routes import Body, RouteSpec
 from gateway.routing import Router
 from gateway.settings import Settings
-from gateway.upstream import UPSTREAM_ERRORS, before_response_error, mid_stream_error
-from gateway.usage import TAIL_BYTES, prompt_tokens_at_start, tokens_in
+from gateway.upstream import before_response_error
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("gateway.proxy")
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
-REWRITTEN_HEADERS = frozenset({b"content-type", b"content-length", b"content-encoding"})
 MAX_MODEL_NAME = 256
 CLIENT_DISCONNECT = "client_disconnect"
-MID_STREAM = "mid_stream"
 # Routes whose answers are generated, so a token reservation counts their max_tokens.
 GENERATING = frozenset({CHAT_COMPLETIONS, COMPLETIONS, RESPONSES, MESSAGES})
 # Routes that name no model: a key that may use only some models uses them freely.
 MODEL_FREE = (frozenset(ownership.ROUTE_KINDS) - {RESPONSES, BATCH_CREATE}) | {MODELS, MODEL}
-# Answers after which a request goes to another replica, if one is left and the budget allows.
-FAILOVER_STATUSES = frozenset({429, 502, 503, 504})
-Rewriter = Callable[[Response, Group, list[tuple[bytes, bytes]], Send, Exchange], Awaitable[bool]]
 
 
 class ProxyEndpoint:
@@ -123,6 +111,7 @@ class ProxyEndpoint:
         self.owners = owners if route.name in ownership.ROUTE_KINDS else None
         """Set on the routes of files, batches and stored responses when several keys share
         the gateway: their IDs are sealed to their owner."""
+        self.rewrites = Rewrites(route, settings, self.owners)
         self.management = route.name in MANAGEMENT_ROUTES
         """Model management: sent to a backend named in the body, else by model, else the
         default one; the body is put in the runtime's own shape."""
@@ -182,7 +171,7 @@ class ProxyEndpoint:
             if router.single:
                 self._check_served(router.default)
             elif route.name in {MODELS, MODEL}:
-                await self._send_model_list(send, exchange)
+                await listing.send_model_list(self.router, route.name, send, exchange)
                 return
             if route.body is Body.JSON:
                 check_declared_length(headers.content_length, self.max_body)
@@ -240,7 +229,7 @@ class ProxyEndpoint:
                 self._check_served(groups[0])
             else:
                 named = parsed.get("model") if parsed is not None else exchange.model
-                groups = await router.groups_for(named if isinstance(named, str) else None)
+                groups = await router.catalogue.groups_for(named if isinstance(named, str) else None)
                 groups = [group for group in groups if self._serves(group)] or groups[:1]
                 self._check_served(groups[0])
         except GatewayError as exc:
@@ -277,7 +266,7 @@ class ProxyEndpoint:
         )
         try:
             if not groups[0].backend.adapter.serves(route.name):
-                await self._model_from_list(groups[0], exchange, forward, send)
+                await listing.model_from_list(self.router, self.settings, groups[0], exchange, forward, send)
                 return
             fixed = not query and scope["path"] == route.path
             raw_target = raw_path or ""
@@ -305,8 +294,8 @@ class ProxyEndpoint:
                 if status >= 300:
                     exchange.error = "backend_error"
                 else:
-                    await router.refresh(group, fresh=True)
-                await _send_json(send, status, answer, exchange)
+                    await router.catalogue.refresh(group, fresh=True)
+                await send_json(send, status, answer, exchange)
                 return
             await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
         except asyncio.CancelledError:
@@ -351,45 +340,28 @@ class ProxyEndpoint:
         """Send the request to a replica and relay its answer; before the answer's first byte
         has gone to the client, a failed attempt may go to another replica."""
         router = self.router
-        router.admit()
-        tried: list[Replica] = []
-        key = affinity_key(forward, parsed) if groups[0].strategy == AFFINITY else None
-        choice = router.choose(groups, tried, key)
-        if choice is None:  # a backend found by DNS, with no address yet
+        deadline = asyncio.get_running_loop().time() + self.settings.backend_timeout
+        key = router.balancer(groups[0]).key(forward, parsed)
+        # An upload is not held to be sent again.
+        repeatable = not isinstance(body, StreamedBody)
+        attempt = Attempt(router, groups, key, repeatable, deadline, exchange.request_id)
+        if not attempt.begin():  # a backend found by DNS, with no address yet
             names = ", ".join(group.name for group in groups)
             await send_error(send, BackendUnavailable(f"no replica of {names} is known yet"), exchange)
             return
-        deadline: float | None = None
-        holding: Replica | None = None  # counted in its in_flight until the answer ends
         try:
             while True:
-                group, replica = choice
+                group, replica = attempt.group, attempt.replica
+                assert group is not None
+                assert replica is not None
                 exchange.backend = group.name
-                backend = group.backend
-                headers = forward if backend.auth_header is None else [*forward, backend.auth_header]
-                payload = body
-                if self.management:
-                    assert parsed is not None
-                    assert isinstance(body, bytes)
-                    rewrite = backend.adapter.rewrites.get(self.route.name)
-                    payload = management.runtime_body(parsed, rewrite, body)
-                elif parsed is not None and group.aliases:
-                    model = parsed.get("model")
-                    if isinstance(model, str) and model in group.aliases:
-                        # The one case where the gateway re-encodes a body: an alias is renamed.
-                        payload = orjson.dumps({**parsed, "model": group.aliases[model]})
-                if deadline is None:
-                    deadline = asyncio.get_running_loop().time() + self.settings.backend_timeout
+                payload = self._payload(group, body, parsed)
                 waited = time.perf_counter()
-                replica.in_flight += 1
-                holding = replica
                 try:
-                    response = await replica.upstream.pool.request(
-                        method, target_for(group), headers, payload, deadline
+                    response = await replica.upstream.request(
+                        method, target_for(group), forward, payload, deadline
                     )
-                except UPSTREAM_ERRORS as exc:
-                    replica.in_flight -= 1
-                    holding = None
+                except UpstreamError as exc:
                     exchange.upstream_wait += time.perf_counter() - waited
                     if isinstance(body, StreamedBody) and body.failure is not None:
                         if isinstance(body.failure, ClientGone):
@@ -397,13 +369,8 @@ class ProxyEndpoint:
                             return
                         await send_error(send, body.failure, exchange)
                         return
-                    if not isinstance(exc, PoolTimeout):  # the gateway's own limit, not the replica
-                        router.failed(group, replica, exc)
-                    tried.append(replica)
                     error = before_response_error(exc, self.settings)
-                    choice = self._next_attempt(body, groups, tried, deadline, key)
-                    if choice is not None:
-                        self._failing_over(group, replica, error.message, exchange)
+                    if attempt.failed(exc, error.message):
                         continue
                     logger.warning(
                         "backend request failed (request %s): %s", exchange.request_id, error.message
@@ -411,54 +378,30 @@ class ProxyEndpoint:
                     await send_error(send, error, exchange)
                     return
                 exchange.upstream_wait += time.perf_counter() - waited
-                status = response.status
-                if status >= 500:
-                    router.failed(group, replica)
-                else:
-                    router.succeeded(replica)
-                if status in FAILOVER_STATUSES:
-                    tried.append(replica)
-                    choice = self._next_attempt(body, groups, tried, deadline, key)
-                    if choice is not None:
-                        replica.in_flight -= 1
-                        holding = None
-                        response.close()
-                        self._failing_over(group, replica, f"it answered {status}", exchange)
-                        continue
+                if attempt.answered(response.status):
+                    response.close()
+                    continue
                 await self._answer(response, group, send, exchange)
                 return
         finally:
-            if holding is not None:
-                holding.in_flight -= 1
+            attempt.end()
 
-    def _next_attempt(
-        self,
-        body: bytes | StreamedBody | None,
-        groups: list[Group],
-        tried: list[Replica],
-        deadline: float,
-        key: int | None,
-    ) -> tuple[Group, Replica] | None:
-        """Another replica for a request that failed before any answer, if it may have one."""
-        router = self.router
-        if router.single or isinstance(body, StreamedBody):  # an upload is not held to be sent again
-            return None
-        if asyncio.get_running_loop().time() >= deadline or not router.has_candidate(groups, tried):
-            return None
-        if not router.may_retry():
-            self.metrics.retry_budget_exhausted.inc()
-            return None
-        return router.choose(groups, tried, key)
-
-    def _failing_over(self, group: Group, replica: Replica, why: str, exchange: Exchange) -> None:
-        self.metrics.failover(group.name)
-        logger.info(
-            "request %s: replica %s of backend %s failed (%s); trying another",
-            exchange.request_id,
-            replica.url,
-            group.name,
-            why,
-        )
+    def _payload(
+        self, group: Group, body: bytes | StreamedBody | None, parsed: dict[str, Any] | None
+    ) -> bytes | StreamedBody | None:
+        """The body as ``group``'s runtime takes it: in its own shape for model management,
+        with an alias renamed; otherwise as the client sent it."""
+        if self.management:
+            assert parsed is not None
+            assert isinstance(body, bytes)
+            rewrite = group.backend.adapter.rewrites.get(self.route.name)
+            return management.runtime_body(parsed, rewrite, body)
+        if parsed is not None and group.aliases:
+            model = parsed.get("model")
+            if isinstance(model, str) and model in group.aliases:
+                # The one case where the gateway re-encodes a body: an alias is renamed.
+                return orjson.dumps({**parsed, "model": group.aliases[model]})
+        return body
 
     async def _answer(self, response: Response, group: Group, send: Send, exchange: Exchange) -> None:
         complete = False
@@ -470,10 +413,10 @@ class ProxyEndpoint:
             exchange.status = response.status
             if self.management and 200 <= response.status < 300:
                 # What was loaded or unloaded is routed (or not) from the next request on.
-                await self.router.refresh(group, fresh=True)
+                await self.router.catalogue.refresh(group, fresh=True)
             owners = self.owners
             sealing = owners is not None and exchange.key is not None and 200 <= response.status < 300
-            rewrite = None if streaming else self._rewriter(response, group, exchange, sealing)
+            rewrite = None if streaming else self.rewrites.choose(response, group, exchange, sealing)
             if rewrite is not None:
                 try:
                     complete = await rewrite(response, group, returned, send, exchange)
@@ -490,276 +433,12 @@ class ProxyEndpoint:
                         assert owners is not None
                         assert exchange.key is not None
                         sealer = StreamSealer(owners, exchange.key, exchange.previous_id, self.max_read_bytes)
-                complete = await self._relay(response, send, streaming, exchange, sealer)
+                complete = await relay(response, send, streaming, exchange, self.settings, sealer)
         finally:
             if complete:
                 response.release()
             else:
                 response.close()
-
-    def _rewriter(
-        self, response: Response, group: Group, exchange: Exchange, sealing: bool
-    ) -> Rewriter | None:
-        """How a whole (not streamed) answer is rewritten before it goes out, if it is: a
-        model list cut to the key's share, IDs sealed, an error put in the envelope, a model
-        list completed."""
-        status = response.status
-        if self.route.name == MODELS and exchange.restricted is not None and status == 200:
-            return self._send_allowed_models
-        if sealing and self.route.name != FILE_CONTENT:
-            return self._send_sealed
-        if status >= 400:
-            return self._send_reshaped
-        if self.route.name == MODELS and status == 200 and group.backend.adapter.normalise:
-            return None if response.header(b"content-encoding") is not None else self._send_reshaped
-        return None
-
-    async def _send_reshaped(
-        self,
-        response: Response,
-        group: Group,
-        headers: list[tuple[bytes, bytes]],
-        send: Send,
-        exchange: Exchange,
-    ) -> bool:
-        """Send an error in the gateway's envelope, or a model list in the OpenAI shape, if it
-        is small enough to read."""
-        status = response.status
-        head, whole = await self._read_whole(response, exchange)
-        encoding = response.header(b"content-encoding")
-        if whole and encoding is not None:
-            decoded = _decoded(head, encoding, self.max_read_bytes)
-            if decoded is None:  # an encoding the gateway does not read: sent as it came
-                whole = False
-            else:
-                head = decoded
-                # Now sent as it is: the length and encoding are the gateway's.
-                headers = [h for h in headers if h[0] not in REWRITTEN_HEADERS]
-                headers.append((b"content-length", str(len(head)).encode()))
-        if whole:
-            if status >= 400 and "{" not in self.route.path and normalise.route_missing(status, head):
-                await send_error(send, self._unregistered(group), exchange)
-                return True
-            reshaped: bytes | None
-            if status >= 400 and self.route.name in ANTHROPIC_ROUTES:
-                reshaped = normalise.anthropic_error_body(status, head)
-            elif status >= 400:
-                reshaped = normalise.error_body(status, head, model=exchange.model)
-            else:
-                reshaped = normalise.model_list(head, group.name)
-            if reshaped is not None:
-                await _send_whole(send, status, headers, reshaped)
-                return True
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": head, "more_body": not whole})
-        if whole:
-            return True
-        return await self._relay(response, send, False, exchange)
-
-    def _unregistered(self, group: Group) -> Unsupported:
-        """The 501 for a route the runtime has not registered (it answered its framework's 404)."""
-        adapter = group.backend.adapter
-        why = adapter.unregistered.get(self.route.name, "this runtime or model does not serve it")
-        return Unsupported(
-            f"the {group.name} backend ({adapter.name}) has no {self.route.path} for this model: {why}",
-            code="unsupported_route",
-        )
-
-    async def _send_allowed_models(
-        self,
-        response: Response,
-        group: Group,
-        headers: list[tuple[bytes, bytes]],
-        send: Send,
-        exchange: Exchange,
-    ) -> bool:
-        """A model list cut to what the key may use."""
-        assert exchange.restricted is not None
-        head, whole = await self._read_whole(response, exchange)
-        listed = (normalise.model_list(head, group.name) or head) if whole else b""
-        try:
-            document = orjson.loads(listed)
-            entries = document["data"]
-            assert isinstance(entries, list)
-        except (orjson.JSONDecodeError, KeyError, TypeError, AssertionError):
-            error = BackendBadResponse("the backend's model list could not be read", code="bad_model_list")
-            await send_error(send, error, exchange)
-            return False
-        allowed = exchange.restricted
-        document["data"] = [
-            e for e in entries if isinstance(e, dict) and allowed.may_use(str(e.get("id", "")))
-        ]
-        await _send_whole(send, 200, headers, orjson.dumps(document))
-        return True
-
-    async def _send_sealed(
-        self,
-        response: Response,
-        group: Group,
-        headers: list[tuple[bytes, bytes]],
-        send: Send,
-        exchange: Exchange,
-    ) -> bool:
-        """An object, or a list of them, with its IDs sealed to the key and a list cut to the
-        key's own objects."""
-        assert self.owners is not None
-        assert exchange.key is not None
-        head, whole = await self._read_whole(response, exchange)
-        if not whole or response.header(b"content-encoding") is not None:
-            if self.route.name in ownership.LISTS:
-                # Unread, it cannot be cut to the key's own objects; it must not go as it is.
-                error = BackendBadResponse(
-                    "the backend's list is too large to check whose objects it holds: ask for fewer (limit)",
-                    code="list_too_large",
-                )
-                await send_error(send, error, exchange)
-                return False
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            await send({"type": "http.response.body", "body": head, "more_body": not whole})
-            return True if whole else await self._relay(response, send, False, exchange)
-        sealed = await self.owners.answer(exchange.key, self.route.name, head)
-        await _send_whole(send, response.status, headers, sealed)
-        return True
-
-    async def _read_whole(self, response: Response, exchange: Exchange) -> tuple[bytes, bool]:
-        """The answer's body up to the read cap, and whether that was all of it; read before
-        anything was sent, so a body the backend breaks off is the gateway's error."""
-        waited = time.perf_counter()
-        try:
-            head, whole = await response.read_up_to(self.max_read_bytes)
-        except UPSTREAM_ERRORS as exc:
-            raise mid_stream_error(exc, self.settings) from exc
-        finally:
-            exchange.upstream_wait += time.perf_counter() - waited
-        exchange.ttfb = time.perf_counter() - exchange.start
-        return head, whole
-
-    async def _model_from_list(
-        self,
-        group: Group,
-        exchange: Exchange,
-        headers: list[tuple[bytes, bytes]],
-        send: Send,
-    ) -> None:
-        """``GET /v1/models/{id}`` for a runtime without that route: the entry from its list."""
-        backend = group.backend
-        exchange.backend = group.name
-        if backend.auth_header is not None:
-            headers = [*headers, backend.auth_header]
-        replica = self.router.pick(group)
-        assert replica is not None
-        waited = time.perf_counter()
-        try:
-            status, body = await replica.upstream.pool.fetch(
-                "GET", "/v1/models", headers, self.settings.backend_timeout
-            )
-        except UPSTREAM_ERRORS as exc:
-            await send_error(send, before_response_error(exc, self.settings), exchange)
-            return
-        finally:
-            exchange.upstream_wait += time.perf_counter() - waited
-        exchange.status = status
-        exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
-        if status != 200:
-            await _send_json(send, status, normalise.error_body(status, body), exchange)
-            return
-        wanted = group.backend_model(exchange.model or "")
-        entry = normalise.find_model(body, wanted, backend.name)
-        if entry is None:
-            error = NotFound(f"model {exchange.model!r} not found", code="model_not_found")
-            await send_error(send, error, exchange)
-            return
-        await _send_json(send, 200, orjson.dumps({**entry, "id": exchange.model}), exchange)
-
-    async def _send_model_list(self, send: Send, exchange: Exchange) -> None:
-        """``GET /v1/models`` and ``/v1/models/{id}`` across several backends, from their lists:
-        every model and alias, each once."""
-        router = self.router
-        if any(group.models is None and group.listed_at is None for group in router.groups):
-            await asyncio.gather(*(router.refresh(g) for g in router.groups if g.listed_at is None))
-        entries = router.all_models()
-        if exchange.restricted is not None:
-            entries = [e for e in entries if exchange.restricted.may_use(str(e["id"]))]
-        exchange.status = 200
-        if self.route.name == MODELS:
-            await _send_json(send, 200, orjson.dumps({"object": "list", "data": entries}), exchange)
-            return
-        entry = next((e for e in entries if e["id"] == exchange.model), None)
-        if entry is None:
-            error = NotFound(
-                f"the model {exchange.model!r} does not exist", code="model_not_found", param="model"
-            )
-            await send_error(send, error, exchange)
-            return
-        await _send_json(send, 200, orjson.dumps(entry), exchange)
-
-    async def _relay(
-        self,
-        response: Response,
-        send: Send,
-        streaming: bool,
-        exchange: Exchange,
-        sealer: StreamSealer | None = None,
-    ) -> bool:
-        """Send the body on as it arrives (through ``sealer`` where IDs are sealed); True
-        when the backend finished it."""
-        response.set_read_timeout(self.idle_timeout)
-        clock = time.perf_counter
-        previous = last = b""
-        # Anthropic's streams give the prompt's tokens at their start (message_start).
-        first: bytes | None = b"" if streaming and exchange.route == MESSAGES else None
-        waiting = 0.0
-        done = False
-        try:
-            while not done:
-                waited = clock()
-                chunk = await response.read()
-                waiting += clock() - waited
-                if not chunk:
-                    break
-                if exchange.ttfb is None:
-                    exchange.ttfb = clock() - exchange.start
-                previous, last = last, chunk
-                if first is not None and len(first) < TAIL_BYTES:
-                    first += chunk[: TAIL_BYTES - len(first)]
-                done = response.at_eof()
-                if sealer is not None:
-                    chunk = sealer.feed(chunk) + (sealer.flush() if done else b"")
-                    if not chunk and not done:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": not done})
-        except UPSTREAM_ERRORS as exc:
-            exchange.upstream_wait += waiting
-            error = mid_stream_error(exc, self.settings)
-            exchange.error = MID_STREAM
-            logger.warning(
-                "backend broke off a response (request %s): %s", exchange.request_id, error.message
-            )
-            if not streaming:
-                # Returning without the final body message makes the server drop the
-                # connection, so the client sees a cut, not a short body that looks whole.
-                return False
-            final = _final_event(error, last, exchange.route in ANTHROPIC_ROUTES)
-            await send({"type": "http.response.body", "body": final, "more_body": False})
-            return False
-        exchange.upstream_wait += waiting
-        if not done:
-            rest = sealer.flush() if sealer is not None else b""
-            await send({"type": "http.response.body", "body": rest, "more_body": False})
-        if 200 <= exchange.status < 300:
-            tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
-            exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
-            if first is not None and exchange.prompt_tokens is None:
-                exchange.prompt_tokens = prompt_tokens_at_start(first)
-        return True
-
-
-async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    """An answer the gateway rewrote (reshaped, cut to a key's share, IDs sealed), whole, as JSON."""
-    headers = [h for h in headers if h[0] not in REWRITTEN_HEADERS]
-    headers += [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _check_allowed(exchange: Exchange, model: Any) -> None:
@@ -783,32 +462,6 @@ def _check_allowed(exchange: Exchange, model: Any) -> None:
         )
 
 
-def _final_event(error: BackendError, last: bytes, anthropic: bool) -> bytes:
-    if anthropic:
-        event = b"event: error\ndata: " + anthropic_envelope(error.status, error.message) + b"\n\n"
-    else:
-        event = sse_error_event(error)
-    # Close an event the backend left half-sent, so that ours is read on its own.
-    return event if last.endswith(b"\n\n") else b"\n\n" + event
-
-
-def _decoded(body: bytes, encoding: bytes, limit: int) -> bytes | None:
-    """A small compressed answer (an error the gateway rewrites), decompressed within ``limit``."""
-    name = encoding.strip().lower()
-    if name == b"identity":
-        return body
-    if name not in {b"gzip", b"x-gzip", b"deflate"}:
-        return None
-    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 32 if name != b"deflate" else zlib.MAX_WBITS)
-    try:
-        decoded = decompressor.decompress(body, limit)
-    except zlib.error:
-        return None
-    if decompressor.unconsumed_tail or not decompressor.eof:
-        return None
-    return decoded
-
-
 def _has_dot_segment(path: str) -> bool:
     # A backend that normalises "/v1/models/../../admin" would serve a route never listed.
     return any(segment in {".", ".."} for segment in path.split("/"))
@@ -820,24 +473,3 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> No
         if message["type"] == "http.disconnect":
             task.cancel()
             return
-
-
-async def _send_json(send: Send, status: int, body: bytes, exchange: Exchange) -> None:
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *exchange.headers_out]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_error(send: Send, error: GatewayError, exchange: Exchange) -> None:
-    exchange.status = error.status
-    exchange.error = error.type
-    body = (
-        anthropic_envelope(error.status, error.message)
-        if exchange.route in ANTHROPIC_ROUTES
-        else error.body()
-    )
-    headers = error.response_headers()
-    headers.append((b"content-length", str(len(body)).encode()))
-    headers.extend(exchange.headers_out)
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -12,14 +12,8 @@ from dataclasses import dataclass, field
 
 from adapters import ADAPTERS
 from gateway.backend import Backend
-from gateway.fleet import BackendConfig
+from gateway.fleet import BackendConfig, Strategy
 from gateway.upstream import Upstream
-
-# Strategies, by the names the backends file and --balance take.
-QUEUE = "queue"
-AFFINITY = "affinity"
-ROUND_ROBIN = "round-robin"
-LEAST_OUTSTANDING = "least-outstanding"
 
 # Replica states, as /admin/backends and the metrics show them.
 READY = "ready"
@@ -112,7 +106,7 @@ class Group:
     listed_at: float | None = None
     config: BackendConfig | None = None
     """As configured (None for the one backend of --backend-url)."""
-    strategy: str = LEAST_OUTSTANDING
+    strategy: Strategy = Strategy.LEAST_OUTSTANDING
     """Its ``strategy``, else ``--balance``."""
 
     @property
@@ -128,7 +122,9 @@ class Group:
         """Whether its replicas' metrics are read: ``strategy: queue`` on a runtime that has them."""
         adapter = self.backend.adapter
         return (
-            self.strategy == QUEUE and adapter.load_signals is not None and adapter.metrics_path is not None
+            self.strategy == Strategy.QUEUE
+            and adapter.load_signals is not None
+            and adapter.metrics_path is not None
         )
 
     @property

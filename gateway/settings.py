@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     )
     backends_file: Path | None = Field(None, description="Where --backends was read from (set by it).")
     balance: Strategy = Field(
-        "least-outstanding",
+        Strategy.LEAST_OUTSTANDING,
         description="How a backend's replicas share requests, unless its 'strategy' says otherwise: "
         "least-outstanding (the less busy of two random replicas; streams count until they end), "
         "round-robin, queue (the less loaded of two by the runtimes' own queue metrics) or affinity "

@@ -21,18 +21,10 @@ from hypothesis import strategies as st
 from adapters import ADAPTERS
 from bench.simulator import Runtime as Simulator
 from bench.simulator import Settings as SimulatorSettings
-from gateway.balancing import (
-    STALE_PENALTY,
-    affinity_key,
-    affinity_pick,
-    leading_bytes,
-    queue_score,
-    read_load,
-    rendezvous_order,
-    replica_seed,
-    saturated,
-)
+from gateway.affinity import affinity_key, affinity_pick, leading_bytes, rendezvous_order, replica_seed
+from gateway.balancers import STALE_PENALTY, queue_score, saturated
 from gateway.fleet import parse_backends
+from gateway.loads import read_load
 from gateway.replicas import Group, Load, Replica
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -245,7 +237,7 @@ def test_any_request_gives_a_key_or_none_and_never_raises(session: bytes, texts:
 
 def test_keys_are_the_same_in_another_process_with_another_hash_seed() -> None:
     code = (
-        "from gateway.balancing import affinity_key, replica_seed\n"
+        "from gateway.affinity import affinity_key, replica_seed\n"
         "print(affinity_key([(b'x-session-id', b's1')], None), replica_seed('http://a:1'),"
         " affinity_key([], {'messages': [{'role': 'user', 'content': 'hello'}]}))\n"
     )
@@ -412,7 +404,7 @@ def test_a_replica_whose_metrics_route_hangs_still_gets_traffic_and_scrapes_neve
     fine, fine_url = runtimes("fine", delay=0.05)
     fine.metrics_text = "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n"
     gateway = _queue_gateway(fleet_gateway, [hung_url, fine_url])
-    wait_until(lambda: replicas(gateway)[hung_url]["last_scrape"] == "failed: TimeoutError", timeout=10)
+    wait_until(lambda: replicas(gateway)[hung_url]["last_scrape"] == "failed: ReadTimeout", timeout=10)
     time.sleep(0.5)  # several intervals: each scrape times out before the next starts
 
     def client() -> None:
