@@ -183,11 +183,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
         if supervisor is not None:
             await supervisor.start()
-        tasks = [asyncio.create_task(router.follow_lists())]
-        if not router.single:
-            tasks.append(asyncio.create_task(router.run_probes()))
-            tasks.append(asyncio.create_task(router.run_scrapes()))
-            tasks.append(asyncio.create_task(router.run_discovery()))
+        tasks = [asyncio.create_task(loop) for loop in router.loops()]
         reloading = _reload_on_sighup(router, settings)
         for group in router.groups:
             urls = ", ".join(replica.url for replica in group.replicas)

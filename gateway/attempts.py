@@ -67,7 +67,7 @@ class Attempt:
         if status >= 500:
             self.router.outlier.failed(group, replica)
         else:
-            self.router.outlier.succeeded(replica)
+            self.router.outlier.succeeded(group, replica)
         if status not in FAILOVER_STATUSES:
             return False
         self.tried.append(replica)
@@ -94,7 +94,7 @@ class Attempt:
     def _next(self) -> tuple[Group, Replica] | None:
         """Another replica for a request that failed before any answer, if it may have one."""
         router = self.router
-        if router.single or not self.repeatable:
+        if not self.repeatable:
             return None
         if asyncio.get_running_loop().time() >= self.deadline or not router.has_candidate(
             self.groups, self.tried

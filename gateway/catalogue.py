@@ -23,9 +23,10 @@ LIST_RETRY = 5.0
 
 
 class Catalogue:
-    def __init__(self, every_model_to_default: bool = False) -> None:
-        self.every_model_to_default = every_model_to_default
-        """One backend (``--backend-url``): every model goes to it, listed or not."""
+    def __init__(self, by_model: bool = True) -> None:
+        self.by_model = by_model
+        """Whether requests go by the model they name; not with one backend
+        (``--backend-url``), where every model goes to it, listed or not."""
         self.groups: list[Group] = []
         self.default: Group | None = None
         self.on_models: Callable[[Iterable[str]], object] | None = None
@@ -48,7 +49,7 @@ class Catalogue:
     async def groups_for(self, model: str | None) -> list[Group]:
         """The backends that serve ``model``; the default one for a request naming none."""
         assert self.default is not None
-        if self.every_model_to_default or model is None:
+        if not self.by_model or model is None:
             return [self.default]
         groups = self._by_model.get(model)
         if groups is None and await self._refresh_stale():

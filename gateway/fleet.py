@@ -65,6 +65,12 @@ class BackendConfig(BaseModel):
     affinity_spread: float = Field(0.25, gt=0, le=10)
     """``strategy: affinity``: a replica with more than (1 + this) x the mean of this
     gateway's requests in flight passes a request on to the key's next replica."""
+    eject_after: int | None = Field(None, ge=0)
+    """Failures in a row that eject a replica (0: never ejected); ``--eject-after`` by default."""
+    eject_seconds: float | None = Field(None, gt=0)
+    """How long a first ejection lasts; ``--eject-seconds`` by default."""
+    probe_interval: float | None = Field(None, ge=0)
+    """Seconds between active probes of each replica (0: none); ``--probe-interval`` by default."""
 
     @field_validator("kind")
     @classmethod

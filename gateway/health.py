@@ -66,7 +66,9 @@ class ReadyEndpoint:
                 return Response(
                     BackendUnavailable(reason, code=code).body(), status_code=503, media_type=JSON
                 )
-        if self.router.single:
+        router = self.router
+        if len(router.groups) == 1 and not router.default.probe_interval:
+            # One backend that nothing probes in the background: asked here, at most once a second.
             error = await self.readiness()
             if error is not None:
                 return Response(error.body(), status_code=503, media_type=JSON)

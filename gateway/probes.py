@@ -1,6 +1,7 @@
 """Active health checks: each replica's readiness route, asked on a schedule.
 
-Every ``probe_interval`` seconds each replica's readiness route (the adapter's; no
+Every ``probe_interval`` seconds (the backend's own, else ``--probe-interval``; 0: never)
+each replica's readiness route (the adapter's; no
 generation) is asked, and an ejected one as soon as its ejection may end. A replica that
 says it is loading gets no traffic; one that is ready again after an ejection or a load
 ramps up over ``slow_start`` seconds; one that fails the probe is ejected (for longer each
@@ -21,13 +22,15 @@ from gateway.replicas import Group, Replica
 
 logger = logging.getLogger("gateway.routing")
 
+IDLE = 1.0
+"""The longest the loop sleeps: a backend added by a reload is probed within it."""
+
 
 class HealthChecker:
-    def __init__(self, outlier: OutlierDetection, interval: float, timeout: float) -> None:
+    def __init__(self, outlier: OutlierDetection, timeout: float) -> None:
         self.outlier = outlier
-        self.interval = interval
-        self.timeout = min(timeout, interval)
-        """How long a probe may take in the loop: never longer than the interval."""
+        self.timeout = timeout
+        """How long a probe may take (in the loop, never longer than its interval)."""
 
     async def probe(self, group: Group, replica: Replica, seconds: float) -> Readiness | None:
         """Ask ``replica`` whether it is ready; None when it did not answer."""
@@ -51,7 +54,8 @@ class HealthChecker:
         """Probe ``replica`` and act on the answer."""
         state = await self.probe(group, replica, seconds)
         now = time.monotonic()
-        replica.next_probe = now + self.interval
+        interval = group.probe_interval or IDLE
+        replica.next_probe = now + interval
         due = now >= replica.ejected_until
         if state is Readiness.READY:
             if replica.loading or (replica.ejected and due):
@@ -63,23 +67,24 @@ class HealthChecker:
                 replica.failures = 0
         elif state is Readiness.LOADING:
             replica.loading = True
-        elif self.outlier.enabled:
+        elif group.eject_after:
             replica.loading = False
             if replica.ejected and due:
                 replica.ejected = False  # still failing: ejected again, for longer
             self.outlier.eject(group, replica)
         if replica.ejected:
-            replica.next_probe = max(replica.ejected_until, now + min(self.interval, 1.0))
+            replica.next_probe = max(replica.ejected_until, now + min(interval, 1.0))
 
     async def run(self, groups: Callable[[], list[Group]]) -> None:
         """Probe every replica when it is due, for the app's lifetime."""
         while True:
             now = time.monotonic()
-            due = [(g, r) for g in groups() for r in g.replicas if r.next_probe <= now]
+            probed = [g for g in groups() if g.probe_interval]
+            due = [(g, r) for g in probed for r in g.replicas if r.next_probe <= now]
             try:
-                await asyncio.gather(*(self.check(g, r, self.timeout) for g, r in due))
+                await asyncio.gather(*(self.check(g, r, min(self.timeout, g.probe_interval)) for g, r in due))
             except Exception:  # a probe must never end the loop
                 logger.exception("health probes failed")
             now = time.monotonic()
-            wake = min((r.next_probe for g in groups() for r in g.replicas), default=now + self.interval)
-            await asyncio.sleep(min(max(wake - now, 0.05), self.interval))
+            wake = min((r.next_probe for g in probed for r in g.replicas), default=now + IDLE)
+            await asyncio.sleep(min(max(wake - now, 0.05), IDLE))

@@ -168,7 +168,8 @@ class ProxyEndpoint:
             if route.name == MODEL:
                 exchange.model = scope["path_params"]["model"][:MAX_MODEL_NAME]
                 _check_allowed(exchange, scope["path_params"]["model"])
-            if router.single:
+            by_model = router.catalogue.by_model
+            if not by_model:
                 self._check_served(router.default)
             elif route.name in {MODELS, MODEL}:
                 await listing.send_model_list(self.router, route.name, send, exchange)
@@ -213,7 +214,7 @@ class ProxyEndpoint:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
                 checked = exchange.restricted is not None and route.name not in MODEL_FREE
-                if not router.single or checked:
+                if by_model or checked:
                     # Routed (and checked) by the form's model field when it precedes the file.
                     content_type = next((v for n, v in headers.forward if n == b"content-type"), None)
                     model = await body.peek_form_field(content_type, "model")
@@ -221,7 +222,7 @@ class ProxyEndpoint:
                         exchange.model = model[:MAX_MODEL_NAME]
                     if checked:
                         _check_allowed(exchange, model)
-            if router.single:
+            if not by_model:
                 groups = [router.default]
             elif self.management:
                 assert parsed is not None

@@ -108,6 +108,11 @@ class Group:
     """As configured (None for the one backend of --backend-url)."""
     strategy: Strategy = Strategy.LEAST_OUTSTANDING
     """Its ``strategy``, else ``--balance``."""
+    eject_after: int = 3
+    """Failures in a row that eject one of its replicas; 0: outlier detection is off."""
+    eject_seconds: float = 2.0
+    probe_interval: float = 5.0
+    """Seconds between active probes of each of its replicas; 0: none."""
 
     @property
     def scrape_interval(self) -> float:

@@ -17,8 +17,8 @@ The router chooses (``choose``), changes the fleet (discovery, ``reload`` on SIG
 draining what is gone), runs the background loops and describes it all for
 ``/admin/backends``. One request's tries are ``gateway.attempts.Attempt``'s.
 
-With ``--backend-url`` there is one backend with one replica: no probes, no ejection, and
-every model goes to it, as before routing existed.
+With ``--backend-url`` there is one backend with one replica, configured so: every model
+goes to it (the catalogue does not route by model), and its probes and ejection are off.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gateway.backend import Backend
 from gateway.balancers import Balancer, balancers
 from gateway.catalogue import Catalogue
 from gateway.discovery import Resolver, replica_urls, resolve
-from gateway.fleet import BackendConfig, Strategy
+from gateway.fleet import BackendConfig
 from gateway.loads import report, run_scrapes
 from gateway.outlier import OutlierDetection
 from gateway.probes import HealthChecker
@@ -47,16 +47,14 @@ logger = logging.getLogger("gateway.routing")
 
 
 class Router:
-    def __init__(self, groups: list[Group], settings: Settings, single: bool = False) -> None:
+    def __init__(self, groups: list[Group], settings: Settings, by_model: bool = True) -> None:
         if not groups:
             raise ValueError("a router needs at least one backend")
         self.settings = settings
-        self.single = single
-        """One backend from --backend-url: every model goes to it, no probes, no ejection."""
         self.balancers = balancers(settings.slow_start)
-        self.catalogue = Catalogue(every_model_to_default=single)
-        self.outlier = OutlierDetection(settings.eject_after, settings.eject_seconds, enabled=not single)
-        self.health = HealthChecker(self.outlier, settings.probe_interval, settings.ready_timeout)
+        self.catalogue = Catalogue(by_model)
+        self.outlier = OutlierDetection()
+        self.health = HealthChecker(self.outlier, settings.ready_timeout)
         self.budget = RetryBudget(settings.retry_budget)
         self.on_retry: Callable[[str], object] | None = None
         """Told a backend's name when its pool sent a request again on a fresh connection."""
@@ -86,8 +84,11 @@ class Router:
 
     @classmethod
     def for_backend(cls, backend: Backend, settings: Settings) -> Router:
-        """One backend, one replica (--backend-url, the embedded runtime, a test's backend)."""
-        router = cls([Group(backend, [], default=True)], settings, single=True)
+        """One backend, one replica (--backend-url, the embedded runtime, a test's backend):
+        every model goes to it; no probes and no ejection, since there is nowhere else to
+        go; nothing to balance, so no affinity key is read."""
+        group = Group(backend, [], default=True, eject_after=0, probe_interval=0)
+        router = cls([group], settings, by_model=False)
         router.groups[0].replicas = [router._replica(router.groups[0], backend.url)]
         return router
 
@@ -106,11 +107,16 @@ class Router:
     def _set_groups(self, groups: list[Group]) -> None:
         defaults = [group for group in groups if group.default]
         self.default = defaults[0] if defaults else groups[0]
+        settings = self.settings
         for group in groups:
-            configured = group.config.strategy if group.config is not None else None
-            # One replica (--backend-url) has nothing to balance: no affinity key is read.
-            group.strategy = (
-                Strategy.LEAST_OUTSTANDING if self.single else configured or self.settings.balance
+            config = group.config
+            if config is None:
+                continue  # as made (for_backend)
+            group.strategy = config.strategy or settings.balance
+            group.eject_after = settings.eject_after if config.eject_after is None else config.eject_after
+            group.eject_seconds = config.eject_seconds or settings.eject_seconds
+            group.probe_interval = (
+                settings.probe_interval if config.probe_interval is None else config.probe_interval
             )
         self.groups = groups
         self.catalogue.set_groups(groups, self.default)
@@ -140,13 +146,10 @@ class Router:
         backend's balancer (``key``: what of the request it goes by); None when none is
         left. Ejected and loading replicas are chosen only when no other is left (a fleet
         wrongly ejected whole must still serve): the one whose ejection ends first."""
-        if self.single:
-            group = self.default
-            if tried:
-                return None
-            only = group.replicas[0]
+        if not tried and len(groups) == 1 and len(groups[0].replicas) == 1:
+            only = groups[0].replicas[0]  # one backend, one replica: the usual case
             only.picks += 1
-            return group, only
+            return groups[0], only
         untried = [(g, r) for g in groups for r in g.replicas if r not in tried] if tried else None
         if untried is None:
             untried = [(g, r) for g in groups for r in g.replicas]
@@ -161,6 +164,10 @@ class Router:
         return chosen
 
     # Background loops, for the app's lifetime
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """What runs for the app's lifetime; each loop idles when no backend needs it."""
+        return [self.follow_lists(), self.run_probes(), self.run_scrapes(), self.run_discovery()]
 
     async def run_probes(self) -> None:
         await self.health.run(lambda: self.groups)

@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         3,
         ge=1,
         description="Consecutive timeouts or 5xx answers after which a replica is ejected (a refused "
-        "connection ejects at once); 4xx answers never count.",
+        "connection ejects at once); 4xx answers never count. A backend's own eject_after wins.",
     )
     eject_seconds: float = Field(
         2.0,
@@ -84,7 +84,10 @@ class Settings(BaseSettings):
         "times, until an active probe finds the replica ready.",
     )
     probe_interval: float = Field(
-        5.0, gt=0, description="Seconds between active health probes of each replica (with --backends)."
+        5.0,
+        gt=0,
+        description="Seconds between active health probes of each replica (with --backends); a "
+        "backend's own probe_interval wins.",
     )
     discovery_interval: float = Field(
         5.0, gt=0, description="Seconds between DNS lookups of backends with 'discovery: dns'."

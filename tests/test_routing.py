@@ -331,6 +331,33 @@ def test_5xx_answers_fail_over_and_eject_after_a_few(
     assert f'gateway_replica_state{{backend="r",replica="{sick_url}",state="ejected"}} 1.0' in metrics
 
 
+def test_ejection_and_probes_are_set_per_backend_over_the_global_flags(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
+) -> None:
+    sick, sick_url = runtimes("sick")
+    sick.status = 503
+    _, well_url = runtimes("well")
+    _, quiet_url = runtimes("quiet", ["q"])
+    gateway = fleet_gateway(
+        [
+            {"name": "r", "urls": [sick_url, well_url], "eject_after": 0},
+            {"name": "q", "url": quiet_url, "probe_interval": 0},
+        ],
+        balance="round-robin",
+        probe_interval=0.2,
+    )
+    for _ in range(10):
+        assert chat(gateway).status_code == 200
+    # Never ejected (eject_after: 0): every other request still tries it first, and fails over.
+    assert sick.count(CHAT) == 5
+    assert replicas(gateway)[sick_url]["state"] == "ready"
+    time.sleep(1.5)
+    state = replicas(gateway)
+    assert state[well_url]["last_probe_age_s"] < 1.0  # probed by the global interval
+    age = state[quiet_url]["last_probe_age_s"]
+    assert age is None or age > 1.0  # probe_interval: 0: never in the background
+
+
 def test_400_answers_pass_through_and_never_eject(
     runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
