@@ -81,7 +81,8 @@ class Attempt:
     def end(self) -> None:
         """The answer is over (or there is none): the replica is no longer held."""
         if self.replica is not None:
-            self._release()
+            self.replica.in_flight -= 1
+            self.replica = None
 
     def _fail_over(self, group: Group, replica: Replica, why: str) -> bool:
         self.tried.append(replica)

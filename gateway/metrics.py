@@ -8,6 +8,7 @@ live in shared files and ``/metrics`` aggregates them.
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import logging
 import os
@@ -71,6 +72,8 @@ class Metrics:
         self.models = models
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
+        self._observers: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Requests answered, by route, method, status, backend, model and key name.",
@@ -154,39 +157,68 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
+    def _adder(self, metric: Counter | Gauge, *values: str) -> Callable[[float], None]:
+        """What adds to one child of a counter or gauge. The public ``inc`` checks, on every
+        call, what holds for every child once made (it is observable, the amount is not
+        negative where that matters): on the hot path the child's value is added to itself."""
+        key = (id(metric), values)
+        add = self._adders.get(key)
+        if add is None:
+            add = self._adders[key] = self._child(metric, *values)._value.inc
+        return add
+
+    def _observer(self, metric: Histogram, *values: str) -> Callable[[float], None]:
+        """What observes into one child of a histogram: its sum, and its bucket found by
+        bisection rather than the public ``observe``'s scan of every bound."""
+        key = (id(metric), values)
+        observe = self._observers.get(key)
+        if observe is None:
+            child = self._child(metric, *values)
+            bounds = list(child._upper_bounds)
+            buckets = [bucket.inc for bucket in child._buckets]
+            add = child._sum.inc
+
+            def observe(amount: float) -> None:
+                add(amount)
+                buckets[bisect.bisect_left(bounds, amount)](1)
+
+            self._observers[key] = observe
+        return observe
+
     def started(self, exchange: Exchange) -> None:
-        self._child(self.in_flight, exchange.route).inc()
+        self._adder(self.in_flight, exchange.route)(1)
 
     def stream_opened(self, exchange: Exchange) -> None:
-        self._child(self.open_streams, exchange.route).inc()
+        self._adder(self.open_streams, exchange.route)(1)
 
     def finished(self, exchange: Exchange) -> None:
         route = exchange.route
         model = self.models.label(exchange.model)
         key = exchange.key or ""
-        child = self._child
-        child(self.in_flight, route).dec()
-        child(self.requests, route, exchange.method, str(exchange.status), exchange.backend, model, key).inc()
-        child(self.duration, route, model).observe(exchange.duration)
-        child(self.overhead, route).observe(max(exchange.duration - exchange.upstream_wait, 0.0))
+        add = self._adder
+        observer = self._observer
+        add(self.in_flight, route)(-1)
+        add(self.requests, route, exchange.method, str(exchange.status), exchange.backend, model, key)(1)
+        observer(self.duration, route, model)(exchange.duration)
+        observer(self.overhead, route)(max(exchange.duration - exchange.upstream_wait, 0.0))
         if exchange.ttfb is not None:
-            child(self.ttfb, route, model).observe(exchange.ttfb)
+            observer(self.ttfb, route, model)(exchange.ttfb)
         if exchange.stream:
-            child(self.open_streams, route).dec()
-            child(self.stream_duration, route, model).observe(exchange.duration)
+            add(self.open_streams, route)(-1)
+            observer(self.stream_duration, route, model)(exchange.duration)
         if exchange.prompt_tokens:
-            child(self.tokens, "prompt", route, model, key).inc(exchange.prompt_tokens)
+            add(self.tokens, "prompt", route, model, key)(exchange.prompt_tokens)
         if exchange.completion_tokens:
-            child(self.tokens, "completion", route, model, key).inc(exchange.completion_tokens)
+            add(self.tokens, "completion", route, model, key)(exchange.completion_tokens)
         error = exchange.error
         if error is None and exchange.status < 400:
             return
         if error == "client_disconnect":
-            child(self.disconnects, route).inc()
+            add(self.disconnects, route)(1)
         elif error in BACKEND_ERROR_TYPES:
-            child(self.backend_errors, exchange.backend, BACKEND_ERROR_TYPES[error]).inc()
+            add(self.backend_errors, exchange.backend, BACKEND_ERROR_TYPES[error])(1)
         elif error is None:
-            child(self.backend_errors, exchange.backend, f"status_{exchange.status // 100}xx").inc()
+            add(self.backend_errors, exchange.backend, f"status_{exchange.status // 100}xx")(1)
 
     def close(self) -> None:
         """A worker leaving: its live gauges stop counting in the aggregate."""

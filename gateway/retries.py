@@ -22,7 +22,8 @@ class RetryBudget:
 
     def admit(self) -> None:
         """A request arrived: it counts towards the share that may be retried."""
-        self._roll()
+        if time.monotonic() - self._window_start >= RETRY_WINDOW:
+            self._roll()
         self._requests[1] += 1
 
     def may_retry(self) -> bool:

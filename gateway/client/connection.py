@@ -22,24 +22,25 @@ from gateway.client.response import Response
 
 
 class State(enum.Enum):
-    IDLE = "idle"
+    IDLE = ("idle", False)
     """No request on it: a byte from the backend now is a fault."""
-    WAITING = "waiting"
+    WAITING = ("waiting", True)
     """A request went out; no response head is being read (or an interim answer ended)."""
-    HEAD = "head"
+    HEAD = ("head", True)
     """A response's status line came; its headers are arriving."""
-    BODY = "body"
+    BODY = ("body", True)
     """The final head is in; the body is arriving."""
-    HEAD_ONLY = "head only"
+    HEAD_ONLY = ("head only", False)
     """The answer to a HEAD request is whole with its head; the parser's end of message
     may still come, and nothing else may."""
-    ENDED = "ended"
+    ENDED = ("ended", False)
     """The request's one response is complete: any further byte is a fault."""
-    CLOSED = "closed"
+    CLOSED = ("closed", False)
 
-
-# Where a byte from the backend belongs to nobody.
-UNASKED = frozenset({State.IDLE, State.HEAD_ONLY, State.ENDED, State.CLOSED})
+    def __init__(self, label: str, reading: bool) -> None:
+        self.label = label
+        self.reading = reading
+        """Whether a byte from the backend is expected now (else it belongs to nobody)."""
 
 
 class _Poisoned(Exception):
@@ -100,7 +101,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         response = self.response
         parser = self.parser
-        if response is None or self.state in UNASKED or parser is None:
+        if response is None or not self.state.reading or parser is None:
             # Bytes nobody asked for: this connection cannot be trusted with a request.
             self.close()
             return

@@ -45,12 +45,6 @@ class Origin:
         return cls(host, port, tls, parts.path.rstrip("/"), host_header.encode("ascii"))
 
 
-def check_target(target: str) -> None:
-    """``target`` is a path and query that cannot break the request line."""
-    if not target.startswith("/") or BREAKS_REQUEST_LINE.search(target):
-        raise ValueError(f"not a request target: {target!r}")
-
-
 def repeatable(method: str, headers: Headers, body: Body) -> bool:
     """Whether a request that got no answer may be sent again."""
     if not (body is None or isinstance(body, bytes)):

@@ -16,7 +16,7 @@ from gateway.client.errors import (
     ReadTimeout,
     TooLarge,
 )
-from gateway.client.models import Body, Headers, Origin, check_target, repeatable, request_head
+from gateway.client.models import BREAKS_REQUEST_LINE, Body, Headers, Origin, repeatable, request_head
 from gateway.client.response import Response
 
 # Defaults for the backend's response head: Envoy's 60 KiB and 100 headers, rounded up.
@@ -94,7 +94,8 @@ class Pool:
         a fresh connection when it is safe to repeat: an idempotent method, or an
         ``Idempotency-Key`` header, and a body that can be sent again.
         """
-        check_target(target)
+        if not target.startswith("/") or BREAKS_REQUEST_LINE.search(target):
+            raise ValueError(f"not a request target: {target!r}")
         loop = asyncio.get_running_loop()
         own = loop.time() + self.read_timeout
         deadline = own if deadline is None else min(deadline, own)
