@@ -176,7 +176,7 @@ async def _open_loop(
     rng: random.Random,
 ) -> list[asyncio.Task[None]]:
     """Poisson arrivals at ``rate(t)`` per second for ``seconds``, spread over ``urls`` in turn."""
-    tasks = []
+    tasks: list[asyncio.Task[None]] = []
     start = time.perf_counter()
     now = 0.0
     turn = 0

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,15 +255,13 @@ def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str
             results["stream100_c16"] = rounds(
                 plan, lambda p: wrk(endpoints.sse[p] + stream, 16, plan.seconds, small, workdir)
             )
+
+            def bodies_of(size: int) -> Callable[[str], dict[str, float]]:
+                body = request_body(size, workdir)
+                return lambda p: wrk(endpoints.static[p] + chat, 8, plan.seconds, body, workdir)
+
             results["bodies"] = {
-                str(size): rounds(
-                    plan,
-                    lambda p, size=size: wrk(
-                        endpoints.static[p] + chat, 8, plan.seconds, request_body(size, workdir), workdir
-                    ),
-                    SINGLE_GATEWAY,
-                )
-                for size in plan.body_sizes
+                str(size): rounds(plan, bodies_of(size), SINGLE_GATEWAY) for size in plan.body_sizes
             }
             results["flood"] = flooded(endpoints.static["gateway"], plan, workdir)
             results["paced"] = rounds(plan, lambda p: paced(endpoints.sse[p], plan), ("nginx", "gateway"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
 import time
@@ -71,7 +72,7 @@ GatewayFactory = Callable[..., Gateway]
 @pytest.fixture
 def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactory]:
     """Start the gateway on a real socket in front of the fake backend (or another URL)."""
-    servers: list[tuple[uvicorn.Server, asyncio.Future[Any]]] = []
+    servers: list[tuple[uvicorn.Server, concurrent.futures.Future[None]]] = []
 
     def start(**overrides: Any) -> Gateway:
         overrides.setdefault("backend_url", fake.url)

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-MODELS = {
+MODELS: dict[str, Any] = {
     "object": "list",
     "data": [
         {"id": "fake-model", "object": "model", "created": 1700000000, "owned_by": "fake"},

@@ -63,7 +63,7 @@ class ObjectRuntime:
         self._seen(request)
         return web.json_response({"id": request.match_info["id"], "object": "model", "owned_by": "x"})
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         self._seen(request)
         body = await request.json()
         if body.get("model") == "flood":
@@ -195,7 +195,7 @@ class ObjectRuntime:
         said = data.get("input") if isinstance(data.get("input"), str) else "?"
         history = [*self.responses[previous]["history"], said] if previous else [said]
         response_id = f"resp_{len(self.responses) + 1:04d}"
-        stored = {
+        stored: dict[str, Any] = {
             "id": response_id, "object": "response", "created_at": 1, "status": "completed",
             "model": data.get("model"), "previous_response_id": previous,
             "output": [{
@@ -212,7 +212,7 @@ class ObjectRuntime:
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await stream.prepare(request)
         created = {**shown, "status": "in_progress", "output": []}
-        events = [
+        events: list[tuple[str, dict[str, Any]]] = [
             ("response.created", {"response": created}),
             ("response.output_text.delta", {"item_id": f"msg_{response_id}", "delta": "x"}),
             ("response.completed", {"response": shown}),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from adapters import normalise
 from tests.conftest import Gateway, GatewayFactory
@@ -19,7 +20,7 @@ from tests.runtime_fakes import FLAVOURS, MODEL, RuntimeFake
 
 KEY = "sk-contract"
 ADMIN = "sk-admin"
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @dataclass
@@ -74,16 +75,16 @@ def test_model_by_id_everywhere(runtime: Runtime) -> None:
 
 def test_chat_and_stream(runtime: Runtime) -> None:
     with runtime.sdk() as sdk:
-        completion = sdk.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        completion = sdk.chat.completions.create(model=MODEL, messages=MESSAGES)
         assert completion.choices[0].message.content == "Hi there"
-        stream = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        stream = sdk.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hi there"
 
 
 def test_context_error_keeps_status_and_message(runtime: Runtime) -> None:
     expected = openai.UnprocessableEntityError if runtime.fake.flavour == "tgi" else openai.BadRequestError
     with runtime.sdk() as sdk, pytest.raises(expected) as caught:
-        sdk.chat.completions.create(model="too-long", messages=MESSAGES)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="too-long", messages=MESSAGES)
     assert "maximum context length is 4096 tokens" in caught.value.message
     body = caught.value.body
     assert isinstance(body, dict)
@@ -92,7 +93,7 @@ def test_context_error_keeps_status_and_message(runtime: Runtime) -> None:
 
 def test_unknown_model_is_not_found(runtime: Runtime) -> None:
     with runtime.sdk() as sdk, pytest.raises(openai.NotFoundError) as caught:
-        sdk.chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="nope", messages=MESSAGES)
     assert '"nope" not found' in caught.value.message
 
 
@@ -115,7 +116,7 @@ def test_mid_stream_error_reaches_the_sdk(runtime: Runtime) -> None:
     with runtime.sdk() as sdk:
         stream = sdk.chat.completions.create(
             model=MODEL,
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             stream=True,
             extra_body={"fail_mid_stream": True},
         )

@@ -29,7 +29,7 @@ def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 def test_help_explains_every_setting() -> None:
-    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr,index]
     for name in Settings.model_fields.keys() - NOT_FLAGS:
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         assert flag in help_text, flag

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, cast
 
 from gateway.metrics import KnownModels, Metrics
 
@@ -15,7 +16,7 @@ def test_dashboard_uses_exported_metrics_and_labels() -> None:
     metrics = Metrics(KnownModels())
     exported: dict[str, set[str]] = {}
     for collector in metrics.registry._collector_to_names:
-        for family in collector.describe():
+        for family in cast(Any, collector).describe():
             labels = set(getattr(collector, "_labelnames", ()))
             for suffix in ("", "_total", "_bucket", "_count", "_sum"):
                 exported[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())

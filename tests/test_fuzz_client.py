@@ -15,7 +15,8 @@ import itertools
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import orjson
 import pytest
@@ -24,6 +25,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory
 from tests.raw import JSON_OK, RawBackend, RawClient, Reply, Request
+
+T = TypeVar("T")
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5]\d\d) [^\r\n]*\r\n")
@@ -91,7 +94,7 @@ EXTRA = [
 ]
 
 
-def sometimes(draw: st.DrawFn, usual: object, variants: list[object]) -> object:
+def sometimes(draw: st.DrawFn, usual: T, variants: Sequence[T]) -> T:
     """``usual``, or one of ``variants`` about a time in four."""
     if draw(st.integers(0, 3)) == 0:
         return draw(st.sampled_from(variants))
@@ -100,13 +103,13 @@ def sometimes(draw: st.DrawFn, usual: object, variants: list[object]) -> object:
 
 @st.composite
 def client_requests(draw: st.DrawFn) -> bytes:
-    method: bytes = sometimes(draw, b"POST", METHODS)  # type: ignore[assignment]
-    target: bytes = sometimes(draw, b"/v1/chat/completions", TARGETS)  # type: ignore[assignment]
-    version: bytes = sometimes(draw, b"HTTP/1.1", VERSIONS)  # type: ignore[assignment]
-    body: bytes = sometimes(draw, b'{"model":"m"}', BODIES)  # type: ignore[assignment]
-    framing: list[bytes] = sometimes(draw, [b"content-length: {n}"], FRAMING)  # type: ignore[assignment]
-    declared = len(body) + sometimes(draw, 0, DECLARED)  # type: ignore[operator]
-    chunked: str = sometimes(draw, "good", CHUNKED)  # type: ignore[assignment]
+    method: bytes = sometimes(draw, b"POST", METHODS)
+    target: bytes = sometimes(draw, b"/v1/chat/completions", TARGETS)
+    version: bytes = sometimes(draw, b"HTTP/1.1", VERSIONS)
+    body: bytes = sometimes(draw, b'{"model":"m"}', BODIES)
+    framing: list[bytes] = sometimes(draw, [b"content-length: {n}"], FRAMING)
+    declared = len(body) + sometimes(draw, 0, DECLARED)
+    chunked: str = sometimes(draw, "good", CHUNKED)
     auth = b"authorization: Bearer sk-test-1" if draw(st.integers(0, 7)) else b""
     extra = draw(st.lists(st.sampled_from(EXTRA), max_size=2)) if draw(st.integers(0, 2)) == 0 else []
     pipelined = draw(st.booleans())
@@ -176,7 +179,7 @@ def parse_answers(data: bytes, head_first: bool = False) -> tuple[list[tuple[int
 
     Raises AssertionError for bytes that cannot begin an HTTP/1.1 answer.
     """
-    answers = []
+    answers: list[tuple[int, bytes]] = []
     while data:
         match = STATUS_LINE.match(data)
         if not match:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -236,7 +237,7 @@ def test_an_upload_longer_than_the_backend_timeout_is_not_cut(start_gateway: Gat
     with raw_backend(lambda request: Reply(response(200, b"%d" % len(request.body)))) as backend:
         gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, backend_timeout=0.5)
 
-        def slow_upload():  # type: ignore[no-untyped-def]
+        def slow_upload() -> Iterator[bytes]:
             for _ in range(6):
                 time.sleep(0.25)
                 yield b"x" * 1000
@@ -516,7 +517,7 @@ def test_a_slow_but_steady_body_is_not_cut(start_gateway: GatewayFactory) -> Non
     with raw_backend(lambda request: Reply(response(200, b"%d" % len(request.body)))) as backend:
         gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, client_body_timeout=0.5)
 
-        def steady():  # type: ignore[no-untyped-def]
+        def steady() -> Iterator[bytes]:
             for _ in range(8):
                 time.sleep(0.2)
                 yield b"x" * 100

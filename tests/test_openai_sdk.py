@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import Gateway, GatewayFactory
 from tests.fakes import free_port
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def client(gateway: Gateway, key: str = "sk-test-1") -> openai.OpenAI:
@@ -27,7 +28,7 @@ def test_models(gateway: Gateway) -> None:
 
 def test_chat_completion(gateway: Gateway) -> None:
     with client(gateway) as sdk:
-        completion = sdk.chat.completions.create(model="fake-model", messages=MESSAGES)  # type: ignore[arg-type]
+        completion = sdk.chat.completions.create(model="fake-model", messages=MESSAGES)
     assert completion.choices[0].message.content == "Hello there!"
     assert completion.usage is not None
     assert completion.usage.total_tokens == 8
@@ -37,7 +38,7 @@ def test_chat_stream(gateway: Gateway) -> None:
     with client(gateway) as sdk:
         stream = sdk.chat.completions.create(
             model="fake-model",
-            messages=MESSAGES,  # type: ignore[arg-type]
+            messages=MESSAGES,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -70,7 +71,7 @@ def test_wrong_key_is_authentication_error(gateway: Gateway) -> None:
 
 def test_backend_400_is_bad_request_error(gateway: Gateway) -> None:
     with client(gateway) as sdk, pytest.raises(openai.BadRequestError) as caught:
-        sdk.chat.completions.create(model="error-400", messages=MESSAGES)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="error-400", messages=MESSAGES)
     assert "maximum context length" in caught.value.message
 
 
@@ -82,7 +83,7 @@ def test_unknown_model_is_not_found_error(gateway: Gateway) -> None:
 def test_unreachable_backend_is_internal_server_error(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(api_keys=["sk-test-1"], backend_url=f"http://127.0.0.1:{free_port()}")
     with client(gateway) as sdk, pytest.raises(openai.InternalServerError) as caught:
-        sdk.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="m", messages=MESSAGES)
     assert caught.value.status_code == 502
     assert caught.value.type == "backend_unreachable"
 
@@ -90,14 +91,14 @@ def test_unreachable_backend_is_internal_server_error(start_gateway: GatewayFact
 def test_backend_timeout_is_api_status_error(start_gateway: GatewayFactory) -> None:
     gateway = start_gateway(api_keys=["sk-test-1"], backend_timeout=0.3)
     with client(gateway) as sdk, pytest.raises(openai.APIStatusError) as caught:
-        sdk.chat.completions.create(model="slow", messages=MESSAGES)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="slow", messages=MESSAGES)
     assert caught.value.status_code == 504
     assert caught.value.type == "backend_timeout"
 
 
 def test_backend_dying_mid_stream_raises_in_the_sdk(gateway: Gateway) -> None:
     with client(gateway) as sdk:
-        stream = sdk.chat.completions.create(model="die", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        stream = sdk.chat.completions.create(model="die", messages=MESSAGES, stream=True)
         received = []
 
         def consume() -> None:
@@ -113,9 +114,9 @@ async def test_async_client_end_to_end(gateway: Gateway) -> None:
     async with async_client(gateway) as sdk:
         models = [model.id async for model in sdk.models.list()]
         assert models == ["fake-model", "org/name-7b"]
-        completion = await sdk.chat.completions.create(model="fake-model", messages=MESSAGES)  # type: ignore[arg-type]
+        completion = await sdk.chat.completions.create(model="fake-model", messages=MESSAGES)
         assert completion.choices[0].message.content == "Hello there!"
-        stream = await sdk.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        stream = await sdk.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True)
         text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
         assert text == "Hello there, friend!"
         embeddings = await sdk.embeddings.create(model="fake-model", input="a", encoding_format="float")
@@ -130,6 +131,6 @@ async def test_async_client_errors(gateway: Gateway) -> None:
             await sdk.models.list()
     async with async_client(gateway) as sdk:
         with pytest.raises(openai.BadRequestError):
-            await sdk.chat.completions.create(model="error-400", messages=MESSAGES)  # type: ignore[arg-type]
+            await sdk.chat.completions.create(model="error-400", messages=MESSAGES)
         with pytest.raises(openai.InternalServerError):
-            await sdk.chat.completions.create(model="error-500", messages=MESSAGES)  # type: ignore[arg-type]
+            await sdk.chat.completions.create(model="error-500", messages=MESSAGES)

@@ -29,7 +29,7 @@ def spec_of(gateway: Gateway) -> dict[str, Any]:
     response = httpx.get(gateway.url + "/openapi.json")
     assert response.status_code == 200
     document: dict[str, Any] = response.json()
-    validate(document)  # type: ignore[arg-type]
+    validate(document)
     return document
 
 
@@ -128,7 +128,7 @@ def test_schemathesis_finds_no_gateway_fault(seed_gateway: Gateway) -> None:
     faults: list[str] = []
     answered: dict[str, int] = {}
     for result in schema.get_all_operations():
-        api = result.ok()
+        api = result.ok()  # type: ignore[union-attr]
 
         @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=api.as_strategy())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ from tests.raw import Reply, Request, raw_backend, response
 
 
 def chat(
-    gateway: Gateway, body: object, headers: dict[str, str] | None = None, **kwargs: object
+    gateway: Gateway, body: object, headers: dict[str, str] | None = None, **kwargs: Any
 ) -> httpx.Response:
     return httpx.post(
         gateway.url + "/v1/chat/completions", json=body, headers={**AUTH, **(headers or {})}, **kwargs
@@ -297,7 +299,7 @@ def test_body_over_the_limit_is_refused(start_gateway: GatewayFactory, fake: Fak
     assert response.status_code == 413
     assert error_of(response)["type"] == "request_too_large"
 
-    def chunked() -> object:
+    def chunked() -> Iterator[bytes]:
         yield b'{"model": "fake-model", "pad": "'
         for _ in range(10):
             yield b"x" * 200

@@ -132,7 +132,7 @@ async def test_storage_failure_fails_open_or_closed() -> None:
     open_limiter = limiter(dead)
     assert await open_limiter.admit("k", limits("1/minute"), "k") == []
     assert await open_limiter.admit("k", limits("1/minute"), "k") == []
-    assert open_limiter.failures._value.get() == 2  # type: ignore[attr-defined]
+    assert open_limiter.failures._value.get() == 2
     closed = limiter(dead, fail_closed=True)
     with pytest.raises(RateLimitUnavailable) as caught:
         await closed.admit("k", limits("1/minute"), "k")

@@ -146,7 +146,8 @@ def test_the_model_field_is_read_ahead_without_changing_the_upload(
     model: str, before: list[str], cuts: list[int], file_first: bool
 ) -> None:
     boundary = "----form7MA4YWxkTrZu0gW"
-    parts = [(name, "v", None) for name in before] + [("model", model, None)]
+    parts: list[tuple[str, str, str | None]] = [(name, "v", None) for name in before]
+    parts.append(("model", model, None))
     file_part = ("file", "x" * 300, "a.wav")
     parts = [file_part, *parts] if file_first else [*parts, file_part]
 
@@ -700,7 +701,7 @@ def test_a_reload_that_changes_a_backends_kind_drains_the_old_replicas(
         closed.set()
         await original()
 
-    before.upstream.close = close  # type: ignore[method-assign]
+    before.upstream.close = close
     loop_thread.run(router.reload([BackendConfig(name="r", url=url, kind="vllm")]))
     after = router.groups[0].replicas[0]
     assert after is not before

@@ -131,4 +131,4 @@ def test_tls_files_go_together(tmp_path: Path) -> None:
 @pytest.mark.parametrize("field", ["max_body_bytes", "backend_timeout", "stream_idle_timeout"])
 def test_limits_must_be_positive(field: str) -> None:
     with pytest.raises(ValidationError):
-        Settings(**{field: 0})
+        Settings.model_validate({field: 0})

@@ -189,7 +189,8 @@ async def test_waits_for_load_then_ready(
     await supervisor.start()
     try:
         await asyncio.sleep(0.2)
-        assert supervisor.state is State.STARTING
+        starting = supervisor.state
+        assert starting is State.STARTING
         reason = supervisor.not_ready_reason()
         assert reason is not None
         assert "waiting for the embedded standin backend" in reason

@@ -21,6 +21,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import ADMIN, Gateway, GatewayFactory, replicas
 from tests.fakes import free_port, wait_until
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.vllm
 
 KEY = "sk-test-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHAT = [{"role": "user", "content": "Hello, how are you today?"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello, how are you today?"}]
 # About 14 s of generation here: long enough to look at while it runs.
 LONG = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
 
@@ -87,8 +88,9 @@ def poll(predicate: Callable[[], bool], timeout: float = 10) -> bool:
 
 def sdk(url: str) -> openai.OpenAI:
     """An OpenAI client, closed after the test."""
-    OPENED.append(openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60))
-    return OPENED[-1]
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    OPENED.append(client)
+    return client
 
 
 def test_the_same_greedy_answers_direct_and_through(vllm: VllmServer, through: Gateway) -> None:
@@ -313,13 +315,13 @@ def test_the_anthropic_sdk_through_the_gateway(vllm: VllmServer, through: Gatewa
         )
         texts.append(
             (
-                message.content[0].text,
+                message.content[0].text,  # type: ignore[union-attr]
                 message.usage.output_tokens,
                 streamed,
                 final.usage,
                 counted.input_tokens,
             )
-        )  # type: ignore[union-attr]
+        )
         with pytest.raises(anthropic.NotFoundError) as raised:
             client.messages.create(
                 model="nope", max_tokens=8, messages=[{"role": "user", "content": "Hello"}]
