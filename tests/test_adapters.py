@@ -15,8 +15,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from adapters import normalise
 from tests.conftest import Gateway, GatewayFactory
-from tests.fakes import LoopThread, start_fake
-from tests.runtime_fakes import FLAVOURS, MODEL, RuntimeFake
+from tests.support.fakes import LoopThread, start_fake
+from tests.support.runtime_fakes import FLAVOURS, MODEL, RuntimeFake
 
 KEY = "sk-contract"
 ADMIN = "sk-admin"

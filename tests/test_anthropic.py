@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.fakes import LoopThread
+from tests.support.fakes import LoopThread
 
 KEY = "sk-test-1"
 HELLO = [{"role": "user", "content": "Hello"}]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import httpx
-import pytest
 
 from adapters.base import CHAT_COMPLETIONS, MODELS, Adapter
 from gateway.app import create_app
@@ -31,14 +30,3 @@ async def test_route_the_backend_lacks_is_501_without_calling_it(fake: Fake) -> 
             assert "/v1/embeddings" in error["message"]
             assert (await client.get("/v1/models")).status_code == 200
     assert [r["path"] for r in fake.seen.requests] == ["/v1/models"]
-
-
-async def test_lifespan_owns_the_upstream_pool(fake: Fake) -> None:
-    app = create_app(Settings(backend_url=fake.url))
-    upstream = app.state.upstream
-    async with app.router.lifespan_context(app):
-        pool = upstream.pool
-        assert not pool.closed
-    assert pool.closed
-    with pytest.raises(RuntimeError, match="lifespan"):
-        _ = upstream.pool

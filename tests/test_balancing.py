@@ -30,7 +30,7 @@ from gateway.routing import Router
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from tests.conftest import AUTH, Gateway, Runtime, replicas
-from tests.fakes import LoopThread, wait_until
+from tests.support.fakes import LoopThread, wait_until
 
 CHAT = "/v1/chat/completions"
 ROOT = Path(__file__).resolve().parent.parent

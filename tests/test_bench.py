@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vllm_server import vllm_python
+from tests.support.vllm_server import vllm_python
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.bench

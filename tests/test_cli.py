@@ -15,7 +15,7 @@ import pytest
 from gateway.cli import FLAG_NAMES, NOT_FLAGS, build_parser, load_settings, parse_flags
 from gateway.settings import Settings
 from tests.conftest import Fake
-from tests.processes import serve, stop
+from tests.support.processes import serve, stop
 
 
 def run_gateway(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

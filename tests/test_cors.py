@@ -17,7 +17,7 @@ import pytest
 
 from gateway.settings import Settings
 from tests.conftest import AUTH, GatewayFactory
-from tests.raw import JSON_OK, RawBackend, Reply
+from tests.support.raw import JSON_OK, RawBackend, Reply
 
 ORIGIN = "https://app.example.com"
 CHAT = "/v1/chat/completions"

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes import wait_until
-from tests.processes import serve, stop
+from tests.support.fakes import wait_until
+from tests.support.processes import serve, stop
 
 pytestmark = pytest.mark.llamacpp
 

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import AUTH, GatewayFactory
-from tests.raw import JSON_OK, RawBackend, Reply, Request
+from tests.support.raw import JSON_OK, RawBackend, Reply, Request
 
 TAGS = re.compile(rb"fz[0-9a-f]{32}")
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))

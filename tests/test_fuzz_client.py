@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory
-from tests.raw import JSON_OK, RawBackend, RawClient, Reply, Request
+from tests.support.raw import JSON_OK, RawBackend, RawClient, Reply, Request
 
 T = TypeVar("T")
 

@@ -1,12 +1,12 @@
-"""The gateway tried as a hostile client and as a broken or hostile backend would try it.
+"""The gateway tried as a broken or hostile backend would try it (the client side is
+test_protocol.py).
 
-Raw sockets on both sides (tests/raw.py). Each probe states the guarantee it checks: one
+Raw sockets on both sides (tests/support/raw.py). Each probe states the guarantee it checks: one
 message per backend response, bounded heads and bodies, real deadlines, safe retries.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, GatewayFactory
-from tests.processes import serve, stop
-from tests.raw import (
+from tests.support.calls import BODY, CHAT, MiB, error_type, post
+from tests.support.processes import serve, stop
+from tests.support.raw import (
     JSON_OK,
-    RawClient,
     Reply,
     Request,
     current_rss_kib,
@@ -26,20 +26,6 @@ from tests.raw import (
     raw_backend,
     response,
 )
-
-MiB = 1024 * 1024
-CHAT = "/v1/chat/completions"
-BODY = b'{"model":"m","messages":[]}'
-
-
-def post(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> httpx.Response:
-    return httpx.post(url + CHAT, content=BODY, headers={**AUTH, **(headers or {})}, timeout=timeout)
-
-
-def error_type(answer: httpx.Response) -> str:
-    assert answer.headers["content-type"] == "application/json"
-    return str(answer.json()["error"]["type"])
-
 
 # Backend side: framing
 
@@ -146,19 +132,6 @@ def test_a_status_outside_100_to_599_is_a_502(start_gateway: GatewayFactory, sta
         answer = post(gateway.url)
         assert answer.status_code == 502
         assert error_type(answer) == "backend_error"
-
-
-def test_the_backends_connection_header_cannot_remove_the_gateways_headers(
-    start_gateway: GatewayFactory,
-) -> None:
-    sneaky = response(200, b"{}", (("connection", "x-request-id, x-backend-own"), ("x-backend-own", "1")))
-    with raw_backend(lambda request: Reply(sneaky)) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, rate_limit="100/minute")
-        answer = post(gateway.url, {"x-request-id": "req-123"})
-        assert answer.status_code == 200
-        assert answer.headers["x-request-id"] == "req-123"
-        assert "x-ratelimit-limit-requests" in answer.headers
-        assert "x-backend-own" not in answer.headers
 
 
 def test_an_interim_answer_is_not_relayed_and_the_final_one_is(start_gateway: GatewayFactory) -> None:
@@ -342,191 +315,3 @@ def test_a_reused_connection_that_dies_unanswered_is_retried_when_safe(
             assert second.status_code == 502
             assert error_type(second) == "backend_error"
             assert 'gateway_backend_retries_total{backend="openai"} 0.0' in metrics
-
-
-# Client side: limits
-
-
-def test_a_huge_request_head_without_a_key_is_a_431_in_flat_memory() -> None:
-    with raw_backend(lambda request: Reply(JSON_OK)) as backend:
-        process, url = serve("--backend-url", backend.url, "--api-key", "sk-test-1")
-        try:
-            before = current_rss_kib(process.pid)
-            with RawClient(url) as client:
-                client.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-                line = b"x-filler: " + b"a" * 1000 + b"\r\n"
-                sent = 0
-                while sent < 48 * MiB and client.send(line * 100):
-                    sent += len(line) * 100
-                answer = client.read_all(timeout=10)
-                assert answer.startswith(b"HTTP/1.1 431 ")
-                assert b'"request_too_large"' in answer
-                assert sent < 48 * MiB  # the gateway stopped reading and closed
-                assert peak_rss_kib(process.pid) - before < 16 * 1024
-                assert [r for r in backend.requests if not r.own] == []
-        finally:
-            stop(process)
-
-
-def test_a_large_head_with_a_valid_key_is_refused_not_forwarded(start_gateway: GatewayFactory) -> None:
-    with raw_backend(lambda request: Reply(JSON_OK)) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
-        filler = {f"x-filler-{i}": "a" * 1000 for i in range(90)}  # 90 KB in 90 headers
-        answer = post(gateway.url, filler)
-        assert answer.status_code == 431
-        assert answer.json()["error"]["code"] == "headers_too_large"
-        assert answer.headers["connection"] == "close"
-        many = post(gateway.url, {f"x-h{i}": "1" for i in range(150)})
-        assert many.status_code == 431
-        assert many.json()["error"]["code"] == "too_many_headers"
-        assert [r for r in backend.requests if not r.own] == []
-        assert post(gateway.url).status_code == 200  # the gateway is fine
-
-
-def test_a_long_request_line_is_a_431(start_gateway: GatewayFactory) -> None:
-    with raw_backend(lambda request: Reply(JSON_OK)) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
-        with RawClient(gateway.url) as client:
-            client.send(b"GET /v1/models?" + b"a" * 100_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert client.read_all().startswith(b"HTTP/1.1 431 ")
-            assert [r for r in backend.requests if not r.own] == []
-
-
-@pytest.mark.parametrize(
-    "request_bytes",
-    [
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
-        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",  # CL.TE smuggling
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
-        b"G\x00T /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
-        b"GET /v1/models HTTP/1.1\r\nx-bad\x01name: 1\r\n\r\n",
-        b"GET /v1/models HTTX/1.1\r\n\r\n",
-    ],
-    ids=["cl-te", "two-lengths", "bad-chunk-size", "nul-method", "control-byte-name", "bad-version"],
-)
-def test_a_request_that_is_not_http_is_a_400_envelope_then_closed(
-    start_gateway: GatewayFactory, request_bytes: bytes
-) -> None:
-    with raw_backend(lambda request: Reply(JSON_OK)) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
-        with RawClient(gateway.url) as client:
-            client.send(
-                request_bytes.replace(b"host: x\r\n", b"host: x\r\nauthorization: Bearer sk-test-1\r\n")
-            )
-            answer = client.read_all(timeout=5)  # read_all returns at the close
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 400 ")
-        assert b"\r\nconnection: close" in head
-        assert json.loads(body)["error"]["type"] == "invalid_request"
-        assert [r for r in backend.requests if not r.own] == []
-
-
-@pytest.mark.parametrize(
-    ("bad", "status"),
-    [
-        (b"GET /v1/models HTTX/1.1\r\n\r\n", b"400"),
-        (b"GET /v1/models HTTP/1.1\r\nx: " + b"a" * 400_000, b"431"),
-    ],
-    ids=["not-http", "head-too-large"],
-)
-def test_a_bad_request_pipelined_behind_a_stream_does_not_cut_into_it(
-    start_gateway: GatewayFactory, bad: bytes, status: bytes
-) -> None:
-    chunks = [b'data: {"n":%d}\n\n' % i for i in range(5)]
-    stream = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    with raw_backend(lambda request: Reply(head, 0.3, stream)) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
-        with RawClient(gateway.url) as client:
-            client.send(
-                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-1\r\n"
-                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s%s" % (len(BODY), BODY, bad)
-            )
-            answer = client.read_all(timeout=5)
-        # The stream arrives whole, then the bad request's refusal, then the close.
-        stream_answer, _, after = answer.partition(b"\r\n0\r\n\r\n")
-        assert stream_answer.startswith(b"HTTP/1.1 200 ")
-        for chunk in chunks:
-            assert chunk in stream_answer
-        refusal, _, body = after.partition(b"\r\n\r\n")
-        assert refusal.startswith(b"HTTP/1.1 %s " % status)
-        assert json.loads(body)["error"]["type"] in {"invalid_request", "request_too_large"}
-        assert len([r for r in backend.requests if not r.own]) == 1
-
-
-# Client side: deadlines
-
-
-@pytest.mark.parametrize(
-    "partial",
-    [
-        b"",  # connected, never a byte
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n",  # a head that never ends
-    ],
-    ids=["silent", "partial-head"],
-)
-def test_a_slow_head_is_cut_at_the_header_timeout(start_gateway: GatewayFactory, partial: bytes) -> None:
-    gateway = start_gateway(api_keys=["sk-test-1"], client_header_timeout=0.5)
-    with RawClient(gateway.url) as client:
-        started = time.monotonic()
-        client.send(partial)
-        answer = client.read_all(timeout=5)
-        assert time.monotonic() - started < 2
-        if partial:
-            assert answer.startswith(b"HTTP/1.1 408 ")
-            assert b'"request_timeout"' in answer
-        else:
-            assert answer == b""
-
-
-def test_a_slowloris_head_sending_a_byte_at_a_time_is_cut(start_gateway: GatewayFactory) -> None:
-    gateway = start_gateway(api_keys=["sk-test-1"], client_header_timeout=0.5)
-    with RawClient(gateway.url) as client:
-        started = time.monotonic()
-        for byte in b"POST /v1/chat/completions HTTP/1.1\r\nx-slow: " + b"a" * 100:
-            if not client.send(bytes([byte])) or time.monotonic() - started > 3:
-                break
-            time.sleep(0.05)
-        assert time.monotonic() - started < 2
-        assert client.read_all(timeout=2).startswith(b"HTTP/1.1 408 ")
-
-
-def test_a_body_that_stops_is_cut_at_the_body_timeout(start_gateway: GatewayFactory, fake: object) -> None:
-    with raw_backend(lambda request: Reply(JSON_OK)) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, client_body_timeout=0.5)
-        for path in (CHAT, "/v1/audio/transcriptions"):  # read whole, and streamed upstream
-            with RawClient(gateway.url) as client:
-                started = time.monotonic()
-                client.send(
-                    b"POST %s HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-1\r\n"
-                    b"content-type: multipart/form-data; boundary=b\r\ncontent-length: 1000\r\n\r\n"
-                    b"0123456789" % path.encode()
-                )
-                answer = client.read_all(timeout=5)
-                assert time.monotonic() - started < 2
-                if path == CHAT:
-                    assert answer.startswith(b"HTTP/1.1 408 ")
-                    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_timeout"
-                else:
-                    # The upload had begun reaching the backend: the gateway's answer is a 408 or a cut.
-                    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
-
-
-def test_a_slow_but_steady_body_is_not_cut(start_gateway: GatewayFactory) -> None:
-    with raw_backend(lambda request: Reply(response(200, b"%d" % len(request.body)))) as backend:
-        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, client_body_timeout=0.5)
-
-        def steady() -> Iterator[bytes]:
-            for _ in range(8):
-                time.sleep(0.2)
-                yield b"x" * 100
-
-        answer = httpx.post(
-            gateway.url + "/v1/audio/transcriptions",
-            content=steady(),
-            headers={**AUTH, "content-type": "multipart/form-data; boundary=b"},
-            timeout=10,
-        )
-        assert answer.status_code == 200
-        assert answer.content == b"800"

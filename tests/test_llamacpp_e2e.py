@@ -16,7 +16,7 @@ import pytest
 
 from adapters.normalise import error_type
 from tests.conftest import GatewayFactory
-from tests.fakes import free_port, wait_until
+from tests.support.fakes import free_port, wait_until
 
 pytestmark = pytest.mark.llamacpp
 

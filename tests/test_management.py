@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.fakes import LoopThread, free_port, start_fake
-from tests.runtime_fakes import FLAVOURS, MODEL, SEED_FLAVOURS, RuntimeFake
+from tests.support.fakes import LoopThread, free_port, start_fake
+from tests.support.runtime_fakes import FLAVOURS, MODEL, SEED_FLAVOURS, RuntimeFake
 
 KEY = "sk-client"
 ADMIN = "sk-admin"

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
-from tests.fakes import free_port, wait_until
-from tests.processes import serve, stop
+from tests.support.fakes import free_port, wait_until
+from tests.support.processes import serve, stop
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 

@@ -18,8 +18,8 @@ from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.fakes import LoopThread, start_fake
-from tests.runtime_fakes import RuntimeFake
+from tests.support.fakes import LoopThread, start_fake
+from tests.support.runtime_fakes import RuntimeFake
 
 KEY = "sk-client"
 ADMIN = "sk-admin"

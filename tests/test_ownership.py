@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from gateway.errors import NotFound
 from gateway.ownership import BATCH, FILE, RESPONSE, Owners, Records, StreamSealer
 from tests.conftest import GatewayFactory
-from tests.object_fakes import ObjectRuntime
-from tests.processes import serve, stop
-from tests.redis_server import RedisServer
+from tests.support.object_fakes import ObjectRuntime
+from tests.support.processes import serve, stop
+from tests.support.redis_server import RedisServer
 
 KEYS = ["sk-alice", "sk-bob"]
 BATCH_LINE = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'

@@ -24,9 +24,9 @@ from gateway.ratelimit import (
     parse_limits,
 )
 from tests.conftest import AUTH, Fake, GatewayFactory
-from tests.fakes import free_port
-from tests.processes import serve, stop
-from tests.redis_server import RedisServer
+from tests.support.fakes import free_port
+from tests.support.processes import serve, stop
+from tests.support.redis_server import RedisServer
 
 
 def limiter(storage: str = "memory://", strategy: str = "moving-window", **kwargs: object) -> Limiter:

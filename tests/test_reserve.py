@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from gateway import reserve
 from tests.conftest import Fake
-from tests.processes import serve, stop
-from tests.redis_server import RedisServer
+from tests.support.processes import serve, stop
+from tests.support.redis_server import RedisServer
 
 DEFAULT = 1024
 

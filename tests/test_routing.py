@@ -24,8 +24,8 @@ from gateway.replicas import Replica
 from gateway.settings import Settings
 from gateway.upstream import Upstream
 from tests.conftest import ADMIN, AUTH, Gateway, GatewayFactory, Runtime, replicas
-from tests.fakes import LoopThread, free_port, wait_until
-from tests.fleet_fakes import FleetRuntime, start_runtime
+from tests.support.fakes import LoopThread, free_port, wait_until
+from tests.support.fleet_fakes import FleetRuntime, start_runtime
 
 CHAT = "/v1/chat/completions"
 
@@ -475,7 +475,7 @@ def test_a_replica_killed_under_load_costs_no_request_that_had_no_answer(
                 [
                     sys.executable,
                     "-m",
-                    "tests.fleet_fakes",
+                    "tests.support.fleet_fakes",
                     "--port",
                     str(port),
                     "--name",
@@ -634,7 +634,7 @@ def test_dns_discovery_adds_replicas_and_drains_the_ones_that_go(
 def test_sighup_reloads_the_backends_file_and_refuses_a_bad_one(
     runtimes: Callable[..., Runtime], tmp_path: Path
 ) -> None:
-    from tests.processes import serve, stop
+    from tests.support.processes import serve, stop
 
     _, one_url = runtimes("one", ["m"])
     _, two_url = runtimes("two", ["m"])

@@ -11,8 +11,8 @@ import time
 import httpx
 
 from tests.conftest import Fake
-from tests.fakes import wait_until
-from tests.processes import serve, stop
+from tests.support.fakes import wait_until
+from tests.support.processes import serve, stop
 
 
 def start(fake: Fake, *args: str) -> tuple[subprocess.Popen[bytes], str]:

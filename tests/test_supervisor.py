@@ -15,9 +15,9 @@ import pytest
 
 from gateway.settings import Settings
 from gateway.supervisor import EmbeddedBackendError, State, Supervisor, plan_launch
-from tests.fakes import free_port
+from tests.support.fakes import free_port
 
-STANDIN = str(Path(__file__).with_name("standin_backend.py"))
+STANDIN = str(Path(__file__).parent / "support" / "standin_backend.py")
 
 
 def test_default_plan_runs_the_bundled_gemma_with_its_chat_format() -> None:

@@ -16,11 +16,11 @@ import openai
 import pytest
 
 from tests.conftest import ADMIN, AUTH, Fake, Gateway, GatewayFactory, Runtime
-from tests.fakes import LoopThread, free_port, start_fake, wait_until
-from tests.object_fakes import ObjectRuntime
-from tests.processes import serve, stop
-from tests.raw import RawClient
-from tests.runtime_fakes import RuntimeFake
+from tests.support.fakes import LoopThread, free_port, start_fake, wait_until
+from tests.support.object_fakes import ObjectRuntime
+from tests.support.processes import serve, stop
+from tests.support.raw import RawClient
+from tests.support.runtime_fakes import RuntimeFake
 
 KEYS_FILE = """keys:
   - name: alice

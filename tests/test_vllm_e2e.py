@@ -24,8 +24,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import ADMIN, Gateway, GatewayFactory, replicas
-from tests.fakes import free_port, wait_until
-from tests.vllm_server import (
+from tests.support.fakes import free_port, wait_until
+from tests.support.vllm_server import (
     ENV,
     LORA_NAME,
     MODEL_NAME,

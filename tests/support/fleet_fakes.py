@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible runtime for routing tests: its own name and models, and knobs to
 make it slow, failing or loading. Runs in the tests' loop thread or as its own process
-(``python -m tests.fleet_fakes --port P --name N --models a,b``), so that it can be killed.
+(``python -m tests.support.fleet_fakes --port P --name N --models a,b``), so that it can be killed.
 
 Every answer says which runtime gave it (``"backend"`` in the JSON, ``x-runtime`` header)
 and which model it was asked for, so a test can tell where a request went and what the

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.fakes import free_port
+from tests.support.fakes import free_port
 
 
 class RedisServer:

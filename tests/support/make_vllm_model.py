@@ -1,4 +1,4 @@
-"""``python tests/make_vllm_model.py DIR``: a tiny random Llama that vLLM's CPU build serves,
+"""``python tests/support/make_vllm_model.py DIR``: a tiny random Llama that vLLM's CPU build serves,
 with a LoRA adapter for it, made in a second from nothing downloaded.
 
 Run with the vLLM environment's Python (it has torch, transformers, tokenizers and peft).

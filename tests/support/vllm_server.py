@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes import free_port
+from tests.support.fakes import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny"
 LORA_NAME = "tiny-lora"
 START_TIMEOUT = 400.0
@@ -56,7 +56,7 @@ def make_model(root: Path) -> TinyModel:
     made = TinyModel(root / "model", root / "lora")
     if not (root / "made.json").exists():
         subprocess.run(
-            [vllm_python(), str(ROOT / "tests" / "make_vllm_model.py"), str(root)],
+            [vllm_python(), str(ROOT / "tests" / "support" / "make_vllm_model.py"), str(root)],
             check=True,
             capture_output=True,
             env={**os.environ, **ENV},

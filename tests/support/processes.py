@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from tests.fakes import free_port, wait_until
+from tests.support.fakes import free_port, wait_until
 
 
 def answers(url: str) -> bool:

@@ -1,0 +1,1 @@
+"""What the tests share: fake runtimes and backends, raw sockets, real servers started for them."""
