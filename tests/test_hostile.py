@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import AUTH, GatewayFactory
-from tests.support.calls import BODY, CHAT, MiB, error_type, post
+from tests.support.calls import BODY, CHAT, MiB, error_type, post, trickle, upload
 from tests.support.processes import serve, stop
 from tests.support.raw import (
     JSON_OK,
@@ -209,18 +208,7 @@ def test_bodies_the_gateway_reads_for_itself_are_capped() -> None:
 def test_an_upload_longer_than_the_backend_timeout_is_not_cut(start_gateway: GatewayFactory) -> None:
     with raw_backend(lambda request: Reply(response(200, b"%d" % len(request.body)))) as backend:
         gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, backend_timeout=0.5)
-
-        def slow_upload() -> Iterator[bytes]:
-            for _ in range(6):
-                time.sleep(0.25)
-                yield b"x" * 1000
-
-        answer = httpx.post(
-            gateway.url + "/v1/audio/transcriptions",
-            content=slow_upload(),
-            headers={**AUTH, "content-type": "multipart/form-data; boundary=b"},
-            timeout=10,
-        )
+        answer = upload(gateway.url, trickle(6, every=0.25, size=1000))
         assert answer.status_code == 200
         assert answer.content == b"6000"
 

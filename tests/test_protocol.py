@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from tests.conftest import AUTH, GatewayFactory
-from tests.support.calls import BODY, CHAT, MiB, post
+from tests.conftest import GatewayFactory
+from tests.support.calls import BODY, CHAT, MiB, post, trickle, upload
 from tests.support.processes import serve, stop
 from tests.support.raw import (
     JSON_OK,
@@ -191,17 +189,6 @@ def test_a_body_that_stops_is_cut_at_the_body_timeout(start_gateway: GatewayFact
 def test_a_slow_but_steady_body_is_not_cut(start_gateway: GatewayFactory) -> None:
     with raw_backend(lambda request: Reply(response(200, b"%d" % len(request.body)))) as backend:
         gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url, client_body_timeout=0.5)
-
-        def steady() -> Iterator[bytes]:
-            for _ in range(8):
-                time.sleep(0.2)
-                yield b"x" * 100
-
-        answer = httpx.post(
-            gateway.url + "/v1/audio/transcriptions",
-            content=steady(),
-            headers={**AUTH, "content-type": "multipart/form-data; boundary=b"},
-            timeout=10,
-        )
+        answer = upload(gateway.url, trickle(8, every=0.2, size=100))
         assert answer.status_code == 200
         assert answer.content == b"800"

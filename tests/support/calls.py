@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -38,3 +40,20 @@ def error_of(response: httpx.Response) -> dict[str, object]:
 def error_type(answer: httpx.Response) -> str:
     assert answer.headers["content-type"] == "application/json"
     return str(answer.json()["error"]["type"])
+
+
+def trickle(pieces: int, every: float, size: int) -> Iterator[bytes]:
+    """An upload's body: ``pieces`` of ``size`` bytes, one every ``every`` seconds."""
+    for _ in range(pieces):
+        time.sleep(every)
+        yield b"x" * size
+
+
+def upload(url: str, content: Iterator[bytes]) -> httpx.Response:
+    """A streamed multipart upload (a transcription) to the gateway at ``url``."""
+    return httpx.post(
+        url + "/v1/audio/transcriptions",
+        content=content,
+        headers={**AUTH, "content-type": "multipart/form-data; boundary=b"},
+        timeout=10,
+    )
