@@ -528,22 +528,23 @@ def test_a_session_keeps_to_one_replica_and_two_gateways_agree(
 def test_a_hot_session_spills_over_within_the_bound(
     runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway]
 ) -> None:
-    started = [runtimes(f"r{i}", delay=0.5) for i in range(4)]
+    # Each answer takes 1.5 s, so that all twelve are in flight together even on a loaded
+    # machine; one client for every thread, so that none waits on making its own.
+    started = [runtimes(f"r{i}", delay=1.5) for i in range(4)]
     gateway = fleet_gateway([{"name": "r", "urls": [url for _, url in started], "strategy": "affinity"}])
     answers: list[str] = []
+    shared = httpx.Client(headers={**AUTH, "x-session-id": "hot"}, timeout=30, limits=httpx.Limits())
 
     def client() -> None:
-        answer = httpx.post(
-            gateway.url + CHAT, json={"model": "m"}, headers={**AUTH, "x-session-id": "hot"}, timeout=30
-        )
-        answers.append(answer.json()["backend"])
+        answers.append(shared.post(gateway.url + CHAT, json={"model": "m"}).json()["backend"])
 
     threads = [threading.Thread(target=client) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.01)
-    for thread in threads:
-        thread.join()
+    with shared:
+        for thread in threads:
+            thread.start()
+            time.sleep(0.01)
+        for thread in threads:
+            thread.join()
     counts = {name: answers.count(name) for name in set(answers)}
     assert len(answers) == 12
     # Twelve at once over four replicas: none above ceil(1.25 x the mean) = 4.

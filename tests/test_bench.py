@@ -77,7 +77,7 @@ def test_the_balancing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> No
     assert set(data["picking"]["us_per_pick"]) == {"round-robin", "least-outstanding", "queue", "affinity"}
     report = (tmp_path / "balance.md").read_text()
     assert "| target | measured | met |" in report
-    assert "balancing.py" in report  # the profile names the functions it timed
+    assert "balancers.py" in report  # the profile names the functions it timed
     assert (tmp_path / "balance.png").read_bytes().startswith(b"\x89PNG")
 
 
