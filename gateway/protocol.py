@@ -21,7 +21,10 @@ This subclass adds what nginx has (``large_client_header_buffers``,
   in a header, two framings) gets 400 ``invalid_request`` in the gateway's envelope, and
   the connection is closed;
 - a refusal of a pipelined request waits for the answers to the requests before it, which
-  go out whole (uvicorn writes its own 400 over them).
+  go out whole (uvicorn writes its own 400 over them);
+- an app is told when its client goes before the answer is complete, at once and without
+  a task of its own waiting on ``receive()``: the scope's ``gateway.disconnect`` extension
+  holds (as ``watch``) a ``DisconnectWatch`` to register a callback with.
 
 The common request, whose head and body come in one read, arms no timer at all.
 """
@@ -49,10 +52,36 @@ NOT_HTTP = (
 
 # Where a connection is in its current request.
 IDLE, HEAD, BODY = 0, 1, 2
+# The scope extension that carries a request's DisconnectWatch.
+DISCONNECT = "gateway.disconnect"
 
 
 class _HeadRefused(Exception):
     """Raised in a parser callback to stop reading a head past a limit."""
+
+
+class DisconnectWatch:
+    """Calls back once if the connection is lost before the request's answer is complete."""
+
+    __slots__ = ("_callback", "_cycle", "fired")
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+        self._callback: Callable[[], object] | None = None
+        self.fired = False
+        """Whether the client went before the answer was complete."""
+
+    def register(self, callback: Callable[[], object] | None) -> None:
+        """What to call on a disconnect; None once the app no longer wants to know."""
+        self._callback = callback
+
+    def lost(self) -> None:
+        if self._cycle.response_complete or self.fired:
+            return
+        self.fired = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +114,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._refused: GatewayError | None = None
         self._deferred: GatewayError | None = None
+        self._watches: list[DisconnectWatch] = []
+        """One per request whose answer is not complete yet (a pipelined one waits its turn)."""
 
     @classmethod
     def with_limits(cls, limits: ClientLimits) -> Callable[..., LimitedHttpToolsProtocol]:
@@ -103,6 +134,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timer()
         self._cancel_write_timer()
         super().connection_lost(exc)
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch.lost()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -213,6 +247,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._last_body = self.loop.time()
         self._cancel_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            watch = DisconnectWatch(cycle)
+            watches = self._watches
+            if watches:
+                watches[:] = [w for w in watches if not w._cycle.response_complete]
+            watches.append(watch)
+            self.scope.setdefault("extensions", {})[DISCONNECT] = {"watch": watch}
 
     def on_message_complete(self) -> None:
         self._phase = IDLE

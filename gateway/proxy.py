@@ -54,6 +54,7 @@ from gateway.headers import (
 )
 from gateway.metrics import Metrics
 from gateway.ownership import Owners, StreamSealer
+from gateway.protocol import DISCONNECT, DisconnectWatch
 from gateway.ratelimit import KeyLimits, Limiter
 from gateway.relay import MID_STREAM, relay
 from gateway.replicas import Group
@@ -259,12 +260,17 @@ class ProxyEndpoint:
 
         task = asyncio.current_task()
         assert task is not None
-        # An uploaded body is still being received: its reader notices a disconnect itself.
-        watcher = (
-            None
-            if isinstance(body, StreamedBody)
-            else asyncio.ensure_future(_cancel_on_disconnect(receive, task))
-        )
+        # A client that goes cancels its request (and so the backend's). An uploaded body is
+        # still being received: its reader notices a disconnect itself. The gateway's own
+        # server says so through the scope; under another, a task waits on receive().
+        watch: DisconnectWatch | None = None
+        watcher: asyncio.Future[None] | None = None
+        if not isinstance(body, StreamedBody):
+            watch = scope.get("extensions", {}).get(DISCONNECT, {}).get("watch")
+            if watch is not None:
+                watch.register(task.cancel)
+            else:
+                watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task))
         try:
             if not groups[0].backend.adapter.serves(route.name):
                 await listing.model_from_list(self.router, self.settings, groups[0], exchange, forward, send)
@@ -300,11 +306,18 @@ class ProxyEndpoint:
                 return
             await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
         except asyncio.CancelledError:
-            if watcher is not None and watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+            gone = (
+                watch.fired
+                if watch is not None
+                else (watcher is not None and watcher.done() and not watcher.cancelled())
+            )
+            if gone and task.uncancel() == 0:
                 exchange.error = CLIENT_DISCONNECT
                 return
             raise
         finally:
+            if watch is not None:
+                watch.register(None)  # the answer is over: a close now cancels nothing
             if watcher is not None:
                 watcher.cancel()
 

@@ -75,14 +75,15 @@ def _close_sdk_clients() -> Iterator[None]:
         OPENED.pop().close()
 
 
-def poll(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    """``predicate`` asked twice a second: vLLM's /metrics costs its API server, which shares a
-    core with everything else here, and asking it 50 times a second starves what it reports."""
+def poll(predicate: Callable[[], bool], timeout: float = 10, every: float = 0.5) -> bool:
+    """``predicate`` asked twice a second (by default): vLLM's /metrics costs its API server,
+    which shares a core with everything else here, and asking it 50 times a second starves
+    what it reports."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.5)
+        time.sleep(every)
     return predicate()
 
 
@@ -266,8 +267,9 @@ def test_a_client_that_leaves_frees_its_slot_in_vllm(vllm: VllmServer, through: 
     ) as response:
         lines = response.iter_lines()  # held: a dropped line iterator closes the connection
         assert next(line for line in lines if line.startswith("data: "))
-        # vLLM's gauges follow its engine's steps, not the first chunk.
-        assert poll(lambda: vllm.metric("vllm:num_requests_running") == 1)
+        # vLLM's gauges follow its engine's steps, not the first chunk; asked ten times a
+        # second for a few seconds, so that a generation that runs fast is still seen running.
+        assert poll(lambda: vllm.metric("vllm:num_requests_running") == 1, timeout=5, every=0.1)
     assert poll(lambda: vllm.metric("vllm:num_requests_running") == 0)
 
 
