@@ -8,7 +8,11 @@ import json
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
+from gateway.protocol import header_refusal
 from tests.conftest import GatewayFactory
 from tests.support.calls import BODY, CHAT, MiB, post, trickle, upload
 from tests.support.processes import serve, stop
@@ -192,3 +196,24 @@ def test_a_slow_but_steady_body_is_not_cut(start_gateway: GatewayFactory) -> Non
         answer = upload(gateway.url, trickle(8, every=0.2, size=100))
         assert answer.status_code == 200
         assert answer.content == b"800"
+
+
+@given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=24)), max_size=6))
+def test_an_answers_headers_are_refused_exactly_where_uvicorn_refuses_them(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    names = b"".join(name for name, _ in headers)
+    values = b"".join(value for _, value in headers)
+    expected = None
+    for name, value in headers:
+        if HEADER_RE.search(name):
+            expected = "Invalid HTTP header name."
+            break
+        if HEADER_VALUE_RE.search(value):
+            expected = "Invalid HTTP header value."
+            break
+    refusal = header_refusal(names, values)
+    # uvicorn stops at the first bad header; every name is looked at before any value here.
+    assert (refusal is None) == (expected is None)
+    if any(HEADER_RE.search(name) for name, _ in headers):
+        assert refusal == "Invalid HTTP header name."
