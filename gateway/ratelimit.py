@@ -114,6 +114,9 @@ class Limiter:
         self.failures = failures
         self.limited = limited
         self._last_failure_log = 0.0
+        self._request_keys: dict[RateLimitItem, tuple[str, str, int]] = {}
+        """For each request limit: its storage key's start and end around the identity,
+        and its window in seconds."""
 
     async def admit(self, identity: str, limits: KeyLimits, label: str) -> list[tuple[bytes, bytes]]:
         """Count one request; its rate-limit headers, or RateLimited with them."""
@@ -141,12 +144,18 @@ class Limiter:
             self._storage_failed(exc)
             return []
         assert tightest is not None
-        return [(k.encode(), v.encode()) for k, v in _headers("requests", *tightest)]
+        return _encoded_headers(REQUEST_HEADERS, *tightest)
 
     async def _count(self, item: RateLimitItem, who: str) -> tuple[bool, int, float]:
         """Hit one request limit: (admitted, remaining, when the window frees a place)."""
         if self._moving_in_memory is not None:
-            return self._moving_in_memory.take(item.key_for("requests", who), item.amount, item.get_expiry())
+            parts = self._request_keys.get(item)
+            if parts is None:
+                # limits' own key_for(), built once around the identity.
+                start, end = item.key_for("requests", "\0").split("\0")
+                parts = self._request_keys[item] = (start, end, item.get_expiry())
+            start, end, expiry = parts
+            return self._moving_in_memory.take(start + who + end, item.amount, expiry)
         admitted = await self.requests.hit(item, "requests", who)
         stats = await self.requests.get_window_stats(item, "requests", who)
         return admitted, stats.remaining, stats.reset_time
@@ -194,7 +203,7 @@ class Limiter:
             self._storage_failed(exc)
             return Reservation(identity, 0), []
         assert tightest is not None
-        return reservation, [(k.encode(), v.encode()) for k, v in _headers("tokens", *tightest)]
+        return reservation, _encoded_headers(TOKEN_HEADERS, *tightest)
 
     async def settle(self, reservation: Reservation, used: int | None) -> None:
         """Charge what the answer used instead of what was held (unknown: keep the hold)."""
@@ -360,6 +369,21 @@ def _headers(kind: str, limit: int, remaining: int, reset_time: float) -> list[t
         (f"x-ratelimit-limit-{kind}", str(limit)),
         (f"x-ratelimit-remaining-{kind}", str(max(remaining, 0))),
         (f"x-ratelimit-reset-{kind}", _duration(max(reset_time - time.time(), 0.0))),
+    ]
+
+
+REQUEST_HEADERS = tuple(f"x-ratelimit-{part}-requests".encode() for part in ("limit", "remaining", "reset"))
+TOKEN_HEADERS = tuple(f"x-ratelimit-{part}-tokens".encode() for part in ("limit", "remaining", "reset"))
+
+
+def _encoded_headers(
+    names: tuple[bytes, ...], limit: int, remaining: int, reset_time: float
+) -> list[tuple[bytes, bytes]]:
+    """``_headers`` as they go on an answer."""
+    return [
+        (names[0], b"%d" % limit),
+        (names[1], b"%d" % max(remaining, 0)),
+        (names[2], _duration(max(reset_time - time.time(), 0.0)).encode()),
     ]
 
 

@@ -13,7 +13,6 @@ USAGE = b'"usage"'
 PROMPT = re.compile(rb'"(?:prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 COMPLETION = re.compile(rb'"(?:completion_tokens|output_tokens)"\s*:\s*(\d+)')
 NULL = re.compile(rb"\s*:\s*null")
-OBJECT = re.compile(rb"\{(?:[^{}]|\{[^{}]*\})*\}")
 
 
 def tokens_in(tail: bytes) -> tuple[int | None, int | None]:
@@ -50,5 +49,16 @@ def _object_after(data: bytes, start: int) -> bytes:
     opening = data.find(b"{", start, start + 16)
     if opening < 0:
         return b""
-    whole = OBJECT.match(data, opening)
-    return whole.group(0) if whole else data[opening : opening + 1024]
+    at = opening + 1
+    while True:
+        closing = data.find(b"}", at)
+        if closing < 0:
+            break
+        inner = data.find(b"{", at, closing)
+        if inner < 0:
+            return data[opening : closing + 1]
+        # A nested object: it must close before another one opens.
+        at = data.find(b"}", inner) + 1
+        if not at or data.find(b"{", inner + 1, at) >= 0:
+            break
+    return data[opening : opening + 1024]
