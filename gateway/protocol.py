@@ -108,6 +108,9 @@ class Cycle(RequestResponseCycle):
     _callback: Callable[[], object] | None = None
     fired = False
     """Whether the client went before the answer was complete."""
+    _held: bytes | None = None
+    """The head of an answer of known length, written with its body's first bytes: one
+    write (and one segment to the client) for the whole of a small answer, not two."""
 
     def register(self, callback: Callable[[], object] | None) -> None:
         self._callback = callback
@@ -148,7 +151,15 @@ class Cycle(RequestResponseCycle):
                 if len(body) > self.expected_content_length:
                     raise RuntimeError("Response content longer than Content-Length")
                 self.expected_content_length -= len(body)
-                self.transport.write(body)
+                held = self._held
+                if held is None:
+                    self.transport.write(body)
+                else:
+                    self._held = None
+                    if len(body) < 65536:
+                        self.transport.write(held + body)
+                    else:
+                        self.transport.writelines((held, body))
             if not more_body:
                 if self.expected_content_length != 0:
                     raise RuntimeError("Response content shorter than Content-Length")
@@ -192,7 +203,10 @@ class Cycle(RequestResponseCycle):
             self.chunked_encoding = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
-        self.transport.write(b"".join(content))
+        if self.chunked_encoding is False and self.expected_content_length and self.scope["method"] != "HEAD":
+            self._held = b"".join(content)
+        else:
+            self.transport.write(b"".join(content))
 
 
 @dataclass(frozen=True, slots=True)
