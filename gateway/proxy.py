@@ -258,7 +258,8 @@ class ProxyEndpoint:
             peer = client[0].encode("latin-1")
             forward.append((b"x-forwarded-for", chain + b", " + peer if chain else peer))
 
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         # A client that goes cancels its request (and so the backend's). An uploaded body is
         # still being received: its reader notices a disconnect itself. The gateway's own
@@ -304,7 +305,10 @@ class ProxyEndpoint:
                     await router.catalogue.refresh(group, fresh=True)
                 await send_json(send, status, answer, exchange)
                 return
-            await self._forward(scope["method"], target_for, forward, body, parsed, groups, send, exchange)
+            deadline = loop.time() + self.settings.backend_timeout
+            await self._forward(
+                scope["method"], target_for, forward, body, parsed, groups, deadline, send, exchange
+            )
         except asyncio.CancelledError:
             gone = (
                 watch.fired
@@ -348,13 +352,14 @@ class ProxyEndpoint:
         body: bytes | StreamedBody | None,
         parsed: dict[str, Any] | None,
         groups: list[Group],
+        deadline: float,
         send: Send,
         exchange: Exchange,
     ) -> None:
         """Send the request to a replica and relay its answer; before the answer's first byte
-        has gone to the client, a failed attempt may go to another replica."""
+        has gone to the client, a failed attempt may go to another replica. ``deadline`` is
+        the loop's time by which the backend must have answered."""
         router = self.router
-        deadline = asyncio.get_running_loop().time() + self.settings.backend_timeout
         key = router.balancer(groups[0]).key(forward, parsed)
         # An upload is not held to be sent again.
         repeatable = not isinstance(body, StreamedBody)

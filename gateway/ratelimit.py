@@ -114,9 +114,10 @@ class Limiter:
         self.failures = failures
         self.limited = limited
         self._last_failure_log = 0.0
-        self._request_keys: dict[RateLimitItem, tuple[str, str, int]] = {}
-        """For each request limit: its storage key's start and end around the identity,
-        and its window in seconds."""
+        self._request_keys: dict[int, tuple[str, str, int, RateLimitItem]] = {}
+        """By id() of each request limit (a limit item hashes in Python): its storage key's
+        start and end around the identity, its window in seconds, and the item, held so
+        that its id stays its own."""
 
     async def admit(self, identity: str, limits: KeyLimits, label: str) -> list[tuple[bytes, bytes]]:
         """Count one request; its rate-limit headers, or RateLimited with them."""
@@ -149,13 +150,12 @@ class Limiter:
     async def _count(self, item: RateLimitItem, who: str) -> tuple[bool, int, float]:
         """Hit one request limit: (admitted, remaining, when the window frees a place)."""
         if self._moving_in_memory is not None:
-            parts = self._request_keys.get(item)
+            parts = self._request_keys.get(id(item))
             if parts is None:
                 # limits' own key_for(), built once around the identity.
                 start, end = item.key_for("requests", "\0").split("\0")
-                parts = self._request_keys[item] = (start, end, item.get_expiry())
-            start, end, expiry = parts
-            return self._moving_in_memory.take(start + who + end, item.amount, expiry)
+                parts = self._request_keys[id(item)] = (start, end, item.get_expiry(), item)
+            return self._moving_in_memory.take(parts[0] + who + parts[1], item.amount, parts[2])
         admitted = await self.requests.hit(item, "requests", who)
         stats = await self.requests.get_window_stats(item, "requests", who)
         return admitted, stats.remaining, stats.reset_time

@@ -310,7 +310,7 @@ class Connection(asyncio.Protocol):
         self.response = None
         if reusable and not self.is_closed():
             self.state = State.IDLE
-            self.idle_since = asyncio.get_running_loop().time()
+            self.idle_since = response.loop.time()
             self.on_idle(self)
         else:
             self.close()

@@ -26,9 +26,16 @@ class Carrier(Protocol):
 class Response:
     """A response as it arrives: status and headers, then the body chunk by chunk."""
 
-    def __init__(self, connection: Carrier, method: str, read_timeout: float, deadline: float) -> None:
+    def __init__(
+        self,
+        connection: Carrier,
+        method: str,
+        read_timeout: float,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.connection: Carrier | None = connection
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.method = method
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
