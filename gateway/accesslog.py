@@ -32,9 +32,9 @@ class AccessLog:
                 "backend": exchange.backend,
                 "model": exchange.model,
                 "stream": exchange.stream,
-                "ttfb_ms": None if exchange.ttfb is None else round(exchange.ttfb * 1000, 3),
-                "duration_ms": round(exchange.duration * 1000, 3),
-                "overhead_ms": round(max(exchange.duration - exchange.upstream_wait, 0.0) * 1000, 3),
+                "ttfb_ms": None if exchange.ttfb is None else _ms(exchange.ttfb),
+                "duration_ms": _ms(exchange.duration),
+                "overhead_ms": _ms(max(exchange.duration - exchange.upstream_wait, 0.0)),
                 "prompt_tokens": exchange.prompt_tokens,
                 "completion_tokens": exchange.completion_tokens,
                 "error": exchange.error,
@@ -55,3 +55,8 @@ class AccessLog:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds to the microsecond (what round(ms, 3) gives, without its decimal conversion)."""
+    return int(seconds * 1_000_000 + 0.5) / 1000

@@ -333,14 +333,16 @@ class MemoryStorage(limits_memory.MemoryStorage):
         """Add ``amount`` entries if they fit: (admitted, remaining, when the oldest leaves)."""
         now = time.time()
         window = self._window(key, expiry, now)
-        admitted = len(window) + amount <= limit
+        size = window.size
+        admitted = size + amount <= limit
         if admitted:
             window.add(now, amount)
+            size += amount
             self._hits += 1
             if self._hits % self.SWEEP_EVERY == 0:
                 self._sweep(now)
-        oldest = window.oldest() if window else now
-        return admitted, limit - len(window), oldest + expiry
+        oldest = window.oldest() if size else now
+        return admitted, limit - size, oldest + expiry
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = time.time()
