@@ -137,10 +137,12 @@ async def run_scrapes(
 
 
 def report(replica: Replica, now: float) -> dict[str, object]:
-    """A replica's last report, for /admin/backends."""
+    """A replica's last report and the most requests it has reported running at once, for
+    /admin/backends."""
     return {
         "reported": None if replica.reported is None else replica.reported.as_dict(),
         "reported_age_s": None if replica.scraped_at is None else round(now - replica.scraped_at, 3),
+        "batch_seen": replica.batch_seen,
         "last_scrape": replica.last_scrape,
     }
 

@@ -394,6 +394,7 @@ def test_queue_sends_around_load_the_gateway_cannot_see(
     described = replicas(gateway)
     assert described[idle_url]["last_scrape"] == "ok"
     assert described[idle_url]["reported_age_s"] < 1.0
+    assert described[busy_url]["batch_seen"] == 2  # its max_batch, full while others queued
 
 
 def test_a_replica_whose_metrics_route_hangs_still_gets_traffic_and_scrapes_never_pile_up(

@@ -19,6 +19,9 @@ TEXT = [
     "Hello, world! How are you today? I am fine, thank you.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Letters: a b c d e f g h i j k l m.",
 ]
+WINDOW = 16384
+"""The model's context window: room for a generation that outlasts any stall of vLLM's API
+server (one of minutes, for a stream left or broken while it runs)."""
 SPECIAL = ["<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -61,7 +64,7 @@ def make_model(out: Path, vocab: int) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,  # head_dim 64: vLLM's CPU attention refuses 16
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=WINDOW,
         bos_token_id=0,
         eos_token_id=1,
         tie_word_embeddings=False,

@@ -34,8 +34,11 @@ ENV = {
     "DO_NOT_TRACK": "1",
     "PYTHONUNBUFFERED": "1",
 }
-# Eager mode: it serves in about 70 s here rather than 150 s.
-ARGS = ("--enforce-eager", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2")
+# Eager mode: it serves in about 70 s here rather than 150 s. Requests logged, so that a
+# test can read vLLM's own word that it aborted one ("Request <id> aborted.").
+ARGS = (
+    "--enforce-eager", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--enable-log-requests",
+)  # fmt: skip
 
 
 def vllm_python() -> str:
@@ -77,6 +80,10 @@ class VllmServer:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def logged(self, text: str) -> bool:
+        """Whether vLLM's log has ``text``."""
+        return text in self.log.read_text(errors="replace")
 
     def metric(self, name: str) -> float:
         """A metric of vLLM's own /metrics, summed over its label sets."""
