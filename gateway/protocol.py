@@ -28,9 +28,8 @@ This subclass adds what nginx has (``large_client_header_buffers``,
   callback with.
 
 The common request, whose head and body come in one read, arms no timer at all. The
-request head is read and the answer's head written by this module's own code rather than
-through uvicorn's: the same checks, with the answer's header names and values checked all
-at once rather than by two regular expressions for each header.
+request head is read by this module's own code and the answer's head written by
+``gateway.cycle``'s rather than through uvicorn's, with the same checks.
 """
 
 from __future__ import annotations
@@ -39,16 +38,16 @@ import asyncio
 import functools
 import logging
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol, cast
+from typing import Any
 
 import httptools
-from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.cycle import DISCONNECT, Cycle
 from gateway.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 
 logger = logging.getLogger("gateway.protocol")
@@ -60,153 +59,10 @@ NOT_HTTP = (
 
 # Where a connection is in its current request.
 IDLE, HEAD, BODY = 0, 1, 2
-# The scope extension that carries a request's DisconnectWatch (its Cycle).
-DISCONNECT = "gateway.disconnect"
 
 
 class _HeadRefused(Exception):
     """Raised in a parser callback to stop reading a head past a limit."""
-
-
-class DisconnectWatch(Protocol):
-    """What the ``gateway.disconnect`` extension holds: told once if the client goes before
-    the answer is complete."""
-
-    fired: bool
-    """Whether the client went before the answer was complete."""
-
-    def register(self, callback: Callable[[], object] | None) -> None:
-        """What to call on a disconnect; None once the app no longer wants to know."""
-
-
-# The bytes uvicorn refuses in a response header's name (HEADER_RE) and value (HEADER_VALUE_RE).
-NAME_FORBIDDEN = bytes(range(0x20)) + b'\x7f()<>@,;:[]={} \t\\"'
-VALUE_FORBIDDEN = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"
-
-
-def header_refusal(names: bytes, values: bytes) -> str | None:
-    """uvicorn's refusal of an answer's headers, given every name and every value joined: a
-    byte one may not hold is in their concatenation as surely as in each. Deleting the
-    forbidden bytes and comparing lengths costs a byte's copy where a regular expression
-    tests every byte against a class."""
-    if len(names.translate(None, NAME_FORBIDDEN)) != len(names):
-        return "Invalid HTTP header name."
-    if len(values.translate(None, VALUE_FORBIDDEN)) != len(values):
-        return "Invalid HTTP header value."
-    return None
-
-
-# Response headers uvicorn reads for the framing and the connection's fate.
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-
-
-class Cycle(RequestResponseCycle):
-    """One request and its answer: uvicorn's cycle with a leaner head written, and the
-    request's ``DisconnectWatch``."""
-
-    # Set on the instance once they change: a cycle is made with uvicorn's own __init__.
-    _callback: Callable[[], object] | None = None
-    fired = False
-    """Whether the client went before the answer was complete."""
-    _held: bytes | None = None
-    """The head of an answer of known length, written with its body's first bytes: one
-    write (and one segment to the client) for the whole of a small answer, not two."""
-
-    def register(self, callback: Callable[[], object] | None) -> None:
-        self._callback = callback
-
-    def lost(self) -> None:
-        """The connection is gone: call back if the answer was not complete."""
-        if self.response_complete or self.fired:
-            return
-        self.fired = True
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback()
-
-    async def send(self, message: ASGISendEvent) -> None:
-        if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
-        if self.disconnected:
-            return
-        fields = cast(dict[str, Any], message)  # one of the send events, told apart by type
-        kind = fields["type"]
-        if not self.response_started:
-            if kind != "http.response.start" or self.access_log:
-                # uvicorn's refusal of a message out of turn, or its access log line.
-                await super().send(message)
-                return
-            self._write_head(fields["status"], fields.get("headers", ()))
-        elif kind == "http.response.body" and not self.response_complete:
-            body: bytes = fields.get("body", b"")
-            more_body: bool = fields.get("more_body", False)
-            if self.scope["method"] == "HEAD":
-                self.expected_content_length = 0
-            elif self.chunked_encoding:
-                if body:
-                    self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-                if not more_body:
-                    self.transport.write(b"0\r\n\r\n")
-            else:
-                if len(body) > self.expected_content_length:
-                    raise RuntimeError("Response content longer than Content-Length")
-                self.expected_content_length -= len(body)
-                held = self._held
-                if held is None:
-                    self.transport.write(body)
-                else:
-                    self._held = None
-                    if len(body) < 65536:
-                        self.transport.write(held + body)
-                    else:
-                        self.transport.writelines((held, body))
-            if not more_body:
-                if self.expected_content_length != 0:
-                    raise RuntimeError("Response content shorter than Content-Length")
-                self.response_complete = True
-                self.message_event.set()
-                if not self.keep_alive:
-                    self.transport.close()
-                self.on_response()
-        else:
-            await super().send(message)  # uvicorn's refusal of a message after the answer
-
-    def _write_head(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """uvicorn's status line and headers, framing read from them as uvicorn reads it."""
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        if self.default_headers:
-            headers = [*self.default_headers, *headers]
-        content = [STATUS_LINE[status]]
-        close = False
-        for name, value in headers:
-            name = name.lower()
-            if name in _FRAMING:
-                if name == b"content-length":
-                    if self.chunked_encoding is None:
-                        self.expected_content_length = int(value.decode())
-                        self.chunked_encoding = False
-                elif name == b"transfer-encoding":
-                    if value.lower() == b"chunked":
-                        self.expected_content_length = 0
-                        self.chunked_encoding = True
-                elif b"close" in [token.lower().strip() for token in value.split(b",")]:
-                    self.keep_alive = False
-                    close = True
-            content += (name, b": ", value, b"\r\n")
-        refusal = header_refusal(b"".join(content[1::4]), b"".join(content[3::4]))
-        if refusal is not None:
-            raise RuntimeError(refusal)
-        if not self.keep_alive and not close:
-            content.append(b"connection: close\r\n")
-        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in (204, 304):
-            self.chunked_encoding = True
-            content.append(b"transfer-encoding: chunked\r\n")
-        content.append(b"\r\n")
-        if self.chunked_encoding is False and self.expected_content_length and self.scope["method"] != "HEAD":
-            self._held = b"".join(content)
-        else:
-            self.transport.write(b"".join(content))
 
 
 @dataclass(frozen=True, slots=True)

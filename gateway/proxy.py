@@ -35,6 +35,7 @@ from gateway.attempts import Attempt
 from gateway.auth import Authenticator
 from gateway.body import ClientGone, StreamedBody, check_declared_length, read_json_object
 from gateway.client import Response, UpstreamError
+from gateway.cycle import DISCONNECT, DisconnectWatch
 from gateway.errors import (
     BackendError,
     BackendUnavailable,
@@ -54,7 +55,6 @@ from gateway.headers import (
 )
 from gateway.metrics import Metrics
 from gateway.ownership import Owners, StreamSealer
-from gateway.protocol import DISCONNECT, DisconnectWatch
 from gateway.ratelimit import KeyLimits, Limiter
 from gateway.relay import MID_STREAM, relay
 from gateway.replicas import Group

@@ -4,17 +4,11 @@ malformed requests refused in the envelope, tried on raw sockets as a hostile cl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from typing import Any, cast
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
-from gateway.protocol import header_refusal
 from tests.conftest import GatewayFactory
 from tests.support.calls import BODY, CHAT, MiB, post, trickle, upload
 from tests.support.processes import serve, stop
@@ -198,101 +192,3 @@ def test_a_slow_but_steady_body_is_not_cut(start_gateway: GatewayFactory) -> Non
         answer = upload(gateway.url, trickle(8, every=0.2, size=100))
         assert answer.status_code == 200
         assert answer.content == b"800"
-
-
-@given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=24)), max_size=6))
-def test_an_answers_headers_are_refused_exactly_where_uvicorn_refuses_them(
-    headers: list[tuple[bytes, bytes]],
-) -> None:
-    names = b"".join(name for name, _ in headers)
-    values = b"".join(value for _, value in headers)
-    expected = None
-    for name, value in headers:
-        if HEADER_RE.search(name):
-            expected = "Invalid HTTP header name."
-            break
-        if HEADER_VALUE_RE.search(value):
-            expected = "Invalid HTTP header value."
-            break
-    refusal = header_refusal(names, values)
-    # uvicorn stops at the first bad header; every name is looked at before any value here.
-    assert (refusal is None) == (expected is None)
-    if any(HEADER_RE.search(name) for name, _ in headers):
-        assert refusal == "Invalid HTTP header name."
-
-
-class _Transport:
-    """What a cycle writes, write by write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def writelines(self, parts: list[bytes]) -> None:
-        self.writes.append(b"".join(parts))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-def _cycle(method: str = "POST") -> tuple[Any, _Transport]:
-    import logging
-
-    from uvicorn.protocols.http.flow_control import FlowControl
-
-    from gateway.protocol import Cycle
-
-    transport = _Transport()
-    scope = {"type": "http", "method": method, "http_version": "1.1", "headers": []}
-    logger = logging.getLogger("tests.protocol")
-    wire = cast(asyncio.Transport, transport)
-    cycle = Cycle(
-        cast(Any, scope), wire, FlowControl(wire), logger, logger, False, [], asyncio.Event(), False, True,
-        lambda: None,
-    )  # fmt: skip
-    return cycle, transport
-
-
-async def test_an_answer_of_known_length_goes_in_one_write_with_its_body() -> None:
-    cycle, transport = _cycle()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
-    await cycle.send({"type": "http.response.start", "status": 200, "headers": headers})
-    assert transport.writes == []  # held for the body
-    await cycle.send({"type": "http.response.body", "body": b"{}", "more_body": False})
-    assert transport.writes == [
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
-    ]
-    assert cycle.response_complete
-
-
-async def test_a_streamed_answers_head_goes_at_once_before_any_event() -> None:
-    cycle, transport = _cycle()
-    headers = [(b"content-type", b"text/event-stream")]
-    await cycle.send({"type": "http.response.start", "status": 200, "headers": headers})
-    assert transport.writes == [
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    ]
-    await cycle.send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
-    await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
-    assert transport.writes[1:] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]
-
-
-async def test_a_head_answer_goes_at_once_and_a_bad_header_is_refused() -> None:
-    cycle, transport = _cycle("HEAD")
-    await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
-    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"]
-    cycle, transport = _cycle()
-    with pytest.raises(RuntimeError, match="header value"):
-        await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1\r\n2")]})
-    assert transport.writes == []
