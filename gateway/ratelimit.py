@@ -121,41 +121,47 @@ class Limiter:
 
     async def admit(self, identity: str, limits: KeyLimits, label: str) -> list[tuple[bytes, bytes]]:
         """Count one request; its rate-limit headers, or RateLimited with them."""
-        checks = [(item, identity) for item in limits.requests]
-        checks += [(item, "*") for item in self.global_limits]
-        if not checks:
-            return []
+        memory = self._moving_in_memory
+        tightest: tuple[int, int, float] | None = None
         try:
-            tightest: tuple[int, int, float] | None = None
-            for item, who in checks:
-                admitted, remaining, reset = await self._count(item, who)
-                if not admitted:
-                    self.limited.labels(label if who != "*" else "*", str(item)).inc()
-                    headers = _headers("requests", item.amount, 0, reset)
-                    wait = max(reset - time.time(), 0.001)
-                    scope = "the gateway's" if who == "*" else "this key's"
-                    raise RateLimited(
-                        f"{scope} request limit of {item} is reached; retry in {wait:.1f} s",
-                        code="requests",
-                        headers=_retry_after(wait) | dict(headers),
-                    )
-                if tightest is None or remaining < tightest[1]:
-                    tightest = (item.amount, remaining, reset)
+            for who, items in ((identity, limits.requests), ("*", self.global_limits)):
+                for item in items:
+                    if memory is not None:
+                        admitted, remaining, reset = self._take(memory, item, who)
+                    else:
+                        admitted, remaining, reset = await self._count(item, who)
+                    if not admitted:
+                        self.limited.labels(label if who != "*" else "*", str(item)).inc()
+                        headers = _headers("requests", item.amount, 0, reset)
+                        wait = max(reset - time.time(), 0.001)
+                        scope = "the gateway's" if who == "*" else "this key's"
+                        raise RateLimited(
+                            f"{scope} request limit of {item} is reached; retry in {wait:.1f} s",
+                            code="requests",
+                            headers=_retry_after(wait) | dict(headers),
+                        )
+                    if tightest is None or remaining < tightest[1]:
+                        tightest = (item.amount, remaining, reset)
         except STORAGE_FAILURES as exc:
             self._storage_failed(exc)
             return []
-        assert tightest is not None
+        if tightest is None:
+            return []
         return _encoded_headers(REQUEST_HEADERS, *tightest)
 
+    def _take(self, memory: MemoryStorage, item: RateLimitItem, who: str) -> tuple[bool, int, float]:
+        """Hit one request limit in the default setup, in one step and without a coroutine:
+        (admitted, remaining, when the window frees a place)."""
+        parts = self._request_keys.get(id(item))
+        if parts is None:
+            # limits' own key_for(), built once around the identity.
+            start, end = item.key_for("requests", "\0").split("\0")
+            parts = self._request_keys[id(item)] = (start, end, item.get_expiry(), item)
+        return memory.take(parts[0] + who + parts[1], item.amount, parts[2])
+
     async def _count(self, item: RateLimitItem, who: str) -> tuple[bool, int, float]:
-        """Hit one request limit: (admitted, remaining, when the window frees a place)."""
-        if self._moving_in_memory is not None:
-            parts = self._request_keys.get(id(item))
-            if parts is None:
-                # limits' own key_for(), built once around the identity.
-                start, end = item.key_for("requests", "\0").split("\0")
-                parts = self._request_keys[id(item)] = (start, end, item.get_expiry(), item)
-            return self._moving_in_memory.take(parts[0] + who + parts[1], item.amount, parts[2])
+        """Hit one request limit through the strategy: (admitted, remaining, when the window
+        frees a place)."""
         admitted = await self.requests.hit(item, "requests", who)
         stats = await self.requests.get_window_stats(item, "requests", who)
         return admitted, stats.remaining, stats.reset_time
