@@ -4,16 +4,26 @@ Labels: ``route`` is the gateway's route name, ``model`` is a model the backend 
 the configuration names (anything else is ``other``), ``key`` is a key's name, never the
 key. With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set before start) values
 live in shared files and ``/metrics`` aggregates them.
+
+A finished request is tallied in plain numbers, under one lock, by its set of labels; the
+tallies are folded into prometheus_client's values once a turn of the event loop (a turn
+that ends fifty requests does a series' additions once, not fifty times) and before every
+render. What a scrape shows is at most that turn behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hmac
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter as Bag
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -73,7 +83,14 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
-        self._observers: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
+        self._histograms: dict[tuple[int, tuple[str, ...]], HistogramChild] = {}
+        self._tallies: dict[tuple[Any, ...], Tally] = {}
+        self._pending: list[Tally] = []
+        """Tallies with requests since the last fold."""
+        self._fold_due = False
+        # The tallies are added to on the event loop's thread, folded there or by a render on
+        # the metrics port's thread.
+        self._lock = threading.Lock()
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Requests answered, by route, method, status, backend, model and key name.",
@@ -167,24 +184,6 @@ class Metrics:
             add = self._adders[key] = self._child(metric, *values)._value.inc
         return add
 
-    def _observer(self, metric: Histogram, *values: str) -> Callable[[float], None]:
-        """What observes into one child of a histogram: its sum, and its bucket found by
-        bisection rather than the public ``observe``'s scan of every bound."""
-        key = (id(metric), values)
-        observe = self._observers.get(key)
-        if observe is None:
-            child = self._child(metric, *values)
-            bounds = list(child._upper_bounds)
-            buckets = [bucket.inc for bucket in child._buckets]
-            add = child._sum.inc
-
-            def observe(amount: float) -> None:
-                add(amount)
-                buckets[bisect.bisect_left(bounds, amount)](1)
-
-            self._observers[key] = observe
-        return observe
-
     def started(self, exchange: Exchange) -> None:
         self._adder(self.in_flight, exchange.route)(1)
 
@@ -192,40 +191,116 @@ class Metrics:
         self._adder(self.open_streams, exchange.route)(1)
 
     def finished(self, exchange: Exchange) -> None:
-        route = exchange.route
-        model = self.models.label(exchange.model)
-        key = exchange.key or ""
-        add = self._adder
-        observer = self._observer
-        add(self.in_flight, route)(-1)
-        add(self.requests, route, exchange.method, str(exchange.status), exchange.backend, model, key)(1)
-        observer(self.duration, route, model)(exchange.duration)
-        observer(self.overhead, route)(max(exchange.duration - exchange.upstream_wait, 0.0))
-        if exchange.ttfb is not None:
-            observer(self.ttfb, route, model)(exchange.ttfb)
-        if exchange.stream:
-            add(self.open_streams, route)(-1)
-            observer(self.stream_duration, route, model)(exchange.duration)
-        if exchange.prompt_tokens:
-            add(self.tokens, "prompt", route, model, key)(exchange.prompt_tokens)
-        if exchange.completion_tokens:
-            add(self.tokens, "completion", route, model, key)(exchange.completion_tokens)
+        """Tally a request that is over; its numbers reach the registry with the turn's fold."""
         error = exchange.error
-        if error is None and exchange.status < 400:
-            return
+        status = exchange.status
+        key = (
+            exchange.route,
+            exchange.method,
+            status,
+            exchange.backend,
+            self.models.label(exchange.model),
+            exchange.key or "",
+            exchange.stream,
+            None if error is None and status < 400 else error,
+        )
+        with self._lock:
+            tally = self._tallies.get(key)
+            if tally is None:
+                tally = self._tallies[key] = Tally(key)
+            if not tally.requests:
+                self._pending.append(tally)
+            tally.requests += 1
+            duration = exchange.duration
+            tally.durations.append(duration)
+            tally.overheads.append(max(duration - exchange.upstream_wait, 0.0))
+            if exchange.ttfb is not None:
+                tally.ttfbs.append(exchange.ttfb)
+            if exchange.prompt_tokens:
+                tally.prompt_tokens += exchange.prompt_tokens
+            if exchange.completion_tokens:
+                tally.completion_tokens += exchange.completion_tokens
+            if self._fold_due:
+                return
+            self._fold_due = True
+        try:
+            asyncio.get_running_loop().call_soon(self.fold)
+        except RuntimeError:  # no loop (a caller of its own): now
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the tallies since the last fold to the registry's values."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._fold_due = False
+            for tally in pending:
+                self._fold(tally)
+                tally.clear()
+
+    def _fold(self, tally: Tally) -> None:
+        series = tally.series
+        if series is None:
+            series = tally.series = self._series(tally.key)
+        count = tally.requests
+        series.requests(count)
+        series.in_flight(-count)
+        series.duration.observe(tally.durations)
+        series.overhead.observe(tally.overheads)
+        if tally.ttfbs:
+            series.ttfb().observe(tally.ttfbs)
+        if series.streams is not None:
+            open_streams, stream_duration = series.streams
+            open_streams(-count)
+            stream_duration.observe(tally.durations)
+        if series.failed is not None:
+            series.failed(count)
+        if tally.prompt_tokens:
+            series.tokens("prompt")(tally.prompt_tokens)
+        if tally.completion_tokens:
+            series.tokens("completion")(tally.completion_tokens)
+
+    def _series(self, key: tuple[Any, ...]) -> Series:
+        route, method, status, backend, model, name, stream, error = key
+        add = self._adder
+        failed = None
         if error == "client_disconnect":
-            add(self.disconnects, route)(1)
+            failed = add(self.disconnects, route)
         elif error in BACKEND_ERROR_TYPES:
-            add(self.backend_errors, exchange.backend, BACKEND_ERROR_TYPES[error])(1)
-        elif error is None:
-            add(self.backend_errors, exchange.backend, f"status_{exchange.status // 100}xx")(1)
+            failed = add(self.backend_errors, backend, BACKEND_ERROR_TYPES[error])
+        elif error is None and status >= 400:
+            failed = add(self.backend_errors, backend, f"status_{status // 100}xx")
+        return Series(
+            requests=add(self.requests, route, method, str(status), backend, model, name),
+            in_flight=add(self.in_flight, route),
+            duration=self._histogram(self.duration, route, model),
+            overhead=self._histogram(self.overhead, route),
+            # Made when first needed: a child, once made, is shown.
+            ttfb=partial(self._histogram, self.ttfb, route, model),
+            tokens=lambda kind: add(self.tokens, kind, route, model, name),
+            streams=(
+                (add(self.open_streams, route), self._histogram(self.stream_duration, route, model))
+                if stream
+                else None
+            ),
+            failed=failed,
+        )
+
+    def _histogram(self, metric: Histogram, *labels: str) -> HistogramChild:
+        key = (id(metric), labels)
+        child = self._histograms.get(key)
+        if child is None:
+            child = self._histograms[key] = HistogramChild.of(self._child(metric, *labels))
+        return child
 
     def close(self) -> None:
-        """A worker leaving: its live gauges stop counting in the aggregate."""
+        """A worker leaving: what it tallied is folded, and its live gauges stop counting in
+        the aggregate."""
+        self.fold()
         if multiprocess_dir():
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def render(self) -> bytes:
+        self.fold()
         directory = multiprocess_dir()
         if directory:
             registry = CollectorRegistry()
@@ -243,6 +318,67 @@ BACKEND_ERROR_TYPES = {
     "backend_error": "bad_response",
     "mid_stream": "mid_stream",
 }
+
+
+@dataclass(slots=True)
+class Tally:
+    """The finished requests of one set of labels since the last fold."""
+
+    key: tuple[Any, ...]
+    """Route, method, status, backend, model label, key name, streamed, error type."""
+    requests: int = 0
+    durations: list[float] = field(default_factory=list)
+    overheads: list[float] = field(default_factory=list)
+    ttfbs: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    series: Series | None = None
+    """Where its numbers are added, found at its first fold."""
+
+    def clear(self) -> None:
+        self.requests = self.prompt_tokens = self.completion_tokens = 0
+        self.durations.clear()
+        self.overheads.clear()
+        self.ttfbs.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramChild:
+    """What adds to one child of a histogram: its sum, and each bucket, found by bisection
+    rather than the public ``observe``'s scan of every bound."""
+
+    bounds: list[float]
+    buckets: list[Callable[[float], None]]
+    add_sum: Callable[[float], None]
+
+    @classmethod
+    def of(cls, child: Any) -> HistogramChild:
+        return cls(list(child._upper_bounds), [bucket.inc for bucket in child._buckets], child._sum.inc)
+
+    def observe(self, amounts: Sequence[float]) -> None:
+        """Each bucket and the sum added to once, however many ``amounts``."""
+        self.add_sum(sum(amounts))
+        if len(amounts) == 1:
+            self.buckets[bisect.bisect_left(self.bounds, amounts[0])](1)
+            return
+        for bucket, count in Bag(map(partial(bisect.bisect_left, self.bounds), amounts)).items():
+            self.buckets[bucket](count)
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """What one tally's numbers are added to."""
+
+    requests: Callable[[float], None]
+    in_flight: Callable[[float], None]
+    duration: HistogramChild
+    overhead: HistogramChild
+    ttfb: Callable[[], HistogramChild]
+    tokens: Callable[[str], Callable[[float], None]]
+    streams: tuple[Callable[[float], None], HistogramChild] | None
+    """The open-streams gauge and the stream-duration histogram, for a streamed answer."""
+    failed: Callable[[float], None] | None
+    """The counter of its kind of failure, if it failed."""
 
 
 class Page:

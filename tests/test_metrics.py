@@ -1,15 +1,20 @@
-"""/metrics after real requests through the gateway."""
+"""/metrics after real requests through the gateway, and the tallies they are folded from."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import string
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.exchange import Exchange
+from gateway.metrics import LATENCY_BUCKETS, KnownModels, Metrics
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
 from tests.support.fakes import free_port, wait_until
 from tests.support.processes import serve, stop
@@ -157,3 +162,96 @@ def test_two_workers_aggregate_their_metrics(fake: Fake, tmp_path: Path) -> None
     finally:
         stop(process)
     assert process.returncode == 0
+
+
+def _finished(route: str, status: int, duration: float, stream: bool = False) -> Exchange:
+    exchange = Exchange("id", route, "POST", "openai")
+    exchange.status = status
+    exchange.model = "fake-model"
+    exchange.key = "key-1"
+    exchange.duration = duration
+    exchange.upstream_wait = duration / 2
+    exchange.ttfb = duration / 3 if status < 400 else None
+    exchange.stream = stream
+    exchange.prompt_tokens, exchange.completion_tokens = (5, 3) if status < 400 else (None, None)
+    exchange.error = "backend_timeout" if status == 504 else None
+    return exchange
+
+
+def _exposition(metrics: Metrics) -> dict[str, float]:
+    """Every sample but the creation times, by name and labels."""
+    return {
+        name: float(number)
+        for name, number in (
+            line.rsplit(" ", 1) for line in metrics.render().decode().splitlines() if line[:1] != "#"
+        )
+        if "_created" not in name
+    }
+
+
+async def test_a_turns_tallies_add_up_to_each_request_observed_alone() -> None:
+    """Requests ended in one turn of the loop are folded together: the exposition is what
+    observing each on its own gives."""
+    rng = random.Random(7)
+    exchanges = [
+        _finished(
+            rng.choice(["chat_completions", "completions"]),
+            rng.choice([200, 200, 200, 404, 504]),
+            rng.choice([0.00005, 0.0003, 0.004, 0.2, 3.0, 700.0]),
+            stream=rng.random() < 0.3,
+        )
+        for _ in range(300)
+    ]
+    folded, alone = Metrics(KnownModels(["fake-model"])), Metrics(KnownModels(["fake-model"]))
+    for exchange in exchanges:
+        folded.started(exchange)
+        if exchange.stream:
+            folded.stream_opened(exchange)
+        folded.finished(exchange)
+    # The turn has not ended, so nothing is folded yet: a render folds first, from any thread
+    # (the metrics port's is its own).
+    rendered: list[bytes] = []
+    thread = threading.Thread(target=lambda: rendered.append(folded.render()))
+    thread.start()
+    thread.join()
+    assert folded._pending == []
+    ended = sum(1 for e in exchanges if e.route == "completions")
+    assert f'gateway_request_duration_seconds_count{{model="fake-model",route="completions"}} {ended}.0' in (
+        rendered[0].decode()
+    )
+    for exchange in exchanges:
+        alone.started(exchange)
+        if exchange.stream:
+            alone.stream_opened(exchange)
+        alone.finished(exchange)
+        alone.fold()  # one request a fold
+    ours, theirs = _exposition(folded), _exposition(alone)
+    assert ours.keys() == theirs.keys()
+    # Sums are added in another order: equal to the rounding.
+    assert all(ours[name] == pytest.approx(theirs[name], rel=1e-12) for name in ours)
+    # And each bucket is what prometheus_client's own observe() makes of the same durations.
+    registry = CollectorRegistry()
+    reference = Histogram("d", "", ["route", "model"], buckets=LATENCY_BUCKETS, registry=registry)
+    for exchange in exchanges:
+        reference.labels(exchange.route, "fake-model").observe(exchange.duration)
+    buckets = {
+        (s.labels["route"], s.labels["le"]): s.value
+        for s in next(iter(folded.duration.collect())).samples
+        if s.name.endswith("_bucket")
+    }
+    observed = {
+        (s.labels["route"], s.labels["le"]): s.value
+        for s in next(iter(reference.collect())).samples
+        if s.name.endswith("_bucket")
+    }
+    assert buckets == observed
+
+
+async def test_the_fold_runs_when_the_turn_ends() -> None:
+    metrics = Metrics(KnownModels(["fake-model"]))
+    requests = metrics.requests.labels("chat_completions", "POST", "200", "openai", "fake-model", "key-1")
+    for _ in range(5):
+        metrics.finished(_finished("chat_completions", 200, 0.001))
+    assert requests._value.get() == 0
+    await asyncio.sleep(0)
+    assert requests._value.get() == 5
