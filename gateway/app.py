@@ -198,6 +198,8 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
             for task in tasks:
                 task.cancel()
             metrics.close()
+            if access_log is not None:
+                access_log.flush()
             if supervisor is not None:
                 await supervisor.stop()
             if launch is not None and launch.listener is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import time
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.accesslog import PIPE_BUF, AccessLog
+from gateway.exchange import Exchange
 from tests.conftest import GatewayFactory
 
 SECRET_PROMPT = "the launch code is 7-7-alpha"
@@ -80,3 +84,42 @@ def test_access_log_can_be_switched_off(
     capfd.readouterr()
     httpx.get(gateway.url + "/v1/models")
     assert lines(capfd.readouterr().out) == []
+
+
+class Writes(io.BytesIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+async def test_a_turns_lines_go_in_whole_writes_no_larger_than_a_pipe_keeps_whole() -> None:
+    stream = Writes()
+    log = AccessLog(stream)
+    for n in range(40):
+        exchange = Exchange(f"request-{n:03d}", "chat_completions", "POST", "openai")
+        exchange.model = "m" * (n * 7)  # lines of many lengths
+        log.write(exchange)
+    written = b"".join(stream.writes)
+    await asyncio.sleep(0)  # the turn ends
+    rest = b"".join(stream.writes)[len(written) :]
+    assert rest, "the lines were written before the turn ended"
+    assert [json.loads(line)["request_id"] for line in (written + rest).splitlines()] == [
+        f"request-{n:03d}" for n in range(40)
+    ]
+    assert 1 < len(stream.writes) < 40
+    for data in stream.writes:
+        assert len(data) <= PIPE_BUF
+        assert data.endswith(b"\n")
+
+
+def test_without_a_loop_a_line_is_written_at_once() -> None:
+    stream = Writes()
+    AccessLog(stream).write(Exchange("request-1", "chat_completions", "POST", "openai"))
+    assert len(stream.writes) == 1
+    assert json.loads(stream.writes[0])["request_id"] == "request-1"
