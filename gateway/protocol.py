@@ -47,6 +47,7 @@ import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.alarm import Alarm
 from gateway.cycle import DISCONNECT, Cycle
 from gateway.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 
@@ -107,6 +108,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # uvicorn's keep-alive timeout, on an alarm moved by each answer, not a timer made
+        # and cancelled for each.
+        self._keep_alive = Alarm(self.loop, self.timeout_keep_alive_handler)
         # A connection that never sends a byte is held no longer than a slow head would be.
         self._head_started = self.loop.time()
         self._timer = self.loop.call_at(self._head_started + self.header_timeout, self._check)
@@ -115,6 +119,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timer()
         self._cancel_write_timer()
         super().connection_lost(exc)
+        self._keep_alive.close()
         watches, self._watches = self._watches, []
         for watch in watches:
             watch.lost()
@@ -194,7 +199,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.server_state.total_requests += 1
             self._refuse(deferred)
             return
-        super().on_response_complete()
+        # uvicorn's, but for the keep-alive timeout.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self._keep_alive.clear()
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._keep_alive.set(self.loop.time() + self.timeout_keep_alive)
+
+    def _unset_keepalive_if_required(self) -> None:
+        # Bytes came, or the connection went: uvicorn's keep-alive timeout is off.
+        self._keep_alive.clear()
 
     # httptools callbacks
 

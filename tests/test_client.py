@@ -572,3 +572,35 @@ async def test_a_dead_reused_connection_is_retried_only_when_safe() -> None:
                     await pool.request(method, "/", headers, body)
                 assert pool.retries == 0
             assert script.connections == (2 if retried else 1)
+
+
+@on_both_loops
+async def test_a_reused_connection_holds_each_request_to_its_own_deadline() -> None:
+    """The connection's alarm moves from request to request: an answer in time, then one
+    that never comes, then one in time again after a slower read timeout was set."""
+    answered = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            answered += 1
+            if answered == 3:
+                await asyncio.sleep(5)  # the third request is never answered
+            writer.write(OK)
+            await writer.drain()
+
+    async with scripted(handler, read_timeout=0.3) as (pool, script):
+        for _ in range(2):
+            response = await pool.request("GET", "/", [])
+            assert await whole(response) == b"{}"
+            response.release()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ReadTimeout):
+            await pool.request("GET", "/", [])
+        assert 0.25 <= loop.time() - started < 2
+        response = await pool.request("GET", "/", [])  # a fresh connection
+        assert await whole(response) == b"{}"
+        response.release()
+        assert script.connections == 2

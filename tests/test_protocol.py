@@ -192,3 +192,31 @@ def test_a_slow_but_steady_body_is_not_cut(start_gateway: GatewayFactory) -> Non
         answer = upload(gateway.url, trickle(8, every=0.2, size=100))
         assert answer.status_code == 200
         assert answer.content == b"800"
+
+
+def test_an_idle_connection_is_closed_five_seconds_after_its_last_answer(
+    start_gateway: GatewayFactory,
+) -> None:
+    """uvicorn's keep-alive timeout (5 s) counts from the last answer, not the first: the
+    timer set by the first answer goes off while the connection is still wanted."""
+    gateway = start_gateway()
+
+    def ask(client: RawClient) -> None:
+        assert client.send(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        client.sock.settimeout(5)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            data = client.sock.recv(65536)
+            assert data, "closed while wanted"
+            answer += data
+        assert answer.startswith(b"HTTP/1.1 200 ")
+
+    with RawClient(gateway.url) as client:
+        ask(client)
+        time.sleep(3)
+        ask(client)  # 3 s after the first answer: kept
+        time.sleep(2.5)
+        ask(client)  # 5.5 s after the first answer, 2.5 s after the last: kept
+        answered = time.monotonic()
+        assert client.is_closed_by_peer(timeout=10)
+        assert 4.5 <= time.monotonic() - answered < 7.5

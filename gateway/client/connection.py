@@ -16,6 +16,7 @@ from typing import cast
 
 import httptools
 
+from gateway.alarm import Alarm
 from gateway.client.errors import BadResponse, Disconnected, ReadTimeout
 from gateway.client.models import Body
 from gateway.client.response import Response
@@ -41,6 +42,10 @@ class State(enum.Enum):
         self.label = label
         self.reading = reading
         """Whether a byte from the backend is expected now (else it belongs to nobody)."""
+
+
+def _nothing() -> None:
+    """An alarm's callback before a response takes it."""
 
 
 class _Poisoned(Exception):
@@ -81,6 +86,7 @@ class Connection(asyncio.Protocol):
         connection's end breaks, so that a closed connection is freed at once and never
         waits for a full collection."""
         self.response: Response | None = None
+        self.alarm: Alarm | None = None
         self.idle_since = 0.0
         self._write_ready: asyncio.Future[None] | None = None
         self._fd = -1
@@ -95,6 +101,8 @@ class Connection(asyncio.Protocol):
         # uvloop's transports have the methods without being asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
         self.parser = httptools.HttpResponseParser(self)
+        self.alarm = Alarm(asyncio.get_running_loop(), _nothing)
+        """The deadline of the response under way, kept from one to the next."""
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
 
@@ -145,6 +153,8 @@ class Connection(asyncio.Protocol):
         response = self.response
         if response is not None:
             response.connection_lost()
+        if self.alarm is not None:
+            self.alarm.close()  # its timer would hold the connection until it went off
         self.parser = None
         self.transport = None
 

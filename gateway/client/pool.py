@@ -103,7 +103,7 @@ class Pool:
         retried = False
         while True:
             connection, reused = await self._acquire(loop, deadline, fresh=retried)
-            response = Response(connection, method, self.read_timeout, deadline, loop)
+            response = Response(connection, method, self.read_timeout, deadline, loop, connection.alarm)
             sent = False
             try:
                 connection.send(response, head, chunked, body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from gateway.alarm import Alarm
 from gateway.client.errors import Disconnected, HeadTimeout, ReadTimeout, UpstreamError
 
 # Buffered body bytes at which reading from the backend pauses until the client catches up.
@@ -33,9 +34,10 @@ class Response:
         read_timeout: float,
         deadline: float,
         loop: asyncio.AbstractEventLoop | None = None,
+        alarm: Alarm | None = None,
     ) -> None:
         self.connection: Carrier | None = connection
-        self.loop = loop or asyncio.get_running_loop()
+        self.loop = loop = loop or asyncio.get_running_loop()
         self.method = method
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -56,20 +58,20 @@ class Response:
         self._until_close = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # The connection's, which its responses take in turn: its timer outlives each.
+        self._alarm = alarm = alarm or Alarm(loop, self._check_timeout)
+        alarm.callback = self._check_timeout
+        alarm.clear()
 
     def upload_done(self, seconds: float) -> None:
         """The deadline for the status line counts from the end of the upload."""
         self.deadline += seconds
-        if self._timer is not None and not self._head:
-            self._timer.cancel()
-            self._timer = self.loop.call_at(self._expiry(self.loop.time()), self._check_timeout)
+        if self._alarm.when is not None and not self._head:
+            self._alarm.set(self._expiry(self.loop.time()))
 
     def set_read_timeout(self, seconds: float) -> None:
         self.read_timeout = seconds
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._alarm.clear()  # the next wait sets it for the new timeout
 
     def header(self, name: bytes) -> bytes | None:
         """A header's value, by lower-case name."""
@@ -192,8 +194,8 @@ class Response:
         # Silence counts from the last byte or from the start of this wait, whichever is
         # later: time spent relaying to a slow client is not the backend's.
         self.waiting_since = now = self.loop.time()
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._expiry(now), self._check_timeout)
+        if self._alarm.when is None:
+            self._alarm.set(self._expiry(now))
         try:
             await waiter
         finally:
@@ -209,7 +211,6 @@ class Response:
         return max(self.last_read, self.waiting_since) + self.read_timeout
 
     def _check_timeout(self) -> None:
-        self._timer = None
         if self._waiter is None or self._complete or self._error is not None:
             return
         now = self.loop.time()
@@ -223,7 +224,7 @@ class Response:
             if self.connection is not None:
                 self.connection.close()
         else:
-            self._timer = self.loop.call_at(expiry, self._check_timeout)
+            self._alarm.set(expiry)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -231,9 +232,7 @@ class Response:
             waiter.set_result(None)
 
     def _finish(self, reusable: bool) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._alarm.clear()
         upload = self.upload
         if upload is not None and not upload.done():
             upload.cancel()
