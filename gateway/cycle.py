@@ -12,6 +12,7 @@ and is told once if the client goes before the answer is complete.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast
 
@@ -31,6 +32,47 @@ class DisconnectWatch(Protocol):
 
     def register(self, callback: Callable[[], object] | None) -> None:
         """What to call on a disconnect; None once the app no longer wants to know."""
+
+
+class Signal:
+    """What uvicorn's cycle does with its ``message_event`` (set, clear, wait), without the
+    asyncio.Event's waiter queue made for every request: a list only once something waits."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)  # cancelled before it was set
+        return True
 
 
 # The bytes uvicorn refuses in a response header's name (HEADER_RE) and value (HEADER_VALUE_RE).

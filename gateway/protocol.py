@@ -48,7 +48,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.alarm import Alarm
-from gateway.cycle import DISCONNECT, Cycle
+from gateway.cycle import DISCONNECT, Cycle, Signal
 from gateway.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 
 logger = logging.getLogger("gateway.protocol")
@@ -296,7 +296,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.access_logger,
             self.access_log,
             self.server_state.default_headers,
-            asyncio.Event(),
+            Signal(),  # type: ignore[arg-type]  # uvicorn's message_event, as it uses it
             self.expect_100_continue,
             http_version != "1.0" and parser.should_keep_alive(),  # keep_alive
             self.on_response_complete,

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
-from gateway.cycle import header_refusal
+from gateway.cycle import Signal, header_refusal
 
 
 @given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=24)), max_size=6))
@@ -110,3 +110,32 @@ async def test_a_head_answer_goes_at_once_and_a_bad_header_is_refused() -> None:
     with pytest.raises(RuntimeError, match="header value"):
         await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1\r\n2")]})
     assert transport.writes == []
+
+
+async def test_the_signal_wakes_every_waiter_once_and_forgets_a_cancelled_one() -> None:
+    signal = Signal()
+    assert not signal.is_set()
+    woken: list[int] = []
+
+    async def waits(n: int) -> None:
+        await signal.wait()
+        woken.append(n)
+
+    tasks = [asyncio.ensure_future(waits(n)) for n in range(3)]
+    gone = asyncio.ensure_future(signal.wait())
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert signal._waiters is not None
+    assert len(signal._waiters) == 3
+    signal.set()
+    await asyncio.gather(*tasks)
+    assert sorted(woken) == [0, 1, 2]
+    assert await signal.wait()  # set: at once
+    signal.clear()
+    assert not signal.is_set()
+    late = asyncio.ensure_future(signal.wait())
+    await asyncio.sleep(0)
+    assert not late.done()
+    signal.set()
+    assert await late
