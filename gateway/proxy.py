@@ -163,7 +163,11 @@ class ProxyEndpoint:
                 client = scope.get("client")
                 identity = key.name if key is not None else f"ip:{client[0] if client else '-'}"
                 limits = self.key_limits.get(key.name if key is not None else "", self.default_limits)
-                exchange.headers_out += await limiter.admit(identity, limits, exchange.key or "anonymous")
+                label = exchange.key or "anonymous"
+                admitted = limiter.admit_now(identity, limits, label)
+                exchange.headers_out += (
+                    admitted if admitted is not None else await limiter.admit(identity, limits, label)
+                )
             if key is not None and key.models is not None:
                 exchange.restricted = key
             if route.name == MODEL:
@@ -196,9 +200,7 @@ class ProxyEndpoint:
                         self.default_max_tokens,
                         prompts=route.name == COMPLETIONS,
                     )
-                    reservation, held = await limiter.reserve(
-                        identity, limits, wanted, exchange.key or "anonymous"
-                    )
+                    reservation, held = await limiter.reserve(identity, limits, wanted, label)
                     exchange.reservation = reservation
                     exchange.headers_out += held
             query: bytes = scope.get("query_string", b"")

@@ -119,35 +119,51 @@ class Limiter:
         start and end around the identity, its window in seconds, and the item, held so
         that its id stays its own."""
 
+    def admit_now(self, identity: str, limits: KeyLimits, label: str) -> list[tuple[bytes, bytes]] | None:
+        """``admit`` where counting needs no round trip to a storage (the default setup, a
+        moving window in memory): done without a coroutine. None where it does."""
+        memory = self._moving_in_memory
+        if memory is None:
+            return None
+        tightest: tuple[int, int, float] | None = None
+        for who, items in ((identity, limits.requests), ("*", self.global_limits)):
+            for item in items:
+                admitted, remaining, reset = self._take(memory, item, who)
+                if not admitted:
+                    raise self._refusal(item, who, reset, label)
+                if tightest is None or remaining < tightest[1]:
+                    tightest = (item.amount, remaining, reset)
+        return [] if tightest is None else _encoded_headers(REQUEST_HEADERS, *tightest)
+
     async def admit(self, identity: str, limits: KeyLimits, label: str) -> list[tuple[bytes, bytes]]:
         """Count one request; its rate-limit headers, or RateLimited with them."""
-        memory = self._moving_in_memory
+        headers = self.admit_now(identity, limits, label)
+        if headers is not None:
+            return headers
         tightest: tuple[int, int, float] | None = None
         try:
             for who, items in ((identity, limits.requests), ("*", self.global_limits)):
                 for item in items:
-                    if memory is not None:
-                        admitted, remaining, reset = self._take(memory, item, who)
-                    else:
-                        admitted, remaining, reset = await self._count(item, who)
+                    admitted, remaining, reset = await self._count(item, who)
                     if not admitted:
-                        self.limited.labels(label if who != "*" else "*", str(item)).inc()
-                        headers = _headers("requests", item.amount, 0, reset)
-                        wait = max(reset - time.time(), 0.001)
-                        scope = "the gateway's" if who == "*" else "this key's"
-                        raise RateLimited(
-                            f"{scope} request limit of {item} is reached; retry in {wait:.1f} s",
-                            code="requests",
-                            headers=_retry_after(wait) | dict(headers),
-                        )
+                        raise self._refusal(item, who, reset, label)
                     if tightest is None or remaining < tightest[1]:
                         tightest = (item.amount, remaining, reset)
         except STORAGE_FAILURES as exc:
             self._storage_failed(exc)
             return []
-        if tightest is None:
-            return []
-        return _encoded_headers(REQUEST_HEADERS, *tightest)
+        return [] if tightest is None else _encoded_headers(REQUEST_HEADERS, *tightest)
+
+    def _refusal(self, item: RateLimitItem, who: str, reset: float, label: str) -> RateLimited:
+        self.limited.labels(label if who != "*" else "*", str(item)).inc()
+        headers = _headers("requests", item.amount, 0, reset)
+        wait = max(reset - time.time(), 0.001)
+        scope = "the gateway's" if who == "*" else "this key's"
+        return RateLimited(
+            f"{scope} request limit of {item} is reached; retry in {wait:.1f} s",
+            code="requests",
+            headers=_retry_after(wait) | dict(headers),
+        )
 
     def _take(self, memory: MemoryStorage, item: RateLimitItem, who: str) -> tuple[bool, int, float]:
         """Hit one request limit in the default setup, in one step and without a coroutine:
