@@ -105,8 +105,7 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
             connection.extend(value.split(b","))
         elif name in FORWARDING:
             headers.forwarding.append((name, value))
-    if connection:
-        drop = connection_listed(connection)
+    if connection and (drop := connection_listed(connection) - NOT_FORWARDED):
         headers.forward = [(k, v) for k, v in forward if k not in drop]
     return headers
 
@@ -132,8 +131,8 @@ def response_headers(
         if name == b"content-type" and value.startswith(SSE):
             streaming = True
         headers.append((name, value))
-    if connection:
-        drop = connection_listed(connection)
+    # Connection: keep-alive (or close) names nothing left to drop.
+    if connection and (drop := connection_listed(connection) - skip):
         headers = [h for h in headers if h[0] not in drop]
     if streaming:
         headers = [h for h in headers if h[0] not in SSE_HEADER_NAMES]

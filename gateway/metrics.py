@@ -247,7 +247,9 @@ class Metrics:
         series.duration.observe(tally.durations)
         series.overhead.observe(tally.overheads)
         if tally.ttfbs:
-            series.ttfb().observe(tally.ttfbs)
+            if series.ttfb is None:
+                series.ttfb = self._histogram(self.ttfb, *series.labels[:2])
+            series.ttfb.observe(tally.ttfbs)
         if series.streams is not None:
             open_streams, stream_duration = series.streams
             open_streams(-count)
@@ -255,9 +257,13 @@ class Metrics:
         if series.failed is not None:
             series.failed(count)
         if tally.prompt_tokens:
-            series.tokens("prompt")(tally.prompt_tokens)
+            if series.prompt_tokens is None:
+                series.prompt_tokens = self._adder(self.tokens, "prompt", *series.labels)
+            series.prompt_tokens(tally.prompt_tokens)
         if tally.completion_tokens:
-            series.tokens("completion")(tally.completion_tokens)
+            if series.completion_tokens is None:
+                series.completion_tokens = self._adder(self.tokens, "completion", *series.labels)
+            series.completion_tokens(tally.completion_tokens)
 
     def _series(self, key: tuple[Any, ...]) -> Series:
         route, method, status, backend, model, name, stream, error = key
@@ -274,9 +280,7 @@ class Metrics:
             in_flight=add(self.in_flight, route),
             duration=self._histogram(self.duration, route, model),
             overhead=self._histogram(self.overhead, route),
-            # Made when first needed: a child, once made, is shown.
-            ttfb=partial(self._histogram, self.ttfb, route, model),
-            tokens=lambda kind: add(self.tokens, kind, route, model, name),
+            labels=(route, model, name),
             streams=(
                 (add(self.open_streams, route), self._histogram(self.stream_duration, route, model))
                 if stream
@@ -365,20 +369,24 @@ class HistogramChild:
             self.buckets[bucket](count)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Series:
     """What one tally's numbers are added to."""
 
+    labels: tuple[str, str, str]
+    """Route, model label, key name."""
     requests: Callable[[float], None]
     in_flight: Callable[[float], None]
     duration: HistogramChild
     overhead: HistogramChild
-    ttfb: Callable[[], HistogramChild]
-    tokens: Callable[[str], Callable[[float], None]]
     streams: tuple[Callable[[float], None], HistogramChild] | None
     """The open-streams gauge and the stream-duration histogram, for a streamed answer."""
     failed: Callable[[float], None] | None
     """The counter of its kind of failure, if it failed."""
+    # Made when first needed: a child, once made, is shown.
+    ttfb: HistogramChild | None = None
+    prompt_tokens: Callable[[float], None] | None = None
+    completion_tokens: Callable[[float], None] | None = None
 
 
 class Page:
