@@ -5,8 +5,8 @@ with the answer's head written by the gateway's own code, and the request's
 The head is uvicorn's, with the same refusals: its header names and values are checked all
 at once (``header_refusal``) rather than by two regular expressions for each header. An
 answer of known length is held and written with its body's first bytes, so that a small
-answer goes out in one write; a streamed answer's head goes at once. The cycle is also what
-the scope's ``gateway.disconnect`` extension holds: the app registers a callback with it
+answer goes out in one write; a streamed answer's head goes at once. The cycle's ``Watch`` is
+what the scope's ``gateway.disconnect`` extension holds: the app registers a callback with it
 and is told once if the client goes before the answer is complete.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
-# The scope extension that carries a request's DisconnectWatch (its Cycle).
+# The scope extension that carries a request's DisconnectWatch (its cycle's Watch).
 DISCONNECT = "gateway.disconnect"
 
 
@@ -32,6 +32,29 @@ class DisconnectWatch(Protocol):
 
     def register(self, callback: Callable[[], object] | None) -> None:
         """What to call on a disconnect; None once the app no longer wants to know."""
+
+
+class Watch:
+    """A request's ``DisconnectWatch``, apart from its cycle: the scope that carries it must
+    not hold the cycle that holds the scope, a reference cycle every request would leave to
+    the garbage collector."""
+
+    __slots__ = ("_callback", "fired")
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._callback: Callable[[], object] | None = None
+
+    def register(self, callback: Callable[[], object] | None) -> None:
+        self._callback = callback
+
+    def fire(self) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 class Signal:
@@ -98,27 +121,19 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 class Cycle(RequestResponseCycle):
     """One request and its answer: uvicorn's cycle with a leaner head written, and the
-    request's ``DisconnectWatch``."""
+    request's ``Watch``."""
 
-    # Set on the instance once they change: a cycle is made with uvicorn's own __init__.
-    _callback: Callable[[], object] | None = None
-    fired = False
-    """Whether the client went before the answer was complete."""
+    watch: Watch
+    """Set by the protocol, which puts it in the scope too."""
+    # Set on the instance once it changes: a cycle is made with uvicorn's own __init__.
     _held: bytes | None = None
     """The head of an answer of known length, written with its body's first bytes: one
     write (and one segment to the client) for the whole of a small answer, not two."""
 
-    def register(self, callback: Callable[[], object] | None) -> None:
-        self._callback = callback
-
     def lost(self) -> None:
         """The connection is gone: call back if the answer was not complete."""
-        if self.response_complete or self.fired:
-            return
-        self.fired = True
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback()
+        if not self.response_complete:
+            self.watch.fire()
 
     async def send(self, message: ASGISendEvent) -> None:
         if self.flow.write_paused and not self.disconnected:

@@ -24,8 +24,9 @@ This subclass adds what nginx has (``large_client_header_buffers``,
   go out whole (uvicorn writes its own 400 over them);
 - an app is told when its client goes before the answer is complete, at once and without
   a task of its own waiting on ``receive()``: the scope's ``gateway.disconnect`` extension
-  holds (as ``watch``) the request's ``Cycle``, a ``DisconnectWatch`` to register a
-  callback with.
+  holds (as ``watch``) the request's ``Watch``, a ``DisconnectWatch`` to register a
+  callback with (not the cycle itself, which holds the scope: the two would make a
+  reference cycle that only the garbage collector frees).
 
 The common request, whose head and body come in one read, arms no timer at all. The
 request head is read by this module's own code and the answer's head written by
@@ -48,7 +49,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.alarm import Alarm
-from gateway.cycle import DISCONNECT, Cycle, Signal
+from gateway.cycle import DISCONNECT, Cycle, Signal, Watch
 from gateway.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 
 logger = logging.getLogger("gateway.protocol")
@@ -305,7 +306,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if watches:
             watches[:] = [w for w in watches if not w.response_complete]
         watches.append(cycle)
-        scope["extensions"] = {DISCONNECT: {"watch": cycle}}
+        watch = cycle.watch = Watch()
+        scope["extensions"] = {DISCONNECT: {"watch": watch}}
         if previous is None or previous.response_complete:
             self._start_asgi_task(cycle, app)
         else:

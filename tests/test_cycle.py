@@ -1,17 +1,21 @@
 """One request and its answer (gateway/cycle.py): the answer's head checked as uvicorn checks
-it, written in one piece with a body of known length, at once for a stream or a HEAD."""
+it, written in one piece with a body of known length, at once for a stream or a HEAD; what a
+request leaves behind is freed as it ends, not by the garbage collector."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any, cast
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
 from gateway.cycle import Signal, header_refusal
+from tests.conftest import AUTH, Gateway
 
 
 @given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=24)), max_size=6))
@@ -139,3 +143,24 @@ async def test_the_signal_wakes_every_waiter_once_and_forgets_a_cancelled_one() 
     assert not late.done()
     signal.set()
     assert await late
+
+
+def test_a_request_leaves_no_reference_cycle_of_the_gateways_own(gateway: Gateway) -> None:
+    # Garbage in a cycle waits for a collection, and a collection pauses every open stream:
+    # a request's cycle, scope and watch must be freed by their reference counts alone.
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=gateway.url, headers=AUTH) as client:
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(30):
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+                assert client.get("/v1/models").status_code == 200
+            gc.collect()
+            left = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert left == []
