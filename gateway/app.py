@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -38,7 +39,7 @@ from gateway.errors import (
 )
 from gateway.fleet import load_backends_file
 from gateway.health import Lifecycle, ReadyEndpoint, health
-from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint, Page
+from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint, Page, multiprocess_dir
 from gateway.ownership import Owners, records_for
 from gateway.proxy import ProxyEndpoint
 from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
@@ -103,6 +104,12 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         metrics.failovers.labels(group.name)
     metrics.fleet = FleetCollector(router)
     metrics.registry.register(metrics.fleet)
+    if not multiprocess_dir():
+        # The process's own figures (CPU, memory, descriptors, the garbage collector), as
+        # prometheus_client's default registry has them; workers' shared files cannot sum them.
+        ProcessCollector(registry=metrics.registry)
+        PlatformCollector(registry=metrics.registry)
+        GCCollector(registry=metrics.registry)
     router.catalogue.on_models = known_models.update
     access_log = AccessLog() if settings.access_log else None
     default_limits = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))

@@ -143,6 +143,12 @@ def test_metrics_on_their_own_port(fake: Fake) -> None:
         httpx.get(url + "/v1/models")
         samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert value(samples, "gateway_requests_total", route="models") == 1
+        # The process's own figures, as prometheus_client's default registry has them.
+        assert value(samples, "process_resident_memory_bytes") > 10_000_000
+        assert value(samples, "process_cpu_seconds_total") > 0
+        assert value(samples, "process_open_fds") > 0
+        assert value(samples, "python_info", implementation="CPython") == 1
+        assert "python_gc_collections_total" in samples
     finally:
         stop(process)
 
@@ -157,6 +163,8 @@ def test_two_workers_aggregate_their_metrics(fake: Fake, tmp_path: Path) -> None
         samples = scrape(url + "/metrics")
         assert value(samples, "gateway_requests_total", route="chat_completions") == 60
         assert value(samples, "gateway_in_flight_requests") == 0
+        # One process's figures would pass for the whole's: left out.
+        assert "process_resident_memory_bytes" not in samples
         workers = {path.stem.rsplit("_", 1)[1] for path in tmp_path.glob("counter_*.db")}
         assert len(workers) == 2, "one worker took every connection"
     finally:
