@@ -157,7 +157,12 @@ def test_a_request_leaves_no_reference_cycle_of_the_gateways_own(gateway: Gatewa
         try:
             for _ in range(30):
                 assert client.post("/v1/chat/completions", json=body).status_code == 200
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+                    assert stream.status_code == 200
+                    assert b"[DONE]" in stream.read()
                 assert client.get("/v1/models").status_code == 200
+                refused = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer no"})
+                assert refused.status_code == 401
             gc.collect()
             left = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")]
         finally:
