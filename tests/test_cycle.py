@@ -149,6 +149,7 @@ def test_a_request_leaves_no_reference_cycle_of_the_gateways_own(gateway: Gatewa
     # Garbage in a cycle waits for a collection, and a collection pauses every open stream:
     # a request's cycle, scope and watch must be freed by their reference counts alone.
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    wrong = {"Authorization": "Bearer no"}
     with httpx.Client(base_url=gateway.url, headers=AUTH) as client:
         for _ in range(3):
             assert client.post("/v1/chat/completions", json=body).status_code == 200
@@ -161,7 +162,7 @@ def test_a_request_leaves_no_reference_cycle_of_the_gateways_own(gateway: Gatewa
                     assert stream.status_code == 200
                     assert b"[DONE]" in stream.read()
                 assert client.get("/v1/models").status_code == 200
-                refused = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer no"})
+                refused = client.post("/v1/chat/completions", json=body, headers=wrong)
                 assert refused.status_code == 401
             gc.collect()
             left = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("gateway.")]
