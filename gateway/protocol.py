@@ -303,8 +303,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.on_response_complete,
         )
         watches = self._watches
-        if watches:
-            watches[:] = [w for w in watches if not w.response_complete]
+        while watches and watches[0].response_complete:
+            del watches[0]  # answers complete in the order their requests came
         watches.append(cycle)
         watch = cycle.watch = Watch()
         scope["extensions"] = {DISCONNECT: {"watch": watch}}
