@@ -37,6 +37,11 @@ PYTHON = Adapter(
     name="llamacpp-python",
     routes=r.CORE_ROUTES - {r.MODEL} | {r.TOKENIZE, r.DETOKENIZE},
     paths={r.TOKENIZE: "/extras/tokenize", r.DETOKENIZE: "/extras/detokenize"},
-    health_path="/v1/models",
+    # Its /v1/models waits behind the generation under way (the model's lock): a probe of it
+    # during a long generation gets no answer in time, and a busy replica would be ejected.
+    # The API docs page is answered by the event loop at once; the server listens only once
+    # its model is loaded.
+    health_path="/docs",
+    health_fallback_path="/v1/models",
     loading_statuses=frozenset(),
 )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,49 @@ def test_ready_against_a_real_server(start_gateway: GatewayFactory, llama_server
     response = httpx.get(gateway.url + "/ready", timeout=30)
     assert response.status_code == 200
     assert response.json()["backend"] == backend
+
+
+def test_a_replica_busy_generating_is_neither_ejected_nor_unready(
+    start_gateway: GatewayFactory, llama_server: str, tmp_path: Path
+) -> None:
+    """llama_cpp.server answers /v1/models only between generations (it takes the model's
+    lock): a probe of it during a long one gets no answer in time. The gateway probes the
+    docs page instead, answered throughout: a busy replica is not ejected, and /ready of a
+    gateway in front of it stays 200."""
+    path = tmp_path / "backends.yaml"
+    backend = {"name": "chat", "kind": "llamacpp-python", "urls": [llama_server], "probe_interval": 0.5}
+    path.write_text(json.dumps({"backends": [backend]}))
+    fleet = start_gateway(backend_url=None, backends=str(path), admin_api_keys=["sk-admin"], ready_timeout=2)
+    single = start_gateway(backend="llamacpp-python", backend_url=llama_server, ready_timeout=2)
+    story = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to sing."}],
+        "max_tokens": 160,
+        "temperature": 0,
+    }
+
+    def replica() -> dict[str, Any]:
+        admin = {"authorization": "Bearer sk-admin"}
+        replicas: list[dict[str, Any]] = httpx.get(
+            fleet.url + "/admin/backends", headers=admin, timeout=10
+        ).json()["data"][0]["replicas"]
+        return replicas[0]
+
+    for gateway in (fleet, single):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, gateway.url + "/v1/chat/completions", json=story, timeout=120)
+            time.sleep(0.5)  # the generation under way
+            with pytest.raises(httpx.TimeoutException):  # what a probe of /v1/models would meet
+                httpx.get(llama_server + "/v1/models", timeout=2)
+            ready = httpx.get(gateway.url + "/ready", timeout=10)
+            assert ready.status_code == 200, ready.text
+            seen = replica()
+            assert not answer.done(), "the generation was over too soon to show anything"
+            assert answer.result().status_code == 200
+        assert seen["state"] == "ready", seen
+        assert seen["ejections"] == 0, seen
+        assert (seen["last_probe"] or "").startswith("ready"), seen
+        assert seen["last_probe_age_s"] < 2, seen
 
 
 def _events(text: str) -> list[Any]:
