@@ -9,7 +9,9 @@ chunks), the gateway in its production configuration (auth, a rate limit too hig
 trigger, metrics and the access log on), as one process and as two workers, and nginx as a
 reverse proxy to the same upstreams in two configurations: plain (``proxy_pass`` as it
 comes, a new upstream connection per request) and tuned (HTTP/1.1 keep-alive to the
-upstream). Then it drives each path with wrk, alternating between them for several rounds.
+upstream); and at c=1 and c=32 the floor under the gateway (``bench.floor``: uvicorn and the
+gateway's client, nothing else). Then it drives each path with wrk, alternating between them
+for several rounds.
 Then the several-replica workloads of ``bench.fleet`` (``--no-fleet`` skips them).
 ``python -m bench vllm`` is vLLM's own serving benchmark against a real vLLM (``bench.vllm``).
 Results (medians, ratios, targets) go to ``bench/results/<time>/`` as results.md,
@@ -51,7 +53,7 @@ from bench.harness import (
     wait_for_port,
     wrk,
 )
-from bench.report import PATHS, SINGLE_GATEWAY, plot, report
+from bench.report import FLOOR, PATHS, SINGLE_GATEWAY, plot, report
 
 
 @dataclass
@@ -116,6 +118,7 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
     from bench.upstream import JSON_BODY
 
     ports = {port_key(path, upstream): free_port() for path in PATHS for upstream in ("static", "sse")}
+    ports[port_key(FLOOR, "static")] = free_port()
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -126,6 +129,10 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
         started.append(subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"]))
         started.append(
             subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(ports["sse"])], cwd=ROOT)
+        )
+        floor = [sys.executable, "-m", "bench.floor", "--port", str(ports[port_key(FLOOR, "static")])]
+        started.append(
+            subprocess.Popen([*floor, "--backend-url", f"http://127.0.0.1:{ports['static']}"], cwd=ROOT)
         )
         for upstream in ("static", "sse"):
             for path, workers in (("gateway", 1), ("gateway-2w", 2)):
@@ -159,7 +166,7 @@ def processes(plan: Plan, workdir: Path) -> Iterator[tuple[Endpoints, dict[str, 
         for port in ports.values():
             wait_for_port(port)
         endpoints = Endpoints(
-            static={path: f"http://127.0.0.1:{ports[port_key(path, 'static')]}" for path in PATHS},
+            static={path: f"http://127.0.0.1:{ports[port_key(path, 'static')]}" for path in (*PATHS, FLOOR)},
             sse={path: f"http://127.0.0.1:{ports[port_key(path, 'sse')]}" for path in PATHS},
         )
         yield endpoints, pids
@@ -246,10 +253,12 @@ def run(plan: Plan, out: Path, soak_on: bool, fleet_on: bool = True) -> dict[str
             results["c1"] = rounds(
                 plan,
                 lambda p: wrk(endpoints.static[p] + chat, 1, plan.seconds, small, workdir),
-                SINGLE_GATEWAY,
+                (*SINGLE_GATEWAY, FLOOR),
             )
             results["c32"] = rounds(
-                plan, lambda p: wrk(endpoints.static[p] + chat, 32, plan.seconds, small, workdir)
+                plan,
+                lambda p: wrk(endpoints.static[p] + chat, 32, plan.seconds, small, workdir),
+                (*PATHS, FLOOR),
             )
             stream = chat + "?chunks=100&interval_ms=0"
             results["stream100_c16"] = rounds(

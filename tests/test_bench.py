@@ -35,6 +35,9 @@ def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
         for path in ("direct", "nginx", "nginx-ka", "gateway"):
             assert data[workload][path]["rps"] > 0, (workload, path)
             assert data[workload][path]["errors"] == 0, (workload, path)
+    for workload in ("c1", "c32"):  # the floor under the gateway: uvicorn and its client alone
+        assert data[workload]["floor"]["rps"] > 0, workload
+        assert data[workload]["floor"]["errors"] == 0, workload
     for workload in ("c32", "stream100_c16"):
         assert data[workload]["gateway-2w"]["rps"] > 0, workload
         assert data[workload]["gateway-2w"]["errors"] == 0, workload
@@ -54,6 +57,7 @@ def test_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
         assert fleet["paced"][path]["errors"] == 0, fleet["paced"]
     report = (tmp_path / "results.md").read_text()
     assert "| target | measured | met |" in report
+    assert "| floor | " in report
     assert "## Several replicas" in report
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
 
