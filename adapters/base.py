@@ -169,6 +169,11 @@ class Adapter:
     normalise: bool = True
     """Complete the model list, and answer ``/v1/models/{id}`` from the list when the
     runtime has no such route. (Errors are put in the gateway's envelope for every runtime.)"""
+    limit_fields: tuple[str, ...] = ()
+    """Fields of its own the runtime reads as a request's output limit, beside OpenAI's
+    (every one counts in a token reservation)."""
+    fills_context: tuple[str, ...] = ()
+    """Flags with which the runtime generates until the context is full."""
     unregistered: Mapping[str, str] = field(default_factory=dict)
     """Why the runtime may not have registered a route it can serve (it registers some per
     model or per flag): said in the 501 answered when it has not."""

@@ -31,6 +31,8 @@ ADAPTER = Adapter(
         running=("llamacpp:requests_processing",),
         kv_use=("llamacpp:kv_cache_usage_ratio",),  # older releases only
     ),
+    # n_predict wins over max_tokens where both are sent; -1 runs until the context is full.
+    limit_fields=("n_predict",),
 )
 
 PYTHON = Adapter(

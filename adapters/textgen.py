@@ -55,4 +55,6 @@ ADAPTER = Adapter(
     health_path="/v1/internal/health",
     health_fallback_path="/v1/models",
     loading_statuses=frozenset(),
+    # auto_max_new_tokens: true fills the context, whatever max_tokens says.
+    fills_context=("auto_max_new_tokens",),
 )

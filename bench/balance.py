@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fleet import Fleet, fleet, raise_fd_limit
@@ -412,15 +413,23 @@ def picking_cost(plan: Plan) -> dict[str, Any]:
     the queue strategy's picks."""
     from gateway.affinity import affinity_key
     from gateway.fleet import parse_backends
+    from gateway.jsonbody import JsonBody
     from gateway.replicas import Load
     from gateway.routing import Router
     from gateway.settings import Settings
 
     figures: dict[str, Any] = {}
-    body = {
-        "model": "sim",
-        "messages": [{"role": "system", "content": "x " * 300}, {"role": "user", "content": "y " * 500}],
-    }
+    body = JsonBody(
+        orjson.dumps(
+            {
+                "model": "sim",
+                "messages": [
+                    {"role": "system", "content": "x " * 300},
+                    {"role": "user", "content": "y " * 500},
+                ],
+            }
+        )
+    )
     headers = [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")]
     profile_text = ""
     for strategy in STRATEGIES:

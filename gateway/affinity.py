@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
 
+import orjson
+from msgspec import Raw
+
+from gateway.jsonbody import JsonBody, first_element, leading_messages
 from gateway.replicas import Group, Replica
 
 AFFINITY_BLOCK = 256
@@ -22,7 +25,7 @@ AFFINITY_BYTES = 4096
 MASK = (1 << 64) - 1
 
 
-def affinity_key(headers: list[tuple[bytes, bytes]], body: dict[str, Any] | None) -> int | None:
+def affinity_key(headers: list[tuple[bytes, bytes]], body: JsonBody | None) -> int | None:
     """The request's affinity key as a 64-bit number, or None when it has none."""
     key: bytes | None = None
     for name, value in headers:
@@ -44,49 +47,38 @@ def affinity_key(headers: list[tuple[bytes, bytes]], body: dict[str, Any] | None
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
 
-def leading_bytes(body: dict[str, Any]) -> bytes:
+def leading_bytes(body: JsonBody) -> bytes:
     """The start of the prompt that stays the same from one turn of a conversation to the
-    next: for messages, the system and developer messages and the first user message; for
-    a prompt, its first bytes. At most ``AFFINITY_BYTES``, cut to whole blocks of
-    ``AFFINITY_BLOCK`` (a shorter prompt counts whole)."""
-    parts: list[bytes] = []
-    size = 0
+    next: for messages, the bytes of the system and developer messages and the first user
+    message as sent; for a prompt, its first bytes (the first prompt of a list). At most
+    ``AFFINITY_BYTES``, cut to whole blocks of ``AFFINITY_BLOCK`` (a shorter prompt counts
+    whole). Read from the body's bytes: nothing of a long conversation is built."""
     messages = body.get("messages")
     if messages is None:
         messages = body.get("input")  # the Responses API
-    if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, dict):
-                break
-            role = message.get("role")
-            part = _content_bytes(message.get("content"))
-            parts.append(str(role).encode() + b":" + part + b"\n")
+    data = b""
+    if isinstance(messages, Raw) and memoryview(messages)[0] == ord("["):
+        parts: list[bytes] = []
+        size = 0
+        for view in leading_messages(messages):
+            parts.append(bytes(view[: AFFINITY_BYTES - size]))
             size += len(parts[-1])
-            if role == "user" or size >= AFFINITY_BYTES:
+            if size >= AFFINITY_BYTES:
                 break
+        data = b"".join(parts)
     else:
         prompt = messages if isinstance(messages, str) else body.get("prompt")
-        if isinstance(prompt, list) and prompt:
-            prompt = prompt[0] if isinstance(prompt[0], str | list) else prompt
+        if isinstance(prompt, Raw) and memoryview(prompt)[0] == ord("["):
+            first = first_element(prompt)
+            if first[:1].tobytes() == b'"':
+                prompt = orjson.loads(first)
+            else:  # a list of token IDs, or the first of several
+                data = bytes(memoryview(first if first[:1].tobytes() == b"[" else prompt)[:AFFINITY_BYTES])
         if isinstance(prompt, str):
-            parts.append(prompt[:AFFINITY_BYTES].encode("utf-8", "replace"))
-        elif isinstance(prompt, list):  # token ids
-            parts.append(",".join(str(token) for token in prompt[: AFFINITY_BYTES // 4]).encode())
-    data = b"".join(parts)[:AFFINITY_BYTES]
+            data = prompt[:AFFINITY_BYTES].encode("utf-8", "replace")
     if len(data) > AFFINITY_BLOCK:
         data = data[: len(data) - len(data) % AFFINITY_BLOCK]
     return data
-
-
-def _content_bytes(content: object) -> bytes:
-    if isinstance(content, str):
-        return content[:AFFINITY_BYTES].encode("utf-8", "replace")
-    if isinstance(content, list):
-        texts = [part.get("text") for part in content if isinstance(part, dict)]
-        return "".join(text for text in texts if isinstance(text, str))[:AFFINITY_BYTES].encode(
-            "utf-8", "replace"
-        )
-    return b""
 
 
 def replica_seed(url: str) -> int:

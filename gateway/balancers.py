@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 from gateway.affinity import affinity_key, affinity_pick
 from gateway.fleet import Strategy
+from gateway.jsonbody import JsonBody
 from gateway.loads import fresh
 from gateway.replicas import Group, Replica
 
@@ -45,7 +45,7 @@ class Balancer:
 
     strategy: Strategy
 
-    def key(self, headers: list[tuple[bytes, bytes]], body: dict[str, Any] | None) -> int | None:
+    def key(self, headers: list[tuple[bytes, bytes]], body: JsonBody | None) -> int | None:
         """What of the request the strategy goes by; most go by none."""
         return None
 
@@ -111,7 +111,7 @@ class Affinity(Balancer):
     def __init__(self, slow_start: float) -> None:
         self.fallback = LeastOutstanding(slow_start)
 
-    def key(self, headers: list[tuple[bytes, bytes]], body: dict[str, Any] | None) -> int | None:
+    def key(self, headers: list[tuple[bytes, bytes]], body: JsonBody | None) -> int | None:
         return affinity_key(headers, body)
 
     def pick(self, pairs: list[Pair], key: int | None) -> Pair:

@@ -6,9 +6,8 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-import orjson
-
 from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge
+from gateway.jsonbody import JsonBody
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -28,16 +27,9 @@ def check_declared_length(content_length: bytes | None, limit: int) -> None:
         raise too_large(limit)
 
 
-async def read_json_object(receive: Receive, limit: int) -> tuple[bytes, dict[str, Any]]:
-    """The body bytes as received, and the object they hold."""
-    body = await read_body(receive, limit)
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(parsed, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-    return body, parsed
+async def read_json_object(receive: Receive, limit: int) -> JsonBody:
+    """The body as received, and the fields of the object it holds that the gateway reads."""
+    return JsonBody(await read_body(receive, limit))
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:

@@ -12,6 +12,7 @@ import orjson
 from adapters.base import Rewrite
 from gateway.client import UpstreamError
 from gateway.errors import NotFound
+from gateway.jsonbody import JsonBody
 from gateway.replicas import Group, Replica
 from gateway.routing import Router
 from gateway.settings import Settings
@@ -20,7 +21,7 @@ from gateway.upstream import before_response_error
 MAX_NAME = 256
 
 
-async def target_group(router: Router, parsed: dict[str, Any]) -> Group:
+async def target_group(router: Router, parsed: JsonBody) -> Group:
     """The backend named by the body's ``backend`` field, else the one serving ``model``,
     else the default one (a model to load is in no list yet)."""
     named = parsed.get("backend")
@@ -38,12 +39,14 @@ async def target_group(router: Router, parsed: dict[str, Any]) -> Group:
     return router.default
 
 
-def runtime_body(parsed: dict[str, Any], rewrite: Rewrite | None, raw: bytes) -> bytes:
+def runtime_body(parsed: JsonBody, rewrite: Rewrite | None, raw: bytes) -> bytes:
     """The body in the runtime's shape, without the gateway's ``backend`` field: ``raw``, the
-    client's own bytes, where the runtime takes the gateway's shape and no field is dropped."""
+    client's own bytes, where the runtime takes the gateway's shape and no field is dropped.
+    (An admin key's body, and small: the one the gateway decodes whole.)"""
     if rewrite is None and "backend" not in parsed:
         return raw
-    fields = {name: value for name, value in parsed.items() if name != "backend"}
+    document = orjson.loads(raw)
+    fields = {name: value for name, value in document.items() if name != "backend"}
     shaped = rewrite(fields) if rewrite is not None else fields
     return b"" if shaped is None else orjson.dumps(shaped)
 
@@ -53,7 +56,7 @@ async def on_every_replica(
     route: str,
     target: str,
     forward: list[tuple[bytes, bytes]],
-    parsed: dict[str, Any],
+    parsed: JsonBody,
     raw: bytes,
     settings: Settings,
 ) -> tuple[int, bytes]:

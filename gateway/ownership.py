@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from adapters import base as r
 from gateway.errors import NotFound
+from gateway.jsonbody import JsonBody
 
 logger = logging.getLogger("gateway.ownership")
 
@@ -88,11 +89,17 @@ class Owners:
         raise NotFound(f"no {KINDS[kind]} {shown!r}", code=f"{KINDS[kind]}_not_found", param=None)
 
     def inbound(
-        self, owner: str, route: str, template: str, params: dict[str, str], query: bytes, parsed: Any
-    ) -> tuple[str | None, bytes, bool]:
+        self,
+        owner: str,
+        route: str,
+        template: str,
+        params: dict[str, str],
+        query: bytes,
+        parsed: JsonBody | None,
+    ) -> tuple[str | None, bytes, dict[str, str]]:
         """A request's IDs as the runtime knows them, NotFound for any the owner did not make:
         the path with them (None: the path names none), the query (a list's ``after``), and
-        whether ``parsed`` was changed (a batch's input file, a response's previous one)."""
+        the body's fields to change (a batch's input file, a response's previous one)."""
         path = None
         named = {name: value for name, value in params.items() if name in PATH_PARAMS}
         if named:
@@ -101,17 +108,17 @@ class Owners:
                 for name, value in named.items()
             }
             path = template.format(**raws)
-        if route in LISTS and b"after=" in query:
+        if route in LISTS and query:
+            # Read as the runtime reads it: "%61fter" is "after" too.
             kind = ROUTE_KINDS[route]
             pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
             unsealed = [(k, self.unseal(owner, kind, v) if k == "after" else v) for k, v in pairs]
             query = urlencode(unsealed).encode("latin-1")
-        changed = False
+        changes = {}
         field = BODY_FIELDS.get(route)
-        if field is not None and isinstance(parsed, dict) and parsed.get(field[0]) is not None:
-            parsed[field[0]] = self.unseal(owner, field[1], parsed[field[0]])
-            changed = True
-        return path, query, changed
+        if field is not None and parsed is not None and parsed.get(field[0]) is not None:
+            changes[field[0]] = self.unseal(owner, field[1], parsed.get(field[0]))
+        return path, query, changes
 
     def seal_object(self, owner: str, kind: str, obj: Any) -> list[tuple[str, str]]:
         """Seal the ID fields of one object in place; the (kind, raw ID) pairs it names."""

@@ -11,8 +11,11 @@ This subclass adds what nginx has (``large_client_header_buffers``,
 - a connection has ``header_timeout`` seconds from its first byte (or from being opened)
   to finish a request head, then 408 and closed;
 - a request body may go ``body_timeout`` seconds without a byte while the app waits for
-  it; then 408 if no answer has started, else the connection is closed. Time the app
-  holds reading back (flow control) is not the client's;
+  it, and must be whole ``body_deadline`` seconds after its head, however steadily it
+  trickles; then 408 if no answer has started, else the connection is closed. Time the
+  app holds reading back (flow control) is not the client's for the first; it is for the
+  second. The rest of a body the answer did not wait for (a refusal) has ``body_timeout``
+  seconds in all from the answer's end;
 - an answer the client does not take: once the socket's send buffer is full, a client
   that takes no byte of it for ``write_timeout`` seconds is cut (nginx's
   ``send_timeout``); the app sees a disconnect, so the backend request is closed and its
@@ -73,6 +76,7 @@ class ClientLimits:
     max_headers: int = 100
     header_timeout: float = 60.0
     body_timeout: float = 60.0
+    body_deadline: float = 300.0
     write_timeout: float = 60.0
 
 
@@ -83,6 +87,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.max_headers = limits.max_headers
         self.header_timeout = limits.header_timeout
         self.body_timeout = limits.body_timeout
+        self.body_deadline = limits.body_deadline
         self.write_timeout = limits.write_timeout
         self._write_timer: asyncio.TimerHandle | None = None
         self._unsent = 0
@@ -94,6 +99,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._head_bytes_exact = 0
         self._last_body = 0.0
+        self._body_due = 0.0
+        """When the body being read must be whole."""
         self._timer: asyncio.TimerHandle | None = None
         self._refused: GatewayError | None = None
         self._deferred: GatewayError | None = None
@@ -204,6 +211,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
+        if self._phase == BODY:
+            # Answered before its body was read: the rest is read and dropped, within a
+            # body timeout in all, not one between bytes.
+            self._body_due = min(self._body_due, self.loop.time() + self.body_timeout)
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._body_due, self._check)
         self.flow.resume_reading()
         if self.pipeline:
             self._keep_alive.clear()
@@ -264,6 +277,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._phase = BODY
         self._last_body = self.loop.time()
+        self._body_due = self._last_body + self.body_deadline
         self._cancel_timer()
         parser = self.parser
         scope = self.scope
@@ -364,9 +378,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             if self.flow.read_paused:
                 self._last_body = now  # the app is not reading: the client is not late
-            expiry = self._last_body + self.body_timeout
+            expiry = min(self._last_body + self.body_timeout, self._body_due)
             if now >= expiry:
-                message = f"the request body stopped for {self.body_timeout:g} s"
+                if now >= self._body_due:
+                    message = f"the request body did not come whole within {self.body_deadline:g} s"
+                else:
+                    message = f"the request body stopped for {self.body_timeout:g} s"
                 self._refuse(RequestTimeout(message, code="body_timeout"))
                 return
         self._timer = self.loop.call_at(expiry, self._check)

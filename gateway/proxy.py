@@ -17,8 +17,6 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import quote
 
-import orjson
-
 from adapters.base import (
     BATCH_CREATE,
     CHAT_COMPLETIONS,
@@ -53,6 +51,7 @@ from gateway.headers import (
     split_request_headers,
     valid_request_id,
 )
+from gateway.jsonbody import JsonBody
 from gateway.metrics import Metrics
 from gateway.ownership import Owners, StreamSealer
 from gateway.ratelimit import KeyLimits, Limiter
@@ -106,6 +105,7 @@ class ProxyEndpoint:
         # on a kind of runtime.
         self.fixed_targets: dict[str, str | None] = {}
         self.max_body = settings.max_body_bytes
+        self.max_json = min(settings.max_json_bytes, settings.max_body_bytes)
         self.max_read_bytes = settings.backend_max_read_bytes
         self.idle_timeout = settings.stream_idle_timeout
         self.trusted = TrustedProxies(settings.trust_forwarded)
@@ -147,7 +147,7 @@ class ProxyEndpoint:
         route = self.route
 
         body: bytes | StreamedBody | None = None
-        parsed: dict[str, Any] | None = None
+        parsed: JsonBody | None = None
         try:
             path: str = scope["path"]
             if "/." in path and _has_dot_segment(path):
@@ -180,19 +180,22 @@ class ProxyEndpoint:
                 await listing.send_model_list(self.router, route.name, send, exchange)
                 return
             if route.body is Body.JSON:
-                check_declared_length(headers.content_length, self.max_body)
-                body, parsed = await read_json_object(receive, self.max_body)
+                check_declared_length(headers.content_length, self.max_json)
+                parsed = await read_json_object(receive, self.max_json)
+                body = parsed.raw
                 model = parsed.get("model")
                 if isinstance(model, str):
                     exchange.model = model[:MAX_MODEL_NAME]
                 if exchange.restricted is not None and route.name not in MODEL_FREE:
                     _check_allowed(exchange, model)
                 for name in route.required:
-                    if not isinstance(parsed.get(name), str) or not parsed[name]:
+                    value = parsed.get(name)
+                    if not isinstance(value, str) or not value:
                         raise InvalidRequest(
                             f"{route.path} needs {name!r}, a non-empty string", code="missing_field"
                         )
                 if limiter is not None and limits.tokens:
+                    _check_accountable(route.name, parsed)
                     wanted = reserve.reservation(
                         len(body),
                         parsed,
@@ -206,13 +209,12 @@ class ProxyEndpoint:
             query: bytes = scope.get("query_string", b"")
             raw_path: str | None = None
             if self.owners is not None and key is not None:
-                raw_path, query, changed = self.owners.inbound(
+                raw_path, query, changes = self.owners.inbound(
                     key.name, route.name, route.path, scope.get("path_params", {}), query, parsed
                 )
-                if changed:
-                    body = orjson.dumps(parsed)
-                    previous = parsed.get("previous_response_id") if parsed is not None else None
-                    exchange.previous_id = previous if isinstance(previous, str) else None
+                if changes and parsed is not None:
+                    body = parsed.replaced(changes)
+                    exchange.previous_id = changes.get("previous_response_id")
             if route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
                 body = StreamedBody(receive, self.max_body)
@@ -352,7 +354,7 @@ class ProxyEndpoint:
         target_for: Callable[[Group], str],
         forward: list[tuple[bytes, bytes]],
         body: bytes | StreamedBody | None,
-        parsed: dict[str, Any] | None,
+        parsed: JsonBody | None,
         groups: list[Group],
         deadline: float,
         send: Send,
@@ -408,7 +410,7 @@ class ProxyEndpoint:
             attempt.end()
 
     def _payload(
-        self, group: Group, body: bytes | StreamedBody | None, parsed: dict[str, Any] | None
+        self, group: Group, body: bytes | StreamedBody | None, parsed: JsonBody | None
     ) -> bytes | StreamedBody | None:
         """The body as ``group``'s runtime takes it: in its own shape for model management,
         with an alias renamed; otherwise as the client sent it."""
@@ -420,8 +422,8 @@ class ProxyEndpoint:
         if parsed is not None and group.aliases:
             model = parsed.get("model")
             if isinstance(model, str) and model in group.aliases:
-                # The one case where the gateway re-encodes a body: an alias is renamed.
-                return orjson.dumps({**parsed, "model": group.aliases[model]})
+                # The one case where the gateway changes a body: an alias is renamed.
+                return parsed.replaced({"model": group.aliases[model]})
         return body
 
     async def _answer(self, response: Response, group: Group, send: Send, exchange: Exchange) -> None:
@@ -480,6 +482,25 @@ def _check_allowed(exchange: Exchange, model: Any) -> None:
             f"the model {model[:MAX_MODEL_NAME]!r} does not exist or this key may not use it",
             code="model_not_found",
             param="model",
+        )
+
+
+def _check_accountable(route: str, body: JsonBody) -> None:
+    """PermissionDenied for work whose tokens the gateway never sees, asked for by a key
+    with a token limit: a batch (generated from a file, answered into another) and a
+    background response (generated after the answer)."""
+    if route == BATCH_CREATE:
+        raise PermissionDenied(
+            "this key has a token limit, and a batch's tokens are generated out of the gateway's "
+            "sight: it may not create batches",
+            code="tokens_unaccountable",
+        )
+    if route == RESPONSES and body.get("background") is True:
+        raise PermissionDenied(
+            "this key has a token limit, and a background response's tokens are generated out of "
+            "the gateway's sight: send it without 'background'",
+            code="tokens_unaccountable",
+            param="background",
         )
 
 

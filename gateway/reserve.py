@@ -14,12 +14,39 @@ counters overflow.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
+
+from msgspec import Raw
+
+from adapters import ADAPTERS
+from gateway.jsonbody import prompt_count
 
 # Fields runtimes read as the output limit: OpenAI's current and legacy names, the
-# Responses API's, and TGI's and text-generation-webui's own.
-LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens", "max_new_tokens")
+# Responses API's, TGI's, and each adapter's own (llama-server's n_predict, ...).
+LIMIT_FIELDS = tuple(
+    dict.fromkeys(
+        (
+            "max_completion_tokens",
+            "max_tokens",
+            "max_output_tokens",
+            "max_new_tokens",
+            *(name for adapter in ADAPTERS.values() for name in adapter.limit_fields),
+        )
+    )
+)
+UNTIL_FULL = tuple(dict.fromkeys(name for adapter in ADAPTERS.values() for name in adapter.fills_context))
+"""Flags that, set, make a runtime generate until the context is full: its default, at least."""
 COPY_FIELDS = ("n", "best_of")
+
+
+class Body(Protocol):
+    """A request body's fields: a JSON body's (gateway.jsonbody) or a plain dict."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str, default: Any = None) -> Any: ...
+
+
 LARGEST = 2**53
 """No count is taken above this: past any sane limit, and exact in a double."""
 
@@ -45,19 +72,22 @@ def count(value: Any) -> int | None:
     return None
 
 
-def max_tokens(body: dict[str, Any], default: int) -> int:
+def max_tokens(body: Body, default: int) -> int:
     """The output tokens a request may use: the largest limit it names, or ``default``."""
     largest: int | None = None
     for name in LIMIT_FIELDS:
         if name not in body:
             continue
-        value = count(body[name])
+        value = count(body.get(name))
         wanted = value if value is not None and value > 0 else default
         largest = wanted if largest is None else max(largest, wanted)
+    for name in UNTIL_FULL:
+        if body.get(name) is True:
+            largest = default if largest is None else max(largest, default)
     return default if largest is None else largest
 
 
-def copies(body: dict[str, Any], prompts_listed: bool) -> int:
+def copies(body: Body, prompts_listed: bool) -> int:
     """How many answers the request asks for: the larger of ``n`` and ``best_of``, times the
     prompts of a completions request that lists several."""
     wanted = 1
@@ -68,12 +98,14 @@ def copies(body: dict[str, Any], prompts_listed: bool) -> int:
     if prompts_listed:
         prompt = body.get("prompt")
         # A list of strings or of token lists is several prompts; a list of ints is one.
-        if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        if isinstance(prompt, Raw):
+            wanted *= prompt_count(prompt)
+        elif isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
             wanted *= len(prompt)
     return min(wanted, LARGEST)
 
 
-def reservation(body_size: int, body: dict[str, Any], generates: bool, default: int, prompts: bool) -> int:
+def reservation(body_size: int, body: Body, generates: bool, default: int, prompts: bool) -> int:
     """Tokens to hold for a request: its prompt, guessed from its size (about four bytes a
     token), plus what it may generate."""
     prompt = body_size // 4

@@ -105,6 +105,7 @@ def client_protocol(settings: Settings) -> Any:
             max_headers=settings.max_headers,
             header_timeout=settings.client_header_timeout,
             body_timeout=settings.client_body_timeout,
+            body_deadline=settings.client_body_deadline,
             write_timeout=settings.client_write_timeout,
         )
     )

@@ -156,7 +156,15 @@ class Settings(BaseSettings):
         "X-Forwarded-For, X-Forwarded-Proto, Forwarded and X-Real-IP are passed on (repeatable; "
         "comma-separated in the environment). From anyone else they are replaced by the peer's address.",
     )
-    max_body_bytes: int = Field(32 * MiB, gt=0, description="Largest request body accepted, in bytes.")
+    max_body_bytes: int = Field(
+        32 * MiB, gt=0, description="Largest request body accepted, in bytes (an upload's, at most)."
+    )
+    max_json_bytes: int = Field(
+        16 * MiB,
+        gt=0,
+        description="Largest JSON request body accepted, in bytes (at most max_body_bytes): the one "
+        "kind of body the gateway reads through before forwarding it.",
+    )
     backend_timeout: float = Field(
         600.0,
         gt=0,
@@ -208,6 +216,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a client may go without sending a byte of a request body it has begun "
         "(then 408, or the connection is closed).",
+    )
+    client_body_deadline: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a client has to send a whole request body, however steadily it sends "
+        "(then 408, or the connection is closed); the rest of a body the answer did not wait for "
+        "has client_body_timeout seconds in all.",
     )
     client_write_timeout: float = Field(
         60.0,

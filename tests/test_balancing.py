@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from aiohttp import web
 from hypothesis import given, settings
@@ -21,9 +22,11 @@ from hypothesis import strategies as st
 from adapters import ADAPTERS
 from bench.simulator import Runtime as Simulator
 from bench.simulator import Settings as SimulatorSettings
-from gateway.affinity import affinity_key, affinity_pick, leading_bytes, rendezvous_order, replica_seed
+from gateway import affinity
+from gateway.affinity import affinity_pick, rendezvous_order, replica_seed
 from gateway.balancers import STALE_PENALTY, queue_score, saturated
 from gateway.fleet import parse_backends
+from gateway.jsonbody import JsonBody
 from gateway.loads import read_load
 from gateway.replicas import Group, Load, Replica
 from gateway.routing import Router
@@ -219,11 +222,11 @@ def test_prompts_are_cut_to_whole_blocks_of_their_first_bytes() -> None:
     # Prompts sharing their first 4 KiB meet, whatever follows.
     shared = "the same long preamble " * 200
     assert affinity_key([], {"prompt": shared + "A"}) == affinity_key([], {"prompt": shared + "B"})
-    assert leading_bytes({"prompt": [1, 2, 3]}) == b"1,2,3"
+    assert leading_bytes({"prompt": [1, 2, 3]}) == b"[1,2,3]"
     assert leading_bytes({"prompt": ["first", "second"]}) == b"first"
     assert leading_bytes({"input": "a responses prompt"}) == b"a responses prompt"
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image"}]}]}
-    assert leading_bytes(parts) == b"user:hi\n"
+    assert leading_bytes(parts) == orjson.dumps(parts["messages"][0])
     assert leading_bytes({"messages": ["not a message"]}) == b""
 
 
@@ -235,11 +238,20 @@ def test_any_request_gives_a_key_or_none_and_never_raises(session: bytes, texts:
     assert key is None or 0 <= key < 2**64
 
 
+def affinity_key(headers: list[tuple[bytes, bytes]], body: dict[str, Any] | None) -> int | None:
+    return affinity.affinity_key(headers, None if body is None else JsonBody(orjson.dumps(body)))
+
+
+def leading_bytes(body: dict[str, Any]) -> bytes:
+    return affinity.leading_bytes(JsonBody(orjson.dumps(body)))
+
+
 def test_keys_are_the_same_in_another_process_with_another_hash_seed() -> None:
     code = (
         "from gateway.affinity import affinity_key, replica_seed\n"
+        "from gateway.jsonbody import JsonBody\n"
         "print(affinity_key([(b'x-session-id', b's1')], None), replica_seed('http://a:1'),"
-        " affinity_key([], {'messages': [{'role': 'user', 'content': 'hello'}]}))\n"
+        ' affinity_key([], JsonBody(b\'{"messages":[{"role":"user","content":"hello"}]}\')))\n'
     )
     runs = {
         subprocess.run(

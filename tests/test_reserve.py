@@ -3,15 +3,18 @@ reads it, multiplied by every answer asked for; through the gateway on a real re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from gateway import reserve
+from gateway.jsonbody import JsonBody
 from tests.conftest import Fake
 from tests.support.processes import serve, stop
 from tests.support.redis_server import RedisServer
@@ -78,6 +81,35 @@ def test_a_reservation_is_never_below_what_a_runtime_may_read(body: dict[str, An
         assert size >= (value if value is not None and value > 0 else DEFAULT)
     if not named:
         assert size >= DEFAULT
+
+
+def _prompts_a_runtime_takes(prompt: Any) -> bool:
+    """A completions prompt in a shape a runtime serves: a string, token IDs, or a list of either."""
+    if not isinstance(prompt, list):
+        return True
+    kinds = {type(p) for p in prompt}
+    return kinds <= {int} or kinds <= {str} or kinds <= {list}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([*reserve.LIMIT_FIELDS, *reserve.COPY_FIELDS, "prompt"]), JSON))
+def test_a_body_read_from_its_bytes_reserves_what_the_whole_document_does(body: dict[str, Any]) -> None:
+    raw = msgspec.json.encode(body)  # integers of any size, as a client may send them
+    document = json.loads(raw)
+    assume(_prompts_a_runtime_takes(document.get("prompt")))
+    read = JsonBody(raw)
+    for prompts in (True, False):
+        assert reserve.reservation(10, read, True, DEFAULT, prompts) == reserve.reservation(
+            10, document, True, DEFAULT, prompts
+        )
+
+
+def test_output_limits_of_each_runtime_count() -> None:
+    # llama-server prefers n_predict; text-generation-webui's flag fills the context.
+    assert reserve.max_tokens(JsonBody(b'{"max_tokens": 1, "n_predict": 9000}'), DEFAULT) == 9000
+    assert reserve.max_tokens(JsonBody(b'{"max_tokens": 1, "n_predict": -1}'), DEFAULT) == DEFAULT
+    assert reserve.max_tokens(JsonBody(b'{"max_tokens": 1, "auto_max_new_tokens": true}'), DEFAULT) == DEFAULT
+    assert reserve.max_tokens(JsonBody(b'{"max_tokens": 1, "auto_max_new_tokens": false}'), DEFAULT) == 1
 
 
 # Through the gateway, counted in a real redis-server
