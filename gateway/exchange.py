@@ -29,6 +29,8 @@ class Exchange:
     duration: float = 0.0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    events: int = 0
+    """Events of a stream relayed (``data:`` lines): what it generated, when no usage says."""
     error: str | None = None
     """The gateway's error type, a backend error class, or client_disconnect."""
     reservation: Reservation | None = None
@@ -44,3 +46,14 @@ class Exchange:
         if self.prompt_tokens is None and self.completion_tokens is None:
             return None
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    def tokens_charged(self) -> int | None:
+        """What the request is charged against its token limits: its usage where the answer
+        gave one; for a stream that gave none (a runtime sends none unless asked, and a client
+        may leave first), its prompt's estimate and an event a token, never less than was held;
+        else None (the hold stands)."""
+        used = self.tokens_used()
+        reservation = self.reservation
+        if used is not None or reservation is None or not self.events:
+            return used
+        return max(reservation.amount, reservation.prompt + self.events)

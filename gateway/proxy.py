@@ -128,7 +128,7 @@ class ProxyEndpoint:
         finally:
             exchange.duration = time.perf_counter() - exchange.start
             if exchange.reservation is not None and self.limiter is not None:
-                await self.limiter.settle(exchange.reservation, exchange.tokens_used())
+                await self.limiter.settle(exchange.reservation, exchange.tokens_charged())
             if exchange.error == CLIENT_DISCONNECT and not exchange.status:
                 exchange.status = 499  # nginx's "client closed request"
             self.metrics.finished(exchange)
@@ -203,7 +203,9 @@ class ProxyEndpoint:
                         self.default_max_tokens,
                         prompts=route.name == COMPLETIONS,
                     )
-                    reservation, held = await limiter.reserve(identity, limits, wanted, label)
+                    reservation, held = await limiter.reserve(
+                        identity, limits, wanted, label, prompt=len(body) // 4
+                    )
                     exchange.reservation = reservation
                     exchange.headers_out += held
             query: bytes = scope.get("query_string", b"")

@@ -75,14 +75,20 @@ class KeyLimits:
     tokens: tuple[RateLimitItem, ...]
 
 
+CARRY = "carry/"
+"""Prefix of the storage key that holds what a token window was overdrawn by."""
+
+
 @dataclass(slots=True)
 class Reservation:
     """Tokens held for a request until its answer says how many it used."""
 
     identity: str
     amount: int
-    holds: list[tuple[str, float]] = field(default_factory=list)
-    """(storage key, end of its window) for each token limit charged."""
+    prompt: int = 0
+    """The part of ``amount`` held for the prompt."""
+    holds: list[tuple[str, float, RateLimitItem]] = field(default_factory=list)
+    """(storage key, end of its window, the limit) for each token limit charged."""
 
 
 class Limiter:
@@ -183,10 +189,11 @@ class Limiter:
         return admitted, stats.remaining, stats.reset_time
 
     async def reserve(
-        self, identity: str, limits: KeyLimits, amount: int, label: str
+        self, identity: str, limits: KeyLimits, amount: int, label: str, prompt: int = 0
     ) -> tuple[Reservation, list[tuple[bytes, bytes]]]:
-        """Hold ``amount`` tokens in every token budget of the key, or none of them."""
-        reservation = Reservation(identity, amount)
+        """Hold ``amount`` tokens in every token budget of the key, or none of them. The first
+        request of a window is charged first what the window before was overdrawn by."""
+        reservation = Reservation(identity, amount, prompt)
         if not limits.tokens:
             return reservation, []
         for item in limits.tokens:
@@ -204,6 +211,8 @@ class Limiter:
             for item in limits.tokens:
                 key = item.key_for("tokens", identity)
                 used = await self.storage.incr(key, item.get_expiry(), amount=amount)
+                if used == amount:
+                    used += await self._carry_over(key, item)
                 reset = await self.storage.get_expiry(key)
                 if used > item.amount:
                     await self.storage.incr(key, item.get_expiry(), amount=-amount)
@@ -217,7 +226,7 @@ class Limiter:
                         code="tokens",
                         headers=_retry_after(wait) | dict(_headers("tokens", item.amount, remaining, reset)),
                     )
-                reservation.holds.append((key, reset))
+                reservation.holds.append((key, reset, item))
                 remaining = item.amount - used
                 if tightest is None or remaining < tightest[1]:
                     tightest = (item.amount, remaining, reset)
@@ -228,22 +237,39 @@ class Limiter:
         return reservation, _encoded_headers(TOKEN_HEADERS, *tightest)
 
     async def settle(self, reservation: Reservation, used: int | None) -> None:
-        """Charge what the answer used instead of what was held (unknown: keep the hold)."""
+        """Charge what the answer used instead of what was held (unknown: keep the hold).
+
+        An overdraft is never forgotten: what takes a window past its limit is carried into
+        the next one, and one whose window ended while it ran is charged to the window now."""
         if used is None or used == reservation.amount or not reservation.holds:
             return
         used = min(max(used, 0), reserve.LARGEST)  # what a backend reports is not trusted either
         difference = used - reservation.amount
         now = time.time()
         try:
-            for key, window_end in reservation.holds:
-                # Past its window the hold has expired with it; a refund would make credit.
+            for key, window_end, item in reservation.holds:
                 if window_end > now:
-                    await self.storage.incr(key, max(int(window_end - now), 1), amount=difference)
+                    left = max(int(window_end - now), 1)
+                    total = await self.storage.incr(key, left, amount=difference)
+                    over = min(total - item.amount, difference)
+                    if over > 0:
+                        await self.storage.incr(CARRY + key, left + item.get_expiry(), amount=over)
+                elif difference > 0:
+                    # Past its window the hold has expired with it (a refund would make credit).
+                    await self.storage.incr(key, item.get_expiry(), amount=difference)
         except STORAGE_FAILURES as exc:
             self._storage_failed(exc, fail=False)
 
+    async def _carry_over(self, key: str, item: RateLimitItem) -> int:
+        """Charge a window just begun what the one before was overdrawn by; the amount."""
+        carried = int(await self.storage.get(CARRY + key) or 0)
+        if carried > 0:
+            await self.storage.incr(CARRY + key, item.get_expiry(), amount=-carried)
+            await self.storage.incr(key, item.get_expiry(), amount=carried)
+        return max(carried, 0)
+
     async def _release(self, reservation: Reservation) -> None:
-        for key, window_end in reservation.holds:
+        for key, window_end, _ in reservation.holds:
             await self.storage.incr(key, max(int(window_end - time.time()), 1), amount=-reservation.amount)
         reservation.holds.clear()
 

@@ -47,6 +47,8 @@ async def relay(
             if exchange.ttfb is None:
                 exchange.ttfb = clock() - exchange.start
             previous, last = last, chunk
+            if streaming:
+                exchange.events += chunk.count(b"data:")
             if first is not None and len(first) < TAIL_BYTES:
                 first += chunk[: TAIL_BYTES - len(first)]
             done = response.at_eof()

@@ -96,3 +96,81 @@ def test_the_rest_of_a_refused_body_has_a_body_timeout_in_all(start_gateway: Gat
         answered = time.monotonic()
         assert _trickle(client, 0.2, answered + 6)
         assert time.monotonic() - answered < 2.5
+
+
+# Tokens that escaped the limits
+
+
+def _stream_without_usage(events: int) -> bytes:
+    """A chat stream as vLLM sends it when no usage is asked for: an event a token, no usage."""
+    chunk = (
+        b'data: {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+    )
+    return chunk * events + b"data: [DONE]\n\n"
+
+
+def _sse(body: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+STREAM = {"model": "m", "messages": [{"role": "user", "content": "go on"}], "stream": True}
+
+
+def test_a_stream_without_usage_is_charged_what_it_generated(start_gateway: GatewayFactory) -> None:
+    with raw_backend(lambda request: Reply(_sse(_stream_without_usage(3000)))) as backend:
+        gateway = start_gateway(
+            api_keys=["sk-test-1"],
+            backend_url=backend.url,
+            token_limit="10000/minute",
+            default_max_tokens=100,
+        )
+        statuses = [httpx.post(gateway.url + CHAT, json=STREAM, headers=AUTH).status_code for _ in range(5)]
+        # 3,000 tokens each: after four, no room is left (held at ~120 each, all five went).
+        assert statuses == [200, 200, 200, 200, 429]
+
+
+def test_an_overdraft_is_carried_into_the_next_window(start_gateway: GatewayFactory) -> None:
+    with raw_backend(lambda request: Reply(_sse(_stream_without_usage(5000)))) as backend:
+        gateway = start_gateway(
+            api_keys=["sk-test-1"],
+            backend_url=backend.url,
+            token_limit="2000/3 seconds",
+            default_max_tokens=100,
+        )
+        assert httpx.post(gateway.url + CHAT, json=STREAM, headers=AUTH).status_code == 200
+        time.sleep(3.5)
+        # 5,000 generated against 2,000 a window: the next window begins 3,000 down.
+        refused = httpx.post(gateway.url + CHAT, json=STREAM, headers=AUTH)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "tokens"
+
+
+def test_every_output_limit_a_runtime_reads_is_reserved(start_gateway: GatewayFactory) -> None:
+    with raw_backend(lambda request: Reply(response(200, b"{}"))) as backend:
+        gateway = start_gateway(
+            api_keys=["sk-test-1"], backend_url=backend.url, backend="llamacpp", token_limit="2000/minute"
+        )
+        body = {"model": "m", "max_tokens": 1, "n_predict": 9000}
+        answer = httpx.post(gateway.url + CHAT, json=body, headers=AUTH)
+        assert answer.status_code == 429
+        assert "9" in answer.json()["error"]["message"]
+        assert [r for r in backend.requests if not r.own] == []
+
+
+def test_work_out_of_the_gateways_sight_is_refused_to_a_token_limited_key(
+    start_gateway: GatewayFactory,
+) -> None:
+    with raw_backend(lambda request: Reply(response(200, b"{}"))) as backend:
+        gateway = start_gateway(
+            api_keys=["sk-test-1"], backend_url=backend.url, backend="basert", token_limit="2000/minute"
+        )
+        batch = {"input_file_id": "file-1", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        answer = httpx.post(gateway.url + "/v1/batches", json=batch, headers=AUTH)
+        assert answer.status_code == 403
+        assert answer.json()["error"]["code"] == "tokens_unaccountable"
+        background = {"model": "m", "input": "hi", "background": True, "max_output_tokens": 10}
+        answer = httpx.post(gateway.url + "/v1/responses", json=background, headers=AUTH)
+        assert answer.status_code == 403
+        assert "background" in answer.json()["error"]["message"]
+        assert [r for r in backend.requests if not r.own] == []
