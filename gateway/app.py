@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters import llamacpp, vllm
-from gateway import openapi
+from gateway import openapi, preflight
 from gateway.accesslog import AccessLog
 from gateway.admin import AdminBackends, RuntimeMetrics
 from gateway.auth import Authenticator, load_keys_file
@@ -59,6 +59,7 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     ``backend`` defaults to the one the settings describe; with no backend URL configured,
     that is an embedded runtime the app starts and supervises for its lifetime.
     """
+    preflight.check(settings)
     launch: Launch | None = None
     if backend is None and settings.backend_url is None and settings.backends is None:
         launch = plan_launch(settings)
@@ -128,8 +129,9 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         )
 
     owners: Owners | None = None
-    if auth.size > 1:
-        owners = Owners(_object_secret(settings), records_for(settings.rate_limit_storage))
+    if auth.size > 1 and settings.object_secret is not None:  # preflight.check: set with several
+        secret = settings.object_secret.get_secret_value().encode()
+        owners = Owners(secret, records_for(settings.rate_limit_storage))
     endpoints = {
         spec: ProxyEndpoint(
             spec,
@@ -164,7 +166,13 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         routes.append(Route("/admin/backends/{name}/metrics", runtime_metrics.endpoint, methods=["GET"]))
     page = Page(metrics.render, settings.metrics_token)
     if settings.metrics_port is None:
-        routes.append(Route("/metrics", MetricsEndpoint(page).endpoint, methods=["GET"]))
+        closed = auth.enabled and not settings.metrics_public
+        routes.append(Route("/metrics", MetricsEndpoint(page, admin, closed).endpoint, methods=["GET"]))
+        if closed and settings.metrics_token is None and not admin.enabled:
+            logger.warning(
+                "/metrics answers no one: with client keys it needs --metrics-token or an admin key "
+                "(or --metrics-port, or --metrics-public to open it)"
+            )
     if settings.docs:
         served = [
             spec
@@ -244,16 +252,6 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     app.state.owners = owners
     app.state.lifecycle = lifecycle
     return app
-
-
-def _object_secret(settings: Settings) -> bytes:
-    if settings.object_secret is not None:
-        return settings.object_secret.get_secret_value().encode()
-    logger.warning(
-        "no --object-secret: the IDs of files, batches and stored responses are sealed with a random "
-        "secret, so they hold only in this process (give every replica the same --object-secret)"
-    )
-    return os.urandom(32)
 
 
 def _reload_on_sighup(router: Router, settings: Settings) -> bool:

@@ -2,7 +2,9 @@
 
 Keys are held only as SHA-256 digests and compared in constant time against every
 configured key, so neither timing nor a memory dump tells which key or how much of it.
-Keys come from ``API_KEYS`` (named ``key-1``, ``key-2``, … in order) and from a keys file,
+Keys come from ``API_KEYS`` (each named ``key-`` and the first hex digits of its SHA-256, so
+that its name, and with it its objects and its counters, belong to the key itself, whatever
+its place in the list and whichever keys are added or revoked) and from a keys file,
 which can hold a key's hash instead of the key and give each key its own limits::
 
     keys:
@@ -58,9 +60,9 @@ class Authenticator:
     def from_plain_keys(
         cls, keys: Iterable[str], extra: Sequence[ApiKey] = (), prefix: str = ""
     ) -> Authenticator:
-        """Keys named ``key-1``, ``key-2``, ... in order (``prefix`` before each: admin keys are
-        ``admin:key-1``, ..., never mistaken for a client key in logs and metrics)."""
-        plain = [ApiKey(f"{prefix}key-{i}", _digest(key.encode())) for i, key in enumerate(keys, start=1)]
+        """Keys named by their digests (``prefix`` before each: admin keys are
+        ``admin:key-…``, never mistaken for a client key in logs and metrics)."""
+        plain = [ApiKey(plain_key_name(key, prefix), _digest(key.encode())) for key in keys]
         return cls([*plain, *extra])
 
     @property
@@ -145,6 +147,11 @@ def load_keys_file(path: Path) -> list[ApiKey]:
             )
         )
     return keys
+
+
+def plain_key_name(key: str, prefix: str = "") -> str:
+    """A key's name from the key itself: ``key-`` and the first 8 hex digits of its SHA-256."""
+    return f"{prefix}key-{_digest(key.encode()).hex()[:8]}"
 
 
 def _bearer(value: bytes) -> bytes | None:

@@ -70,15 +70,35 @@ class StreamedBody:
         self.head = b""
         """Bytes read ahead by ``peek_form_field``; sent first."""
         self.ended = False
+        self.fields: FormFields | None = None
+        """Counts a form field's parts as the body passes (``watch_form_field``)."""
+
+    def watch_form_field(self, content_type: bytes | None, name: str) -> None:
+        """Fail the body, and so the request, if it holds the form field ``name`` more than once
+        or a part whose head cannot be read: runtimes differ in which of two they take."""
+        delimiter = _delimiter(content_type)
+        if delimiter is not None:
+            self.fields = FormFields(delimiter, name.encode())
+
+    def _check(self, chunk: bytes) -> None:
+        fields = self.fields
+        if fields is None:
+            return
+        fields.feed(chunk)
+        if fields.count > 1 or fields.unreadable:
+            what = "more than once" if fields.count > 1 else "in a part whose head is not readable"
+            self.failure = InvalidRequest(
+                f"the form names {fields.name.decode()!r} {what}: send it once", code="ambiguous_form"
+            )
+            raise self.failure
 
     async def peek_form_field(self, content_type: bytes | None, name: str) -> str | None:
         """The value of the multipart form field ``name`` when it comes before any file part
         and within the first ``PEEK_BYTES``; None otherwise. Nothing is lost: what is read
         here is the start of what iteration yields."""
-        match = BOUNDARY.search(content_type or b"")
-        if match is None or not (content_type or b"").lower().startswith(b"multipart/form-data"):
+        delimiter = _delimiter(content_type)
+        if delimiter is None:
             return None
-        delimiter = b"--" + match.group(1)
         wanted = name.encode()
         while True:
             value, decided = _form_field(self.head, delimiter, wanted)
@@ -97,6 +117,7 @@ class StreamedBody:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         size = len(self.head)
         if self.head:
+            self._check(self.head)
             yield self.head
         if self.ended:
             return
@@ -111,14 +132,70 @@ class StreamedBody:
                 self.failure = too_large(self.limit)
                 raise self.failure
             if chunk:
+                self._check(chunk)
                 yield chunk
             if not message.get("more_body", False):
                 return
 
 
+class FormFields:
+    """Counts the parts of a multipart body named ``name``, as the body passes, holding no more
+    than a part's head (``PART_HEAD``) of it."""
+
+    def __init__(self, delimiter: bytes, name: bytes) -> None:
+        self.delimiter = delimiter
+        self.name = name
+        self.count = 0
+        self.unreadable = False
+        self.ended = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if self.ended or self.unreadable:
+            return
+        data = self._pending + chunk if self._pending else chunk
+        delimiter = self.delimiter
+        at = 0
+        while True:
+            found = data.find(delimiter, at)
+            if found < 0:
+                self._pending = data[max(len(data) - len(delimiter) + 1, at) :]
+                return
+            start = found + len(delimiter)
+            if data[start : start + 2] == b"--":
+                self.ended = True  # the closing delimiter: what follows is no part
+                return
+            head_end = data.find(b"\r\n\r\n", start)
+            if head_end < 0:
+                if len(data) - start > PART_HEAD:
+                    self.unreadable = True
+                self._pending = data[found:]
+                return
+            if part_name(data[start:head_end]) == self.name:
+                self.count += 1
+            at = head_end + 4
+
+
 PEEK_BYTES = 64 * 1024
+PART_HEAD = 8 * 1024
 BOUNDARY = re.compile(rb'boundary="?([^";,\s]+)"?', re.IGNORECASE)
-FIELD_NAME = re.compile(rb'(?:^|[;\s])name="([^"]*)"', re.IGNORECASE)
+# Quoted as RFC 7578 has it, or bare, as form parsers (python-multipart's) also read it.
+FIELD_NAME = re.compile(rb'(?:^|[;\s])name\s*=\s*(?:"([^"]*)"|([^";\s]+))', re.IGNORECASE)
+
+
+def _delimiter(content_type: bytes | None) -> bytes | None:
+    match = BOUNDARY.search(content_type or b"")
+    if match is None or not (content_type or b"").lower().startswith(b"multipart/form-data"):
+        return None
+    return b"--" + match.group(1)
+
+
+def part_name(head: bytes) -> bytes | None:
+    """The form field a part's head names (its Content-Disposition's ``name``), or None."""
+    found = FIELD_NAME.search(head)
+    if found is None:
+        return None
+    return found.group(1) if found.group(1) is not None else found.group(2)
 
 
 def _form_field(data: bytes, delimiter: bytes, name: bytes) -> tuple[str | None, bool]:
@@ -141,8 +218,7 @@ def _form_field(data: bytes, delimiter: bytes, name: bytes) -> tuple[str | None,
         value_end = data.find(b"\r\n" + delimiter, head_end + 4)
         if value_end == -1:
             return None, False
-        found = FIELD_NAME.search(head)
-        if found is not None and found.group(1) == name:
+        if part_name(head) == name:
             return data[head_end + 4 : value_end].decode("utf-8", "replace"), True
         position = value_end + 2
     return None, False

@@ -9,6 +9,7 @@ read per backend at a time, whoever asks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -17,6 +18,8 @@ import orjson
 from gateway.client import UpstreamError
 from gateway.errors import NotFound
 from gateway.replicas import Group
+
+logger = logging.getLogger("gateway.catalogue")
 
 LIST_REFRESH = 60.0
 LIST_RETRY = 5.0
@@ -33,6 +36,7 @@ class Catalogue:
         """Told every model name whenever a list is read (the metrics' model label)."""
         self._by_model: dict[str, list[Group]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     def set_groups(self, groups: list[Group], default: Group) -> None:
         self.groups = groups
@@ -40,11 +44,40 @@ class Catalogue:
         self.rebuild()
 
     def rebuild(self) -> None:
+        """Which backends serve each model. A model several backends declare (``models`` or
+        ``aliases``) is shared between them, on purpose; one a backend serves only by its own
+        list goes to it only where no other backend serves it: a second runtime that lists a
+        model would otherwise take a share of its prompts unasked (it is told in a warning)."""
         by_model: dict[str, list[Group]] = {}
+        listed: list[Group] = []
         for group in self.groups:
-            for name in group.model_names():
-                by_model.setdefault(name, []).append(group)
+            if group.models is None:
+                listed.append(group)
+                for name in group.aliases:
+                    by_model.setdefault(name, []).append(group)
+            else:
+                for name in group.model_names():
+                    by_model.setdefault(name, []).append(group)
+        for group in listed:
+            for name in group.model_names() - set(group.aliases):
+                serving = by_model.get(name)
+                if serving is None:
+                    by_model[name] = [group]
+                elif group not in serving:
+                    self._overlap(name, group, serving[0])
         self._by_model = by_model
+
+    def _overlap(self, model: str, group: Group, serving: Group) -> None:
+        if (model, group.name) in self._warned:
+            return
+        self._warned.add((model, group.name))
+        logger.warning(
+            "the %s backend lists the model %r, which the %s backend serves: it gets none of its "
+            "requests (list the model in both backends' models to share it)",
+            group.name,
+            model,
+            serving.name,
+        )
 
     async def groups_for(self, model: str | None) -> list[Group]:
         """The backends that serve ``model``; the default one for a request naming none."""
@@ -57,6 +90,19 @@ class Catalogue:
         if groups is None:
             raise NotFound(f"the model {model!r} does not exist", code="model_not_found", param="model")
         return groups
+
+    async def check_listed(self, model: str | None) -> None:
+        """NotFound unless a backend lists ``model`` (read again when not, as for routing):
+        with one backend, what a key that may use only some models may name."""
+        if model is not None and (
+            model in self._by_model or (await self._refresh_stale() and model in self._by_model)
+        ):
+            return
+        raise NotFound(
+            f"the model {model!r} does not exist or this key may not use it",
+            code="model_not_found",
+            param="model",
+        )
 
     async def _refresh_stale(self) -> bool:
         """Re-read the lists of backends not read lately; True if any was."""

@@ -50,7 +50,8 @@ FORWARDING = frozenset(
     }
 )
 NOT_FORWARDED = NOT_FORWARDED | FORWARDING
-NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+# The gateway's own: a backend's (another gateway's, or a forged one) never stands beside them.
+NOT_RETURNED = HOP_BY_HOP | {b"x-request-id", b"x-gateway-backend"}
 # Statuses whose answers never have a body (RFC 9110 6.4.1): their framing headers go too.
 BODILESS = frozenset({204, 304})
 NOT_RETURNED_BODILESS = NOT_RETURNED | {b"content-length"}

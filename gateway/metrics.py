@@ -34,6 +34,7 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.auth import Authenticator
 from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.exchange import Exchange
 from gateway.headers import single_header
@@ -414,23 +415,41 @@ class Page:
 
 
 DENIED = AuthenticationFailed("/metrics needs the metrics token", code="invalid_metrics_token")
+DENIED_CLOSED = AuthenticationFailed(
+    "/metrics needs the metrics token or an admin key", code="invalid_metrics_token"
+)
 
 
 class MetricsEndpoint:
-    """``GET /metrics``, open or behind its own bearer token."""
+    """``GET /metrics`` on the main port: behind its bearer token when one is set; else, when
+    ``closed`` (client keys are configured: it names their keys, models, token totals and
+    replica URLs), behind an admin key; else open. An admin key opens it either way."""
 
-    def __init__(self, page: Page) -> None:
+    def __init__(self, page: Page, admin: Authenticator | None = None, closed: bool = False) -> None:
         self.page = page
+        self.admin = admin if admin is not None and admin.enabled else None
+        self.closed = closed and page.expected is None
 
     async def endpoint(self, request: Request) -> Response:
         try:
             authorization = single_header(request.scope["headers"], b"authorization")
-            single_header(request.scope["headers"], b"x-api-key")  # refused when repeated, as everywhere
+            x_api_key = single_header(request.scope["headers"], b"x-api-key")  # refused when repeated
         except GatewayError as exc:
             return Response(exc.body(), status_code=exc.status, media_type="application/json")
-        if not self.page.allowed(authorization):
-            return Response(DENIED.body(), status_code=401, media_type="application/json")
+        if (self.closed or not self.page.allowed(authorization)) and not self._admin(
+            authorization, x_api_key
+        ):
+            denied = DENIED_CLOSED if self.closed or self.admin is not None else DENIED
+            return Response(denied.body(), status_code=401, media_type="application/json")
         return Response(self.page.body(), media_type=CONTENT_TYPE)
+
+    def _admin(self, authorization: bytes | None, x_api_key: bytes | None) -> bool:
+        if self.admin is None:
+            return False
+        try:
+            return self.admin.authenticate(authorization, x_api_key) is not None
+        except AuthenticationFailed:
+            return False
 
 
 def shown_url(url: str) -> str:

@@ -229,8 +229,12 @@ class ProxyEndpoint:
                         exchange.model = model[:MAX_MODEL_NAME]
                     if checked:
                         _check_allowed(exchange, model)
+                        body.watch_form_field(content_type, "model")
             if not by_model:
                 groups = [router.default]
+                if exchange.restricted is not None and route.name not in MODEL_FREE:
+                    # A name the key's patterns allow is still one the runtime must serve.
+                    await router.catalogue.check_listed(exchange.model)
             elif self.management:
                 assert parsed is not None
                 groups = [await management.target_group(router, parsed)]

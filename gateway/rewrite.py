@@ -147,17 +147,21 @@ class Rewrites:
         assert exchange.key is not None
         head, whole = await self._read_whole(response, exchange)
         if not whole or response.header(b"content-encoding") is not None:
+            # Unread, its IDs cannot be sealed (an ID the owner could never use again) nor a
+            # list cut to the key's own objects: it must not go as it is.
             if self.route.name in ownership.LISTS:
-                # Unread, it cannot be cut to the key's own objects; it must not go as it is.
                 error = BackendBadResponse(
                     "the backend's list is too large to check whose objects it holds: ask for fewer (limit)",
                     code="list_too_large",
                 )
-                await send_error(send, error, exchange)
-                return False
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            await send({"type": "http.response.body", "body": head, "more_body": not whole})
-            return True if whole else await relay(response, send, False, exchange, self.settings)
+            else:
+                error = BackendBadResponse(
+                    "the backend's answer is too large (or compressed) to seal the IDs it holds: raise "
+                    f"--backend-max-read-bytes above {self.max_read_bytes}",
+                    code="answer_too_large",
+                )
+            await send_error(send, error, exchange)
+            return False
         sealed = await self.owners.answer(exchange.key, self.route.name, head)
         await send_whole(send, response.status, headers, sealed)
         return True

@@ -269,6 +269,8 @@ class Router:
             if previous is not None and previous.config is not None and previous.config.kind == config.kind:
                 group.listed, group.listed_at = previous.listed, previous.listed_at
                 group.replicas = previous.replicas
+                for replica in group.replicas:  # a key rotated in the file takes effect now
+                    replica.upstream.set_auth(group.backend.auth_header)
             elif previous is not None:
                 # Another kind of runtime under the same name: nothing of the old one is reused.
                 gone.append(previous)

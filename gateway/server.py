@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
+from gateway import preflight
 from gateway.health import Lifecycle
 from gateway.protocol import ClientLimits, LimitedHttpToolsProtocol
 from gateway.settings import Settings
@@ -42,6 +43,11 @@ def run(settings: Settings) -> int:
         stream=sys.stderr,
     )
     if settings.workers > 1:
+        try:
+            preflight.check(settings)
+        except ValueError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 2
         return _run_workers(settings)
     try:
         app = create_app(settings)

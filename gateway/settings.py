@@ -277,7 +277,14 @@ class Settings(BaseSettings):
         True, description="Serve /openapi.json and /docs (Swagger UI from bundled assets, no CDN)."
     )
     metrics_token: SecretStr | None = Field(
-        None, description="Bearer token /metrics requires (default: /metrics is open)."
+        None,
+        description="Bearer token /metrics requires. Default: on the main port, with client keys "
+        "configured, /metrics needs this token or an admin key; otherwise it is open.",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics on the main port to anyone, client keys configured or not (it "
+        "names tenants' keys, models, token totals and replica URLs).",
     )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve /metrics on this port instead of the main one."

@@ -40,13 +40,20 @@ class Upstream:
         self.origin = Origin.from_url(url)
         self.auth_header = auth_header
         """The header that authenticates the gateway to the backend, added to every request."""
-        self.own_headers: Headers = [(b"user-agent", USER_AGENT)]
+        self.own_headers: Headers = []
         """Headers of the gateway's own requests (probes, model lists), not a client's."""
-        if auth_header is not None:
-            self.own_headers.append(auth_header)
+        self.set_auth(auth_header)
         self.on_retry: Callable[[], object] | None = None
         """Called when a request is sent again on a fresh connection (a metric)."""
         self._pool: Pool | None = None
+
+    def set_auth(self, auth_header: tuple[bytes, bytes] | None) -> None:
+        """Authenticate to the backend with this header from the next request on (a key
+        rotated in the backends file, read again on SIGHUP)."""
+        self.auth_header = auth_header
+        self.own_headers = [(b"user-agent", USER_AGENT)]
+        if auth_header is not None:
+            self.own_headers.append(auth_header)
 
     @property
     def pool(self) -> Pool:

@@ -76,6 +76,9 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
 
     def start(**overrides: Any) -> Gateway:
         overrides.setdefault("backend_url", fake.url)
+        overrides.setdefault("object_secret", OBJECT_SECRET)
+        # Tests read /metrics as they please; test_attacks shows it closed by default.
+        overrides.setdefault("metrics_public", True)
         overrides.setdefault("access_log", False)  # on where a test reads it
         settings = Settings(**overrides)
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on accepted connections as it does
@@ -124,6 +127,9 @@ def objects(loop_thread: LoopThread) -> Iterator[tuple[ObjectRuntime, str]]:
 def gateway(start_gateway: GatewayFactory) -> Gateway:
     return start_gateway(api_keys=["sk-test-1", "sk-test-2"])
 
+
+OBJECT_SECRET = "tests-object-secret-0123456789abcdef"
+"""Seals object IDs wherever a test starts a gateway with several keys and names none."""
 
 AUTH = {"Authorization": "Bearer sk-test-1"}
 

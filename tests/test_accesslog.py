@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from gateway.accesslog import PIPE_BUF, AccessLog
+from gateway.auth import plain_key_name
 from gateway.exchange import Exchange
 from tests.conftest import GatewayFactory
 
@@ -57,7 +58,7 @@ def test_one_line_per_request_with_its_fields(
     assert "Hello there" not in out  # nor the completion
     first, second, third = lines(out)
     assert first["request_id"] == "trace-7"
-    assert first["key"] == "key-2"
+    assert first["key"] == plain_key_name("sk-test-2")
     assert first["method"] == "POST"
     assert first["route"] == "chat_completions"
     assert first["status"] == 200

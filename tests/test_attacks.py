@@ -3,14 +3,26 @@ whose shape costs memory, a body that never ends, a body sent after a refusal.""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
+import yaml
 
-from tests.conftest import AUTH, GatewayFactory
+from gateway.auth import plain_key_name
+from tests.conftest import AUTH, OBJECT_SECRET, Fake, Gateway, GatewayFactory, Runtime
 from tests.support.calls import CHAT, MiB
+from tests.support.fakes import wait_until
+from tests.support.object_fakes import ObjectRuntime
 from tests.support.processes import serve, stop
-from tests.support.raw import RawClient, Reply, current_rss_kib, peak_rss_kib, raw_backend, response
+from tests.support.raw import RawClient, Reply, Request, current_rss_kib, peak_rss_kib, raw_backend, response
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _nested_body(size: int) -> bytes:
@@ -174,3 +186,215 @@ def test_work_out_of_the_gateways_sight_is_refused_to_a_token_limited_key(
         assert answer.status_code == 403
         assert "background" in answer.json()["error"]["message"]
         assert [r for r in backend.requests if not r.own] == []
+
+
+# Identities that changed hands
+
+
+def test_a_revoked_key_hands_nothing_to_the_next(
+    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+) -> None:
+    _, url = objects
+    keys = ["sk-one", "sk-two", "sk-three"]
+    before = start_gateway(backend="openai", backend_url=url, api_keys=keys)
+    uploaded = httpx.post(
+        before.url + "/v1/files",
+        files={"file": ("in.jsonl", b"{}\n")},
+        data={"purpose": "batch"},
+        headers={"authorization": "Bearer sk-two"},
+    )
+    assert uploaded.status_code == 200
+    file_id = uploaded.json()["id"]
+    # The same gateway after a restart without key two: key three is not who key two was.
+    after = start_gateway(backend="openai", backend_url=url, api_keys=["sk-one", "sk-three"])
+    read = httpx.get(after.url + f"/v1/files/{file_id}", headers={"authorization": "Bearer sk-three"})
+    assert read.status_code == 404
+    assert plain_key_name("sk-three") != plain_key_name("sk-two")
+
+
+def _refused(*args: str) -> str:
+    """The gateway's own words when it refuses to start with ``args``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
+def test_settings_that_would_leak_between_tenants_are_refused_at_start(fake: Fake, tmp_path: Path) -> None:
+    keys = ("--backend-url", fake.url, "--api-key", "sk-a", "--api-key", "sk-b")
+    # IDs sealed with a secret of the process's own would die with it.
+    assert "--object-secret" in _refused(*keys)
+    # The shipped manifests' placeholder, or anything short, seals nothing.
+    shipped = yaml.safe_load((ROOT / "deploy/kubernetes/base/secret.yaml").read_text())
+    placeholder = shipped["stringData"]["object-secret"]
+    assert "placeholder" in _refused(*keys, "--object-secret", placeholder)
+    assert "placeholder" in _refused(*keys, "--object-secret", "short")
+    # Workers counting limits each in their own memory would multiply them.
+    one_key = ("--backend-url", fake.url, "--api-key", "sk-a")
+    assert "Redis" in _refused(*one_key, "--workers", "2", "--rate-limit", "10/minute")
+    assert "Redis" in _refused(*keys, "--object-secret", OBJECT_SECRET, "--workers", "2")
+
+
+# Model allowlists on uploads
+
+
+def _models_or_ok(request: Request) -> Reply:
+    if request.target.startswith(b"/v1/models"):
+        listed = b'{"object": "list", "data": [{"id": "allowed-a", "object": "model"}, {"id": "secret-b"}]}'
+        return Reply(response(200, listed))
+    return Reply(response(200, b'{"text": "ok"}'))
+
+
+def _form(*parts: tuple[bytes, bytes]) -> bytes:
+    body = b"".join(
+        b"--b\r\nContent-Disposition: form-data; " + head + b"\r\n\r\n" + value + b"\r\n"
+        for head, value in parts
+    )
+    return body + b"--b--\r\n"
+
+
+def _limited_gateway(start_gateway: GatewayFactory, tmp_path: Path, url: str) -> str:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text('keys:\n  - name: limited\n    key: sk-limited\n    models: ["allowed-*"]\n')
+    return start_gateway(api_keys=[], keys_file=str(keys), backend="vllm", backend_url=url).url
+
+
+def test_an_upload_cannot_name_a_model_twice_or_in_a_way_the_gateway_skips(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    with raw_backend(_models_or_ok) as backend:
+        url = _limited_gateway(start_gateway, tmp_path, backend.url)
+        headers = {"authorization": "Bearer sk-limited", "content-type": "multipart/form-data; boundary=b"}
+        audio = (b'name="file"; filename="a.wav"', b"RIFF" + b"\0" * 5000)
+
+        def send(body: bytes) -> httpx.Response:
+            return httpx.post(url + "/v1/audio/transcriptions", content=body, headers=headers, timeout=10)
+
+        # Allowed first, forbidden second: a form parser that takes the last would serve it.
+        twice = send(_form((b'name="model"', b"allowed-a"), audio, (b'name="model"', b"secret-b")))
+        assert twice.status_code == 400
+        assert twice.json()["error"]["code"] == "ambiguous_form"
+        # Unquoted, as python-multipart also reads it.
+        bare = send(_form((b"name=model", b"secret-b"), audio))
+        assert bare.status_code == 404
+        assert bare.json()["error"]["code"] == "model_not_found"
+        # An upload is streamed: the first bytes of the refused one went, the whole never did.
+        whole = [
+            r for r in backend.requests if not r.own and len(r.body) == int(r.header(b"content-length") or 0)
+        ]
+        assert whole == []
+        assert send(_form((b'name="model"', b"allowed-a"), audio)).status_code == 200
+
+
+def test_a_name_the_key_may_use_must_still_be_one_the_runtime_serves(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    with raw_backend(_models_or_ok) as backend:
+        url = _limited_gateway(start_gateway, tmp_path, backend.url)
+        headers = {"authorization": "Bearer sk-limited"}
+        unknown = httpx.post(url + CHAT, json={"model": "allowed-zzz"}, headers=headers)
+        assert unknown.status_code == 404
+        assert [r for r in backend.requests if not r.own] == []
+        assert httpx.post(url + CHAT, json={"model": "allowed-a"}, headers=headers).status_code == 200
+
+
+# Smaller leaks
+
+
+def test_a_backends_own_gateway_header_never_reaches_the_client(start_gateway: GatewayFactory) -> None:
+    forged = response(200, b"{}", (("x-gateway-backend", "admin-pool"), ("x-request-id", "theirs")))
+    with raw_backend(lambda request: Reply(forged)) as backend:
+        gateway = start_gateway(api_keys=["sk-test-1"], backend_url=backend.url)
+        answer = httpx.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH)
+        assert answer.status_code == 200
+        assert answer.headers.get_list("x-gateway-backend") == ["openai"]
+        assert answer.headers.get_list("x-request-id") != ["theirs"]
+
+
+def test_a_list_after_an_id_in_any_spelling_is_unsealed_or_refused(
+    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+) -> None:
+    runtime, url = objects
+    gateway = start_gateway(backend="openai", backend_url=url, api_keys=["sk-one", "sk-two"])
+    seen = len(runtime.requests)
+    for query in ("%61fter=file-0001", "after=file-0001", "%61fter=file-0001&after=x"):
+        answer = httpx.get(gateway.url + "/v1/files?" + query, headers={"authorization": "Bearer sk-one"})
+        assert answer.status_code == 404, query
+    assert len(runtime.requests) == seen  # the raw ID never reached the runtime
+
+
+def test_an_answer_too_large_to_seal_is_never_sent_unsealed(
+    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+) -> None:
+    _, url = objects
+    gateway = start_gateway(
+        backend="openai", backend_url=url, api_keys=["sk-one", "sk-two"], backend_max_read_bytes=1024
+    )
+    answer = httpx.post(
+        gateway.url + "/v1/files",
+        files={"file": ("x" * 2000 + ".jsonl", b"{}\n")},
+        data={"purpose": "batch"},
+        headers={"authorization": "Bearer sk-one"},
+    )
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "answer_too_large"
+    assert b"file-0001" not in answer.content
+
+
+def test_a_backend_key_rotated_in_the_backends_file_is_used_after_sighup(tmp_path: Path) -> None:
+    with raw_backend(_models_or_ok) as backend:
+        path = tmp_path / "backends.yaml"
+        entry = {"name": "only", "kind": "vllm", "url": backend.url}
+        path.write_text(yaml.safe_dump({"backends": [{**entry, "api_key": "backend-key-old"}]}))
+        process, url = serve("--backends", str(path), "--api-key", "sk-test-1", "--no-access-log")
+        try:
+
+            def sent_key() -> bytes | None:
+                answer = httpx.post(url + CHAT, json={"model": "allowed-a"}, headers=AUTH, timeout=10)
+                assert answer.status_code == 200
+                return [r for r in backend.requests if not r.own][-1].header(b"authorization")
+
+            assert sent_key() == b"Bearer backend-key-old"
+            path.write_text(yaml.safe_dump({"backends": [{**entry, "api_key": "backend-key-new"}]}))
+            process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: sent_key() == b"Bearer backend-key-new", timeout=10)
+        finally:
+            stop(process)
+
+
+def test_a_backend_listing_a_model_another_serves_takes_none_of_it_unless_declared(
+    runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    owner, owner_url = runtimes("owner", ["m"])
+    stray, stray_url = runtimes("stray", ["m", "other"])
+    gateway = fleet_gateway([{"name": "owner", "url": owner_url}, {"name": "stray", "url": stray_url}])
+    for _ in range(12):
+        answer = httpx.post(gateway.url + CHAT, json={"model": "m"}, headers=AUTH, timeout=10)
+        assert answer.headers["x-gateway-backend"] == "owner"
+    assert (owner.count(CHAT), stray.count(CHAT)) == (12, 0)
+    assert "the stray backend lists the model 'm', which the owner backend serves" in caplog.text
+    # Its own models still go to it.
+    answer = httpx.post(gateway.url + CHAT, json={"model": "other"}, headers=AUTH, timeout=10)
+    assert answer.headers["x-gateway-backend"] == "stray"
+
+
+def test_metrics_on_the_main_port_are_closed_to_client_keys_by_default(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], admin_api_keys=["sk-admin"], metrics_public=False)
+    httpx.post(gateway.url + CHAT, json={"model": "fake-model"}, headers=AUTH)
+    for headers in ({}, AUTH, {"x-api-key": "sk-test-1"}):
+        refused = httpx.get(gateway.url + "/metrics", headers=headers)
+        assert refused.status_code == 401
+        assert b"key-" not in refused.content
+    page = httpx.get(gateway.url + "/metrics", headers={"authorization": "Bearer sk-admin"})
+    assert page.status_code == 200
+    assert plain_key_name("sk-test-1") in page.text
+    # Opened on purpose, or with no client keys at all, it is open.
+    assert (
+        httpx.get(start_gateway(api_keys=["sk-test-1"], metrics_public=True).url + "/metrics").status_code
+        == 200
+    )
+    assert httpx.get(start_gateway(metrics_public=False).url + "/metrics").status_code == 200

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import ApiKey, Authenticator, load_keys_file
+from gateway.auth import ApiKey, Authenticator, load_keys_file, plain_key_name
 from gateway.errors import AuthenticationFailed
 
 auth = Authenticator.from_plain_keys(["sk-one", "sk-two"])
@@ -20,16 +20,27 @@ def test_no_keys_means_open() -> None:
 @pytest.mark.parametrize(
     ("authorization", "x_api_key", "name"),
     [
-        (b"Bearer sk-one", None, "key-1"),
-        (b"bearer   sk-two ", None, "key-2"),
-        (None, b"sk-two", "key-2"),
-        (b"Basic abc", b"sk-one", "key-1"),
+        (b"Bearer sk-one", None, "sk-one"),
+        (b"bearer   sk-two ", None, "sk-two"),
+        (None, b"sk-two", "sk-two"),
+        (b"Basic abc", b"sk-one", "sk-one"),
     ],
 )
 def test_accepted(authorization: bytes | None, x_api_key: bytes | None, name: str) -> None:
     key = auth.authenticate(authorization, x_api_key)
     assert key is not None
-    assert key.name == name
+    assert key.name == plain_key_name(name)
+
+
+def test_a_plain_key_is_named_by_its_digest_whatever_its_place() -> None:
+    digest = hashlib.sha256(b"sk-two").hexdigest()
+    assert plain_key_name("sk-two") == "key-" + digest[:8]
+    alone = Authenticator.from_plain_keys(["sk-two"]).authenticate(b"Bearer sk-two", None)
+    assert alone is not None
+    assert alone.name == plain_key_name("sk-two")
+    admin = Authenticator.from_plain_keys(["sk-two"], prefix="admin:").authenticate(b"Bearer sk-two", None)
+    assert admin is not None
+    assert admin.name == "admin:" + plain_key_name("sk-two")
 
 
 @pytest.mark.parametrize(
@@ -70,7 +81,11 @@ def test_keys_file_with_plain_keys_hashes_and_limits(tmp_path: Path) -> None:
         ("jobs", "600/minute", "9000/hour"),
     ]
     combined = Authenticator.from_plain_keys(["sk-plain"], keys)
-    for presented, name in ((b"sk-alice", "alice"), (b"sk-hashed", "jobs"), (b"sk-plain", "key-1")):
+    for presented, name in (
+        (b"sk-alice", "alice"),
+        (b"sk-hashed", "jobs"),
+        (b"sk-plain", plain_key_name("sk-plain")),
+    ):
         found = combined.authenticate(None, presented)
         assert found is not None
         assert found.name == name
@@ -115,7 +130,7 @@ def test_a_keys_file_names_the_models_a_key_may_use(tmp_path: Path) -> None:
 
 def test_key_names_are_unique() -> None:
     with pytest.raises(ValueError, match="unique"):
-        Authenticator.from_plain_keys(["a"], load_keys_file_like([("key-1", b"x")]))
+        Authenticator.from_plain_keys(["a"], load_keys_file_like([(plain_key_name("a"), b"x")]))
 
 
 def load_keys_file_like(entries: list[tuple[str, bytes]]) -> list[ApiKey]:

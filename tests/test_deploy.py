@@ -205,6 +205,11 @@ def test_services_ingress_and_monitoring_point_at_real_ports() -> None:
     endpoint = monitor["spec"]["endpoints"][0]
     assert endpoint["port"] == "metrics"
     assert endpoint["path"] == "/metrics"
+    # It scrapes with the token the gateway requires (/metrics names the tenants).
+    credentials = endpoint["authorization"]["credentials"]
+    (container,) = by_kind(documents, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    token = next(item for item in container["env"] if item["name"] == "GATEWAY_METRICS_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == credentials
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     vllm = by_kind(documents, "Deployment", "vllm")["spec"]["template"]
     assert vllm["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"

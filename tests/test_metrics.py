@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.auth import plain_key_name
 from gateway.exchange import Exchange
 from gateway.metrics import LATENCY_BUCKETS, KnownModels, Metrics
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
@@ -52,11 +53,34 @@ def test_requests_tokens_and_latencies(gateway: Gateway) -> None:
         headers=AUTH,
     )
     samples = scrape(gateway)
-    labels = {"route": "chat_completions", "status": "200", "model": "fake-model", "key": "key-1"}
+    labels = {
+        "route": "chat_completions",
+        "status": "200",
+        "model": "fake-model",
+        "key": plain_key_name("sk-test-1"),
+    }
     assert value(samples, "gateway_requests_total", backend="openai", method="POST", **labels) == 4
     # 3 answers with usage 5 + 3, one stream whose final chunk says 5 + 5.
-    assert value(samples, "gateway_tokens_total", kind="prompt", model="fake-model", key="key-1") == 20
-    assert value(samples, "gateway_tokens_total", kind="completion", model="fake-model", key="key-1") == 14
+    assert (
+        value(
+            samples,
+            "gateway_tokens_total",
+            kind="prompt",
+            model="fake-model",
+            key=plain_key_name("sk-test-1"),
+        )
+        == 20
+    )
+    assert (
+        value(
+            samples,
+            "gateway_tokens_total",
+            kind="completion",
+            model="fake-model",
+            key=plain_key_name("sk-test-1"),
+        )
+        == 14
+    )
     assert value(samples, "gateway_time_to_first_byte_seconds_count", route="chat_completions") == 4
     assert value(samples, "gateway_request_duration_seconds_count", route="chat_completions") == 4
     assert value(samples, "gateway_overhead_seconds_count", route="chat_completions") == 4

@@ -78,7 +78,9 @@ def test_files_and_batches_belong_to_their_key(
     start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
 ) -> None:
     runtime, url = objects
-    gateway = start_gateway(backend="openai", backend_url=url, api_keys=KEYS, object_secret="secret-1")
+    gateway = start_gateway(
+        backend="openai", backend_url=url, api_keys=KEYS, object_secret="secret-1-for-the-tests"
+    )
     alice, bob = client(gateway.url, "sk-alice"), client(gateway.url, "sk-bob")
     mine = alice.files.create(file=("in.jsonl", io.BytesIO(BATCH_LINE)), purpose="batch")
     assert mine.id.startswith("file-0001.")
@@ -138,7 +140,9 @@ def test_stored_responses_belong_to_their_key(
     start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
 ) -> None:
     runtime, url = objects
-    gateway = start_gateway(backend="openai", backend_url=url, api_keys=KEYS, object_secret="secret-1")
+    gateway = start_gateway(
+        backend="openai", backend_url=url, api_keys=KEYS, object_secret="secret-1-for-the-tests"
+    )
     alice, bob = client(gateway.url, "sk-alice"), client(gateway.url, "sk-bob")
     first = alice.responses.create(model="org/model-7b", input="one")
     assert first.id.startswith("resp_0001.")
@@ -191,10 +195,10 @@ def test_ownership_holds_across_two_gateway_processes(
     runtime, url = objects
     args = ("--backend", "openai", "--backend-url", url, "--api-key", KEYS[0], "--api-key", KEYS[1],
             "--no-access-log", "--rate-limit-storage", redis.url)  # fmt: skip
-    env = {"GATEWAY_OBJECT_SECRET": "shared-secret"}
+    env = {"GATEWAY_OBJECT_SECRET": "shared-secret-of-the-replicas"}
     first, first_url = serve(*args, env=env)
     second, second_url = serve(*args, env=env)
-    stranger, stranger_url = serve(*args, env={"GATEWAY_OBJECT_SECRET": "another"})
+    stranger, stranger_url = serve(*args, env={"GATEWAY_OBJECT_SECRET": "another-secret-altogether"})
     try:
         made = client(first_url, "sk-alice").files.create(
             file=("in.jsonl", io.BytesIO(BATCH_LINE)), purpose="batch"

@@ -15,6 +15,7 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.auth import plain_key_name
 from gateway.ratelimit import (
     KeyLimits,
     Limiter,
@@ -167,7 +168,8 @@ def test_429_and_headers_through_the_gateway(start_gateway: GatewayFactory, fake
     assert refused.headers["x-request-id"]
     assert len(fake.seen.requests) == 2
     metrics = httpx.get(gateway.url + "/metrics").text
-    assert 'gateway_rate_limited_requests_total{key="key-1",limit="2 per 1 minute"} 1.0' in metrics
+    name = plain_key_name("sk-test-1")
+    assert f'gateway_rate_limited_requests_total{{key="{name}",limit="2 per 1 minute"}} 1.0' in metrics
 
 
 def test_keys_file_limits_per_key(start_gateway: GatewayFactory, tmp_path: Path) -> None:
@@ -228,7 +230,9 @@ def test_token_limit_refuses_before_the_backend_and_refunds(
 
 
 def start_process(fake: Fake, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    return serve("--backend-url", fake.url, "--api-key", "sk-shared", "--no-access-log", *args)
+    return serve(
+        "--backend-url", fake.url, "--api-key", "sk-shared", "--no-access-log", "--metrics-public", *args
+    )
 
 
 def test_two_gateways_sharing_redis_admit_exactly_the_limit(fake: Fake, redis: RedisServer) -> None:

@@ -252,7 +252,10 @@ def test_backends_serving_the_same_model_share_it_by_weight(
     big, url1 = runtimes("big", ["m"])
     small, url2 = runtimes("small", ["m"])
     gateway = fleet_gateway(
-        [{"name": "big", "url": url1, "weight": 3}, {"name": "small", "url": url2, "weight": 1}],
+        [
+            {"name": "big", "url": url1, "weight": 3, "models": ["m"]},
+            {"name": "small", "url": url2, "weight": 1, "models": ["m"]},
+        ],
         balance="round-robin",
     )
     for _ in range(40):

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.auth import plain_key_name
 from tests.conftest import ADMIN, AUTH, Fake, Gateway, GatewayFactory, Runtime
 from tests.support.fakes import LoopThread, free_port, start_fake, wait_until
 from tests.support.object_fakes import ObjectRuntime
@@ -314,8 +315,9 @@ def test_admin_keys_are_told_apart_in_metrics(start_gateway: GatewayFactory) -> 
     httpx.get(gateway.url + "/v1/models", headers=AUTH)
     text = httpx.get(gateway.url + "/metrics").text
     requests = [line for line in text.splitlines() if line.startswith("gateway_requests_total{")]
-    assert any('key="admin:key-1"' in line and "load_lora_adapter" in line for line in requests), requests
-    assert any('key="key-1"' in line and 'route="models"' in line for line in requests), requests
+    admin, client = plain_key_name("sk-admin", "admin:"), plain_key_name("sk-test-1")
+    assert any(f'key="{admin}"' in line and "load_lora_adapter" in line for line in requests), requests
+    assert any(f'key="{client}"' in line and 'route="models"' in line for line in requests), requests
 
 
 def test_an_alias_counts_by_its_own_name_across_backends(
