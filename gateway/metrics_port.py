@@ -4,7 +4,8 @@ It serves that one path and nothing else (404), asks for the metrics token as th
 port does, and answers from the same once-a-second page. Every connection is handled on
 one event loop of its own thread with a deadline for the request head, a cap on its size
 and one request per connection, so slow or half-sent requests cost a socket each, never a
-thread.
+thread. At most ``MAX_CONNECTIONS`` wait for their heads: one more cuts the one that has
+waited longest, so idle sockets never keep a scraper (which sends its head at once) out.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class MetricsPort:
         self._started = threading.Event()
         self._server: asyncio.Server | None = None
         self._error: BaseException | None = None
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        """Connections whose request head has not come, oldest first."""
 
     def start(self) -> None:
         """Listen (in a thread of its own); OSError when the port cannot be had."""
@@ -66,13 +69,19 @@ class MetricsPort:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open += 1
+        waiting = self._waiting
         try:
-            if self.open > MAX_CONNECTIONS:
-                return
+            if len(waiting) >= MAX_CONNECTIONS:
+                oldest = next(iter(waiting))
+                del waiting[oldest]
+                oldest.transport.abort()
+            waiting[writer] = None
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
                 return
+            finally:
+                waiting.pop(writer, None)
             status, content_type, body = self._answer(head)
             writer.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"

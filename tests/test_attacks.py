@@ -4,6 +4,7 @@ whose shape costs memory, a body that never ends, a body sent after a refusal.""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import yaml
 from gateway.auth import plain_key_name
 from tests.conftest import AUTH, OBJECT_SECRET, Fake, Gateway, GatewayFactory, Runtime
 from tests.support.calls import CHAT, MiB
-from tests.support.fakes import wait_until
+from tests.support.fakes import free_port, wait_until
 from tests.support.object_fakes import ObjectRuntime
 from tests.support.processes import serve, stop
 from tests.support.raw import RawClient, Reply, Request, current_rss_kib, peak_rss_kib, raw_backend, response
@@ -398,3 +399,19 @@ def test_metrics_on_the_main_port_are_closed_to_client_keys_by_default(start_gat
         == 200
     )
     assert httpx.get(start_gateway(metrics_public=False).url + "/metrics").status_code == 200
+
+
+def test_idle_sockets_never_blind_the_metrics_port(fake: Fake) -> None:
+    port = free_port()
+    process, _ = serve("--backend-url", fake.url, "--metrics-port", str(port), "--no-access-log")
+    try:
+        # More idle sockets than the port holds, kept open past a scrape.
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+        try:
+            for _ in range(3):
+                assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=3).status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
+    finally:
+        stop(process)
