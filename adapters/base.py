@@ -169,6 +169,9 @@ class Adapter:
     normalise: bool = True
     """Complete the model list, and answer ``/v1/models/{id}`` from the list when the
     runtime has no such route. (Errors are put in the gateway's envelope for every runtime.)"""
+    remote_sources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Fields of a route's body that make the runtime download from where they say (a URL
+    to install a model from), by route: refused unless the operator allows it."""
     limit_fields: tuple[str, ...] = ()
     """Fields of its own the runtime reads as a request's output limit, beside OpenAI's
     (every one counts in a token reservation)."""

@@ -7,7 +7,8 @@
 - Errors are ``{"error": {"code", "message", "type"}}``, ``type`` often empty.
 - Model management: ``/v1/models/load`` installs from its gallery (``/models/apply``, the
   model's name as ``id``, which answers a job to poll); ``/v1/models/unload`` stops the
-  model's backend (``/backend/shutdown``). No runtime LoRA loading.
+  model's backend (``/backend/shutdown``). No runtime LoRA loading. ``url``, ``config_url``
+  and ``files`` make ``/models/apply`` download from anywhere: refused unless allowed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ ADAPTER = Adapter(
     | {r.MODEL_LOAD, r.MODEL_UNLOAD},
     paths={r.MODEL_LOAD: "/models/apply", r.MODEL_UNLOAD: "/backend/shutdown"},
     rewrites={r.MODEL_LOAD: apply_model, r.MODEL_UNLOAD: shutdown_model},
+    # /models/apply downloads a model's config and files from these, wherever they point.
+    remote_sources={r.MODEL_LOAD: ("url", "config_url", "files")},
     health_path="/readyz",
     metrics_path="/metrics",
 )

@@ -43,7 +43,10 @@ READ = (
     "previous_response_id",
     "input_file_id",
     "lora_name",
-    "options",
+    # Where a runtime would download a model from (adapters' remote_sources).
+    "url",
+    "config_url",
+    "files",
     # Output limits, as each runtime reads them (gateway.reserve says which).
     "max_completion_tokens",
     "max_tokens",

@@ -11,7 +11,7 @@ import orjson
 
 from adapters.base import Rewrite
 from gateway.client import UpstreamError
-from gateway.errors import NotFound
+from gateway.errors import NotFound, PermissionDenied
 from gateway.jsonbody import JsonBody
 from gateway.replicas import Group, Replica
 from gateway.routing import Router
@@ -37,6 +37,22 @@ async def target_group(router: Router, parsed: JsonBody) -> Group:
         except NotFound:
             pass
     return router.default
+
+
+def check_sources(group: Group, route: str, parsed: JsonBody, allowed: bool) -> None:
+    """PermissionDenied for a body naming a remote source the runtime would download from,
+    unless the operator allows it (``--allow-remote-model-sources``)."""
+    if allowed:
+        return
+    named = [name for name in group.backend.adapter.remote_sources.get(route, ()) if name in parsed]
+    if named:
+        raise PermissionDenied(
+            f"{', '.join(named)} would make the {group.name} backend download from a remote source, "
+            "which this gateway does not allow (--allow-remote-model-sources): name a model of its "
+            "gallery instead",
+            code="remote_source",
+            param=named[0],
+        )
 
 
 def runtime_body(parsed: JsonBody, rewrite: Rewrite | None, raw: bytes) -> bytes:

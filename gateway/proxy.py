@@ -244,6 +244,9 @@ class ProxyEndpoint:
                 groups = await router.catalogue.groups_for(named if isinstance(named, str) else None)
                 groups = [group for group in groups if self._serves(group)] or groups[:1]
                 self._check_served(groups[0])
+            if self.management and parsed is not None:
+                allowed = self.settings.allow_remote_model_sources
+                management.check_sources(groups[0], route.name, parsed, allowed)
         except GatewayError as exc:
             await send_error(send, exc, exchange)
             return

@@ -281,6 +281,11 @@ class Settings(BaseSettings):
         description="Bearer token /metrics requires. Default: on the main port, with client keys "
         "configured, /metrics needs this token or an admin key; otherwise it is open.",
     )
+    allow_remote_model_sources: bool = Field(
+        False,
+        description="Let admin keys' /v1/models/load name URLs a runtime downloads from (LocalAI's "
+        "url, config_url, files); by default only a model of the runtime's own gallery.",
+    )
     metrics_public: bool = Field(
         False,
         description="Serve /metrics on the main port to anyone, client keys configured or not (it "

@@ -90,3 +90,16 @@ def test_leading_messages_stop_at_the_first_user_message() -> None:
 def test_prompts_are_counted_on_their_bytes(prompt: Any, count: int) -> None:
     raw = JsonBody(orjson.dumps({"prompt": prompt})).field("prompt")
     assert prompt_count(raw) == count
+
+
+def test_every_field_the_gateway_reads_is_decoded() -> None:
+    from adapters import ADAPTERS
+    from gateway import reserve
+    from gateway.routes import ROUTES
+
+    named = {name for spec in ROUTES for name in spec.required}
+    named |= {
+        name for adapter in ADAPTERS.values() for names in adapter.remote_sources.values() for name in names
+    }
+    named |= set(reserve.LIMIT_FIELDS) | set(reserve.UNTIL_FULL) | set(reserve.COPY_FIELDS)
+    assert named <= set(READ)

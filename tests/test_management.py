@@ -338,3 +338,36 @@ def test_management_reaches_every_replica_and_says_which_failed(
     finally:
         for runner, _ in started:
             loop_thread.run(runner.cleanup())
+
+
+def test_a_model_load_naming_a_remote_source_is_refused_unless_allowed(
+    loop_thread: LoopThread, start_gateway: GatewayFactory
+) -> None:
+    fake = RuntimeFake("localai")
+    runner, port = loop_thread.run(start_fake(fake))  # type: ignore[arg-type]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        closed = start_gateway(backend="localai", backend_url=url, api_keys=[KEY], admin_api_keys=[ADMIN])
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        for remote in (
+            {"url": "github:someone/models/evil.yaml"},
+            {"config_url": "https://example.net/m.yaml"},
+            {"files": [{"uri": "https://example.net/w.gguf", "filename": "w.gguf"}]},
+        ):
+            fake.requests.clear()
+            answer = httpx.post(closed.url + "/v1/models/load", json={"model": "m", **remote}, headers=admin)
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["error"]["code"] == "remote_source"
+            assert fake.requests == []
+        # A model of its gallery is fine; remote sources are, once the operator allows them.
+        fake.requests.clear()
+        assert (
+            httpx.post(closed.url + "/v1/models/load", json={"model": "m"}, headers=admin).status_code == 200
+        )
+        opened = start_gateway(
+            backend="localai", backend_url=url, admin_api_keys=[ADMIN], allow_remote_model_sources=True
+        )
+        body = {"model": "m", "url": "github:someone/models/m.yaml"}
+        assert httpx.post(opened.url + "/v1/models/load", json=body, headers=admin).status_code == 200
+    finally:
+        loop_thread.run(runner.cleanup())
