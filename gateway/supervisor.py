@@ -69,14 +69,23 @@ class Launch:
 
     @property
     def env(self) -> dict[str, str]:
-        """What the child's environment adds: the key, where the runtime reads it."""
+        """What the child's environment adds: the key, where the runtime reads it; for vLLM,
+        the folder of the middleware that asks for it on every path (``vllm_argv``)."""
         if not self.api_key:
             return {}
-        return {"VLLM_API_KEY" if self.runtime == "vllm" else "API_KEY": self.api_key}
+        if self.runtime != "vllm":
+            return {"API_KEY": self.api_key}
+        path = os.pathsep.join(filter(None, (str(CHILD_PATH), os.environ.get("PYTHONPATH"))))
+        return {"VLLM_API_KEY": self.api_key, "PYTHONPATH": path}
 
     @property
     def auth_header(self) -> tuple[bytes, bytes] | None:
         return (b"authorization", b"Bearer " + self.api_key.encode()) if self.api_key else None
+
+
+CHILD_PATH = Path(__file__).parent / "childpath"
+"""Put on the embedded vLLM's PYTHONPATH: modules it imports from the gateway."""
+KEY_GUARD = "gateway_key_guard.KeyEverywhere"
 
 
 class EmbeddedBackendError(Exception):
@@ -183,6 +192,8 @@ def vllm_argv(settings: Settings, port: int) -> list[str]:
         "--model", settings.model,
         "--host", "127.0.0.1",
         "--port", str(port),
+        # Its --api-key guards only /v1: this guards the rest of its loopback port too.
+        "--middleware", KEY_GUARD,
     ]  # fmt: skip
     if settings.context_size is not None:
         argv += ["--max-model-len", str(settings.context_size)]

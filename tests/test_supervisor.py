@@ -9,12 +9,14 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 
 from gateway.settings import Settings
-from gateway.supervisor import EmbeddedBackendError, State, Supervisor, plan_launch
+from gateway.supervisor import CHILD_PATH, EmbeddedBackendError, State, Supervisor, plan_launch
 from tests.support.fakes import free_port
 
 STANDIN = str(Path(__file__).parent / "support" / "standin_backend.py")
@@ -90,9 +92,13 @@ def test_vllm_plan(vllm_installed: None) -> None:
         "--model", "Qwen/Qwen3-0.6B",
         "--host", "127.0.0.1",
         "--port", "8123",
+        "--middleware", "gateway_key_guard.KeyEverywhere",
         "--served-model-name", "qwen",
     ]  # fmt: skip
-    assert launch.env == {"VLLM_API_KEY": launch.api_key}
+    assert launch.env["VLLM_API_KEY"] == launch.api_key
+    # The middleware's folder, importable in vLLM's own environment.
+    folder = launch.env["PYTHONPATH"].split(os.pathsep)[0]
+    assert (Path(folder) / "gateway_key_guard.py").is_file()
 
 
 def test_vllm_plan_with_its_own_flags_and_python(tmp_path: Path) -> None:
@@ -295,3 +301,25 @@ async def test_a_child_ignoring_sigterm_is_killed(http: aiohttp.ClientSession) -
     assert pid is not None
     await supervisor.stop()
     assert not alive(pid)
+
+
+async def test_the_embedded_vllms_guard_asks_every_path_but_health_for_its_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(CHILD_PATH))
+    monkeypatch.setenv("VLLM_API_KEY", "child-key")
+    import gateway_key_guard  # type: ignore[import-not-found]  # a folder on vLLM's path, not a package
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = gateway_key_guard.KeyEverywhere(inner)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://vllm") as client:
+        for path in ("/tokenize", "/pooling", "/invocations", "/metrics", "/v1/models"):
+            assert (await client.post(path)).status_code == 401, path
+            wrong = await client.post(path, headers={"authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            right = await client.post(path, headers={"authorization": "Bearer child-key"})
+            assert right.status_code == 200
+        assert (await client.get("/health")).status_code == 200

@@ -404,6 +404,12 @@ def test_the_gateway_runs_vllm_with_its_flags_and_leaves_nothing_after_sigterm(t
             lambda: (_get(url + "/ready") or httpx.Response(503)).status_code == 200, timeout=400
         ), b"".join(stderr)[-3000:].decode(errors="replace")
         command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        # Its own port asks for its key on every path, not only under /v1.
+        direct = f"http://127.0.0.1:{int(command[command.index(b'--port') + 1])}"
+        for path in ("/tokenize", "/pooling", "/invocations"):
+            assert httpx.post(direct + path, json={"prompt": "hi"}, timeout=10).status_code == 401, path
+        assert httpx.get(direct + "/metrics", timeout=10).status_code == 401
+        assert httpx.get(direct + "/health", timeout=10).status_code == 200
         assert b"--enforce-eager" in command
         assert b"--max-num-seqs" in command
         assert b"--max-model-len" not in command  # the model's own window
