@@ -31,7 +31,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from adapters import base as r
-from gateway.errors import NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.jsonbody import JsonBody
 
 logger = logging.getLogger("gateway.ownership")
@@ -62,6 +62,12 @@ SEALED = re.compile(r"(.+)\.([A-Za-z0-9_-]{22})", re.DOTALL)
 RECORD_DAYS = 400
 """How long a record of who made an object is kept (files live until deleted)."""
 MAX_ID = 512
+STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+FILE_ID_KEY = re.compile(rb'"file_id"\s*:\s*')
+LETTER_ESCAPE = re.compile(rb"\\u00(?:6[69cC54]|5[fF])")
+"""A letter of ``file_id`` written as an escape (``\\u0066``): how the key could hide."""
+MAX_FILE_REFS = 64
+"""Files one request may name (each is checked)."""
 
 
 class Owners:
@@ -120,6 +126,38 @@ class Owners:
             changes[field[0]] = self.unseal(owner, field[1], parsed.get(field[0]))
         return path, query, changes
 
+    def unseal_file_refs(self, owner: str, body: bytes) -> bytes | None:
+        """``body`` with every file it names by ``file_id`` (a chat's file part, a Responses
+        ``input_file``, an Anthropic document's source) as the runtime knows it; None when it
+        names none; NotFound for a file the owner did not make.
+
+        Found on the bytes, at the cost of a search: a quote inside a string is escaped, so
+        ``"file_id":`` matches only a key. The key could hide only behind an escaped letter
+        (``"fil\\u0065_id"``), which no JSON encoder writes: such a body is refused."""
+        if b"\\u00" in body and _escapes_a_letter(body):
+            raise InvalidRequest(
+                "the body writes an ASCII letter as an escape (\\u00..): send letters as they are",
+                code="invalid_json",
+            )
+        named = body.count(b'"file_id"')
+        if not named:
+            return None
+        if named > MAX_FILE_REFS:
+            raise InvalidRequest(f"a request may name at most {MAX_FILE_REFS} files", code="too_many_files")
+        pieces: list[bytes] = []
+        at = 0
+        for match in FILE_ID_KEY.finditer(body):
+            value = STRING.match(body, match.end())
+            if value is None:
+                continue  # not a string (a schema's property, null): not a file's ID
+            raw = self.unseal(owner, FILE, orjson.loads(value.group()))
+            pieces += (body[at : value.start()], orjson.dumps(raw))
+            at = value.end()
+        if not pieces:
+            return None
+        pieces.append(body[at:])
+        return b"".join(pieces)
+
     def seal_object(self, owner: str, kind: str, obj: Any) -> list[tuple[str, str]]:
         """Seal the ID fields of one object in place; the (kind, raw ID) pairs it names."""
         named: list[tuple[str, str]] = []
@@ -158,6 +196,18 @@ class Owners:
         # Only what can be listed is recorded: there is no list of stored responses.
         await self.records.add(owner, [(of, raw) for of, raw in named if of in LISTED_KINDS])
         return orjson.dumps(document)
+
+
+def _escapes_a_letter(body: bytes) -> bool:
+    """Whether ``body`` writes a letter of ``file_id`` as an escape, not as text that reads
+    ``\\u0066`` (an escaped backslash before it). Past a few such places, or behind a long run
+    of backslashes, it is taken to: the work stays bounded whatever the body."""
+    for count, match in enumerate(LETTER_ESCAPE.finditer(body)):
+        before = body[max(match.start() - 64, 0) : match.start()]
+        run = len(before) - len(before.rstrip(b"\\"))  # an even run: its backslash is an escape's
+        if count >= MAX_FILE_REFS or run >= 64 or run % 2 == 0:
+            return True
+    return False
 
 
 class StreamSealer:

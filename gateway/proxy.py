@@ -21,6 +21,7 @@ from adapters.base import (
     BATCH_CREATE,
     CHAT_COMPLETIONS,
     COMPLETIONS,
+    FILE_UPLOAD,
     MANAGEMENT_ROUTES,
     MESSAGES,
     MODEL,
@@ -110,6 +111,9 @@ class ProxyEndpoint:
         self.idle_timeout = settings.stream_idle_timeout
         self.trusted = TrustedProxies(settings.trust_forwarded)
         self.owners = owners if route.name in ownership.ROUTE_KINDS else None
+        self.file_refs = owners if route.name in GENERATING else None
+        """Set on the generating routes when IDs are sealed: the files a prompt names (a
+        chat's file part, a Responses input_file) are unsealed for their owner too."""
         """Set on the routes of files, batches and stored responses when several keys share
         the gateway: their IDs are sealed to their owner."""
         self.rewrites = Rewrites(route, settings, self.owners)
@@ -216,6 +220,7 @@ class ProxyEndpoint:
                 )
                 if changes and parsed is not None:
                     body = parsed.replaced(changes)
+                    parsed = JsonBody(body)
                     exchange.previous_id = changes.get("previous_response_id")
             if route.body is Body.STREAM:
                 check_declared_length(headers.content_length, self.max_body)
@@ -244,6 +249,16 @@ class ProxyEndpoint:
                 groups = await router.catalogue.groups_for(named if isinstance(named, str) else None)
                 groups = [group for group in groups if self._serves(group)] or groups[:1]
                 self._check_served(groups[0])
+            if (
+                self.file_refs is not None
+                and key is not None
+                and parsed is not None
+                and _stores_files(groups)
+            ):
+                unsealed = self.file_refs.unseal_file_refs(key.name, parsed.raw)
+                if unsealed is not None:
+                    parsed = JsonBody(unsealed)
+                    body = unsealed
             if self.management and parsed is not None:
                 allowed = self.settings.allow_remote_model_sources
                 management.check_sources(groups[0], route.name, parsed, allowed)
@@ -492,6 +507,11 @@ def _check_allowed(exchange: Exchange, model: Any) -> None:
             code="model_not_found",
             param="model",
         )
+
+
+def _stores_files(groups: list[Group]) -> bool:
+    """Whether a runtime of these stores files, so that a prompt may name one of them."""
+    return any(group.backend.adapter.serves(FILE_UPLOAD) for group in groups)
 
 
 def _check_accountable(route: str, body: JsonBody) -> None:

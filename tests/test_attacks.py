@@ -415,3 +415,37 @@ def test_idle_sockets_never_blind_the_metrics_port(fake: Fake) -> None:
                 sock.close()
     finally:
         stop(process)
+
+
+def test_the_files_a_prompt_names_are_unsealed_for_their_owner_only(
+    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+) -> None:
+    runtime, url = objects
+    gateway = start_gateway(backend="openai", backend_url=url, api_keys=["sk-one", "sk-two"])
+    one, two = {"authorization": "Bearer sk-one"}, {"authorization": "Bearer sk-two"}
+    files = {"file": ("doc.pdf", b"%PDF-1.4")}
+    sealed = httpx.post(gateway.url + "/v1/files", files=files, data={"purpose": "user_data"}, headers=one)
+    file_id = sealed.json()["id"]
+    raw = file_id.split(".")[0]
+
+    def chat(headers: dict[str, str], reference: str, key: bytes = b"file_id") -> httpx.Response:
+        part = b'{"type": "file", "file": {"' + key + b'": "' + reference.encode() + b'"}}'
+        body = b'{"model": "m", "messages": [{"role": "user", "content": [' + part + b"]}]}"
+        return httpx.post(
+            gateway.url + CHAT, content=body, headers={**headers, "content-type": "application/json"}
+        )
+
+    assert chat(one, file_id).status_code == 200
+    assert runtime.chats[-1]["messages"][0]["content"][0]["file"]["file_id"] == raw
+    sent = len(runtime.chats)
+    # Another key's sealed ID, the runtime's own ID guessed, or the key hidden behind escapes.
+    for headers, reference, key in (
+        (two, file_id, b"file_id"),
+        (two, raw, b"file_id"),
+        (one, raw, b"file_id"),
+    ):
+        refused = chat(headers, reference, key)
+        assert refused.status_code == 404, refused.text
+    hidden = chat(two, raw, b"fil\\u0065_id")
+    assert hidden.status_code == 400
+    assert len(runtime.chats) == sent

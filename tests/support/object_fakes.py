@@ -25,6 +25,8 @@ class ObjectRuntime:
         self.probes = 0
         self.flood_closed = threading.Event()
         """Set when a ``flood`` stream's client went away."""
+        self.chats: list[dict[str, Any]] = []
+        """The bodies of the chat requests it was sent."""
         self.requests: list[tuple[str, str]] = []
         """Method and path (with the query) of every request but the health probes."""
         self.app = web.Application(client_max_size=64 * 1024**2)
@@ -66,6 +68,7 @@ class ObjectRuntime:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self._seen(request)
         body = await request.json()
+        self.chats.append(body)
         if body.get("model") == "flood":
             return await self._flood(request)
         return web.json_response(
