@@ -31,7 +31,6 @@ READ = (
     "model",
     "backend",
     "stream",
-    "stream_options",
     "background",
     "n",
     "best_of",
@@ -59,10 +58,8 @@ READ = (
 
 Fields = msgspec.defstruct("Fields", [(name, Raw, ABSENT) for name in READ], gc=False)
 _DECODE = msgspec.json.Decoder(Fields).decode
-_SCALAR = msgspec.json.Decoder().decode
-CONTAINER = frozenset(b"[{")
-MAX_SCALAR = 1 << 20
-"""A scalar longer than this (a huge string) is read as no value, like a container."""
+_SCALAR = msgspec.json.Decoder(str | int | float | bool | None).decode
+"""Decodes a scalar; refuses a container at its first byte, building nothing."""
 WHOLE_DECODE_BYTES = 1 << 20
 """A body whose field cannot be spliced in place is decoded whole only up to this size."""
 UTF8_CHUNK = 1 << 20
@@ -100,19 +97,10 @@ class JsonBody:
         raw: Raw = getattr(self._fields, name)
         if not raw:
             return default
-        view = memoryview(raw)
-        if view[0] in CONTAINER or len(view) > MAX_SCALAR:
+        try:
+            return _SCALAR(raw)
+        except msgspec.ValidationError:
             return raw
-        return _SCALAR(raw)
-
-    def member(self, name: str, inner: str) -> Any:
-        """``name.inner`` when ``name`` is an object (``stream_options.include_usage``); None otherwise."""
-        raw = self.get(name)
-        if not isinstance(raw, Raw) or memoryview(raw)[0] != ord("{"):
-            return None
-        found: msgspec.Struct = msgspec.json.decode(raw, type=_member_struct(inner))
-        value: Raw = getattr(found, inner)
-        return _SCALAR(value) if value and memoryview(value)[0] not in CONTAINER else None
 
     def replaced(self, changes: dict[str, str]) -> bytes:
         """The body with these top-level string fields set to new values."""
@@ -156,16 +144,6 @@ def _check_utf8(raw: bytes) -> None:
         raise InvalidRequest(
             f"request body is not valid JSON: it is not UTF-8 ({exc.reason})", code="invalid_json"
         ) from None
-
-
-_MEMBERS: dict[str, type] = {}
-
-
-def _member_struct(name: str) -> type:
-    found = _MEMBERS.get(name)
-    if found is None:
-        found = _MEMBERS[name] = msgspec.defstruct(f"Member_{name}", [(name, Raw, ABSENT)], gc=False)
-    return found
 
 
 LEADING = 16

@@ -282,6 +282,38 @@ def test_a_client_that_leaves_frees_its_slot_in_vllm(vllm: VllmServer, through: 
     assert poll(lambda: vllm.metric("vllm:num_requests_running") == 0)
 
 
+def test_a_stream_with_no_limit_and_no_usage_is_charged_what_it_generated(
+    vllm: VllmServer, start_gateway: GatewayFactory
+) -> None:
+    """vLLM sends no usage unless asked and, with no max_tokens, generates to the end of its
+    window: the key pays for the tokens relayed (here until it leaves), not the reservation."""
+    gateway = start_gateway(
+        backend="vllm",
+        backend_url=vllm.url,
+        api_keys=[KEY],
+        token_limit="100000/minute",
+        default_max_tokens=10,
+    )
+    unlimited = {"model": MODEL_NAME, "messages": CHAT, "stream": True, "ignore_eos": True}
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=unlimited, headers=AUTH, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        events = 0
+        while events < 60:
+            events += next(lines).startswith("data: ")
+    after = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": MODEL_NAME, "messages": CHAT, "max_tokens": 1},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert after.status_code == 200
+    # Held at 10 and a prompt's estimate, as before, it would have left over 99,950.
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) <= 100_000 - 60
+
+
 def test_queue_balancing_reads_vllms_own_running_count(fleet_gateway: Any, vllm: VllmServer) -> None:
     """While a generation runs, the gateway's scrapes of vLLM's /metrics report it running:
     the most it has seen running at once (``batch_seen``) is 1 after it, then 0 is reported.
