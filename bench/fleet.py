@@ -120,10 +120,13 @@ class Fleet:
         single = len(urls) == 1 and backend is None
         where = ["--backend-url", urls[0]] if single else ["--backends", str(backends)]
         log = open(self.workdir / f"gateway-{port}.log", "wb")  # noqa: SIM115 - closed with the process
+        # Workers count limits in Redis only (the gateway refuses memory): none for them here.
+        workers = options[options.index("--workers") + 1] if "--workers" in options else "1"
+        limit = () if workers != "1" else ("--rate-limit", "1000000000/minute")
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "gateway", "serve", "--port", str(port), *where, "--api-key", KEY,
-                "--rate-limit", "1000000000/minute", "--log-level", "warning", *options,
+                *limit, "--log-level", "warning", *options,
             ],
             cwd=ROOT,
             stdout=log,
