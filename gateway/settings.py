@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("backends", "gateway_backends"),
         description="YAML or TOML file listing several backends, each with its replicas and models "
-        "(README, Routing); instead of --backend-url. In the --config file, a 'backends' list.",
+        "(docs/routing.md); instead of --backend-url. In the --config file, a 'backends' list.",
     )
     backends_file: Path | None = Field(None, description="Where --backends was read from (set by it).")
     balance: Strategy = Field(
@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     object_secret: SecretStr | None = Field(
         None,
         description="Secret that seals the IDs of files, batches and stored responses to the key that "
-        "made them (with several keys); give every gateway replica the same one. Default: a random "
-        "one, so IDs last as long as the process.",
+        "made them: required with several client keys, at least 16 characters and no placeholder; "
+        "give every gateway replica the same one, and keep it across restarts.",
     )
     rate_limit_fail_closed: bool = Field(
         False,
@@ -299,7 +299,12 @@ class Settings(BaseSettings):
         description="Model names the metrics' model label may take besides those the backend lists "
         "(comma-separated in the environment).",
     )
-    workers: int = Field(1, ge=1, description="Worker processes (metrics are aggregated across them).")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Worker processes (metrics are aggregated across them); needs --backend-url or "
+        "--backends, and with limits or several keys, Redis storage.",
+    )
     drain_timeout: float = Field(
         30.0,
         ge=0,

@@ -4,8 +4,8 @@ The gateway sends each request to a known origin and passes bodies on as they ar
 needs little of a general client: no cookies, redirects, decompression, proxies or header
 rewriting. What it needs is to be cheap per request and per chunk. Responses are parsed by
 httptools (llhttp, the parser behind uvicorn and Node.js). Measured against aiohttp's
-client in the same minimal proxy, this takes a third of the CPU time per request (README,
-Performance).
+client in the same minimal proxy, this takes a third of the CPU time per request (docs/
+performance.md).
 
 Its parts, as httpcore has them: ``errors`` (the tree, and nothing else escapes),
 ``models`` (origin, body, request head), ``pool`` (keep-alive connections to one origin),
