@@ -411,11 +411,11 @@ def run(plan: Plan, workdir: Path, only: set[str] | None = None) -> dict[str, An
 def picking_cost(plan: Plan) -> dict[str, Any]:
     """Microseconds per pick at 8 replicas, each strategy, in this process; and a profile of
     the queue strategy's picks."""
-    from gateway.affinity import affinity_key
-    from gateway.fleet import parse_backends
-    from gateway.jsonbody import JsonBody
-    from gateway.replicas import Load
-    from gateway.routing import Router
+    from gateway.fleet.config import parse_backends
+    from gateway.fleet.replicas import Load
+    from gateway.proxy.jsonbody import JsonBody
+    from gateway.routing.affinity import affinity_key
+    from gateway.routing.router import Router
     from gateway.settings import Settings
 
     figures: dict[str, Any] = {}

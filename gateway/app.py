@@ -22,12 +22,11 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters import llamacpp, vllm
-from gateway import openapi, preflight
-from gateway.accesslog import AccessLog
-from gateway.admin import AdminBackends, RuntimeMetrics
-from gateway.auth import Authenticator, load_keys_file
-from gateway.backend import Backend
-from gateway.cors import Cors
+from gateway.edge.cors import Cors
+from gateway.embedded.supervisor import Launch, Supervisor, plan_launch
+from gateway.endpoints import openapi
+from gateway.endpoints.admin import AdminBackends, RuntimeMetrics
+from gateway.endpoints.health import Lifecycle, ReadyEndpoint, health
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -37,16 +36,19 @@ from gateway.errors import (
     PermissionDenied,
     envelope,
 )
-from gateway.fleet import load_backends_file
-from gateway.health import Lifecycle, ReadyEndpoint, health
-from gateway.metrics import FleetCollector, KnownModels, Metrics, MetricsEndpoint, Page, multiprocess_dir
-from gateway.ownership import Owners, records_for
-from gateway.proxy import ProxyEndpoint
-from gateway.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
-from gateway.routes import ROUTES
-from gateway.routing import Router
+from gateway.fleet.backend import Backend
+from gateway.fleet.config import load_backends_file
+from gateway.observability.accesslog import AccessLog
+from gateway.observability.metrics import FleetCollector, KnownModels, Metrics, multiprocess_dir
+from gateway.observability.page import MetricsEndpoint, Page
+from gateway.proxy.endpoint import ProxyEndpoint
+from gateway.proxy.routes import ROUTES
+from gateway.routing.router import Router
 from gateway.settings import Settings, is_loopback
-from gateway.supervisor import Launch, Supervisor, plan_launch
+from gateway.tenancy import preflight
+from gateway.tenancy.auth import Authenticator, load_keys_file
+from gateway.tenancy.ownership import Owners, records_for
+from gateway.tenancy.ratelimit import KeyLimits, Limiter, key_limits, parse_limits
 
 logger = logging.getLogger("gateway")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.auth import ApiKey
-    from gateway.ratelimit import Reservation
+    from gateway.tenancy.auth import ApiKey
+    from gateway.tenancy.ratelimit import Reservation
 
 
 @dataclass(slots=True)

@@ -22,10 +22,10 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
-from gateway import preflight
-from gateway.health import Lifecycle
-from gateway.protocol import ClientLimits, LimitedHttpToolsProtocol
+from gateway.edge.protocol import ClientLimits, LimitedHttpToolsProtocol
+from gateway.endpoints.health import Lifecycle
 from gateway.settings import Settings
+from gateway.tenancy import preflight
 
 logger = logging.getLogger("gateway")
 
@@ -35,7 +35,7 @@ WORKER_SETTINGS = "GATEWAY_WORKER_SETTINGS_FILE"
 
 def run(settings: Settings) -> int:
     from gateway.app import create_app
-    from gateway.supervisor import EmbeddedBackendError
+    from gateway.embedded.supervisor import EmbeddedBackendError
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -179,8 +179,8 @@ def _settings_json(settings: Settings) -> str:
 def _serve_metrics_port(settings: Settings, page: Any) -> None:
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-    from gateway.metrics import Page
-    from gateway.metrics_port import MetricsPort
+    from gateway.observability.metrics_port import MetricsPort
+    from gateway.observability.page import Page
 
     if page is None:  # the workers' parent: their shared files
         registry = CollectorRegistry()

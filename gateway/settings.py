@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from adapters import ADAPTERS
-from gateway.fleet import BackendConfig, Strategy, load_backends_file, normalise_url, parse_backends
+from gateway.fleet.config import BackendConfig, Strategy, load_backends_file, normalise_url, parse_backends
 
 MiB = 1024 * 1024
 
@@ -282,9 +282,7 @@ class Settings(BaseSettings):
         "configured, /metrics needs this token or an admin key; otherwise it is open.",
     )
     allow_remote_model_sources: bool = Field(
-        False,
-        description="Let admin keys' /v1/models/load name URLs a runtime downloads from (LocalAI's "
-        "url, config_url, files); by default only a model of the runtime's own gallery.",
+        False, description="Let /v1/models/load name URLs a runtime downloads from (LocalAI's url, files)."
     )
     metrics_public: bool = Field(
         False,

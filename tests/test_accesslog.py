@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.accesslog import PIPE_BUF, AccessLog
-from gateway.auth import plain_key_name
 from gateway.exchange import Exchange
+from gateway.observability.accesslog import PIPE_BUF, AccessLog
+from gateway.tenancy.auth import plain_key_name
 from tests.conftest import GatewayFactory
 
 SECRET_PROMPT = "the launch code is 7-7-alpha"

@@ -11,7 +11,7 @@ import httpx
 
 from adapters.base import CHAT_COMPLETIONS, MODELS, Adapter
 from gateway.app import create_app
-from gateway.backend import Backend
+from gateway.fleet.backend import Backend
 from gateway.settings import Settings
 from tests.conftest import Fake
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import ApiKey, Authenticator, load_keys_file, plain_key_name
 from gateway.errors import AuthenticationFailed
+from gateway.tenancy.auth import ApiKey, Authenticator, load_keys_file, plain_key_name
 
 auth = Authenticator.from_plain_keys(["sk-one", "sk-two"])
 

@@ -1,4 +1,4 @@
-"""Request bodies (gateway/body.py): JSON routes read whole and checked, within the size limit."""
+"""Request bodies (gateway/proxy/body.py): JSON routes read whole and checked, within the size limit."""
 
 from __future__ import annotations
 

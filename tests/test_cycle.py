@@ -1,4 +1,4 @@
-"""One request and its answer (gateway/cycle.py): the answer's head checked as uvicorn checks
+"""One request and its answer (gateway/edge/cycle.py): the answer's head checked as uvicorn checks
 it, written in one piece with a body of known length, at once for a stream or a HEAD; what a
 request leaves behind is freed as it ends, not by the garbage collector."""
 
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
 
-from gateway.cycle import Signal, header_refusal
+from gateway.edge.cycle import Signal, header_refusal
 from tests.conftest import AUTH, Gateway
 
 
@@ -69,7 +69,7 @@ def _cycle(method: str = "POST") -> tuple[Any, _Transport]:
 
     from uvicorn.protocols.http.flow_control import FlowControl
 
-    from gateway.cycle import Cycle
+    from gateway.edge.cycle import Cycle
 
     transport = _Transport()
     scope = {"type": "http", "method": method, "http_version": "1.1", "headers": []}

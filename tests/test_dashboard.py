@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, cast
 
-from gateway.metrics import KnownModels, Metrics
+from gateway.observability.metrics import KnownModels, Metrics
 
 DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "gateway-dashboard.json"
 

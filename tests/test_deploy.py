@@ -19,7 +19,7 @@ import yaml
 from pydantic import AliasChoices
 
 from gateway.app import create_app
-from gateway.fleet import parse_backends
+from gateway.fleet.config import parse_backends
 from gateway.settings import Settings
 
 ROOT = Path(__file__).parents[1]

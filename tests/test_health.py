@@ -1,4 +1,5 @@
-"""Liveness and readiness of one backend (gateway/health.py); a fleet's readiness is in test_routing."""
+"""Liveness and readiness of one backend (gateway/endpoints/health.py); a fleet's readiness is in
+test_routing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A JSON body's fields read from its bytes (gateway/jsonbody.py): the values a full decoder
+"""A JSON body's fields read from its bytes (gateway/proxy/jsonbody.py): the values a full decoder
 would give, nothing else built, and a field changed in place without touching the rest."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidRequest
-from gateway.jsonbody import READ, WHOLE_DECODE_BYTES, JsonBody, leading_messages, prompt_count
+from gateway.proxy.jsonbody import READ, WHOLE_DECODE_BYTES, JsonBody, leading_messages, prompt_count
 
 JSON = st.recursive(
     st.none()
@@ -94,8 +94,8 @@ def test_prompts_are_counted_on_their_bytes(prompt: Any, count: int) -> None:
 
 def test_every_field_the_gateway_reads_is_decoded() -> None:
     from adapters import ADAPTERS
-    from gateway import reserve
-    from gateway.routes import ROUTES
+    from gateway.proxy.routes import ROUTES
+    from gateway.tenancy import reserve
 
     named = {name for spec in ROUTES for name in spec.required}
     named |= {

@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.auth import plain_key_name
 from gateway.exchange import Exchange
-from gateway.metrics import LATENCY_BUCKETS, KnownModels, Metrics
+from gateway.observability.metrics import LATENCY_BUCKETS, KnownModels, Metrics
+from gateway.tenancy.auth import plain_key_name
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
 from tests.support.fakes import free_port, wait_until
 from tests.support.processes import serve, stop

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import NotFound
-from gateway.ownership import BATCH, FILE, RESPONSE, Owners, Records, StreamSealer
+from gateway.tenancy.ownership import BATCH, FILE, RESPONSE, Owners, Records, StreamSealer
 from tests.conftest import GatewayFactory
 from tests.support.object_fakes import ObjectRuntime
 from tests.support.processes import serve, stop

@@ -1,4 +1,4 @@
-"""The client side of the wire (gateway/protocol.py): bounded request heads, real deadlines,
+"""The client side of the wire (gateway/edge/protocol.py): bounded request heads, real deadlines,
 malformed requests refused in the envelope, tried on raw sockets as a hostile client would.
 """
 
@@ -220,3 +220,28 @@ def test_an_idle_connection_is_closed_five_seconds_after_its_last_answer(
         answered = time.monotonic()
         assert client.is_closed_by_peer(timeout=10)
         assert 4.5 <= time.monotonic() - answered < 7.5
+
+
+def test_an_upgrade_request_with_a_body_is_refused_and_one_without_is_answered(
+    start_gateway: GatewayFactory, fake: object
+) -> None:
+    """llhttp ends an Upgrade request at its head (curl --http2 on http:// sends Upgrade: h2c):
+    its body would never be read, and the backend would wait for it until its timeout."""
+    gateway = start_gateway(api_keys=["sk-test-1"])
+    head = b"host: x\r\nauthorization: Bearer sk-test-1\r\n"
+    head += b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+    body = b'{"model": "fake-model"}'
+    with RawClient(gateway.url) as client:
+        client.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\n"
+            + head
+            + b"content-length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        answer = client.read_all(timeout=5)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"upgrade_unsupported" in answer
+    with RawClient(gateway.url) as client:
+        client.send(b"GET /v1/models HTTP/1.1\r\n" + head + b"\r\n")
+        client.sock.settimeout(5)
+        assert client.sock.recv(65536).startswith(b"HTTP/1.1 200 ")

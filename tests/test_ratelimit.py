@@ -15,8 +15,8 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.auth import plain_key_name
-from gateway.ratelimit import (
+from gateway.tenancy.auth import plain_key_name
+from gateway.tenancy.ratelimit import (
     KeyLimits,
     Limiter,
     RateLimited,
@@ -286,7 +286,7 @@ def test_redis_stopping_mid_run(fake: Fake, redis: RedisServer, fail_closed: boo
 
 
 async def test_memory_moving_window_is_exact_and_forgets_idle_keys() -> None:
-    from gateway.ratelimit import MemoryStorage
+    from gateway.tenancy.ratelimit import MemoryStorage
 
     storage = MemoryStorage()
     assert [await storage.acquire_entry("k", 3, 1) for _ in range(4)] == [True, True, True, False]
@@ -303,7 +303,7 @@ async def test_memory_moving_window_is_exact_and_forgets_idle_keys() -> None:
 
 
 def test_window_keeps_hits_in_order_as_it_grows_and_empties() -> None:
-    from gateway.ratelimit import Window
+    from gateway.tenancy.ratelimit import Window
 
     rng = random.Random(8)
     window, reference = Window(), []

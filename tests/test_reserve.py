@@ -13,8 +13,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway import reserve
-from gateway.jsonbody import JsonBody
+from gateway.proxy.jsonbody import JsonBody
+from gateway.tenancy import reserve
 from tests.conftest import Fake
 from tests.support.processes import serve, stop
 from tests.support.redis_server import RedisServer

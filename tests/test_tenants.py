@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.auth import plain_key_name
+from gateway.tenancy.auth import plain_key_name
 from tests.conftest import ADMIN, AUTH, Fake, Gateway, GatewayFactory, Runtime
 from tests.support.fakes import LoopThread, free_port, start_fake, wait_until
 from tests.support.object_fakes import ObjectRuntime

@@ -1,4 +1,4 @@
-"""The door to the backend (gateway/upstream.py): its pool owned by the lifespan, the client's
+"""The door to the backend (gateway/fleet/upstream.py): its pool owned by the lifespan, the client's
 errors mapped to the gateway's before the first byte.
 """
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.usage import tokens_in
+from gateway.proxy.usage import tokens_in
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""What the gateway's protocol (gateway/protocol.py) and cycle (gateway/cycle.py) take from
+"""What the gateway's protocol (gateway/edge/protocol.py) and cycle (gateway/edge/cycle.py) take from
 uvicorn's internals, which no release promises to keep: pyproject.toml pins the versions
 this was read against, and this fails, naming what moved, when an upgrade changes any of it."""
 
@@ -94,7 +94,9 @@ CYCLE_STATE = [
 
 def test_uvicorn_is_a_version_the_protocol_was_read_against() -> None:
     major, minor = (int(part) for part in version("uvicorn").split(".")[:2])
-    assert (major, minor) == (0, 55), "read gateway/protocol.py and cycle.py against it, then move the pin"
+    assert (major, minor) == (0, 55), (
+        "read gateway/edge/protocol.py and cycle.py against it, then move the pin"
+    )
 
 
 def test_the_cycle_is_built_as_the_protocol_builds_it() -> None:

@@ -16,10 +16,10 @@ from typing import cast
 
 import httptools
 
-from gateway.alarm import Alarm
 from gateway.client.errors import BadResponse, Disconnected, ReadTimeout
 from gateway.client.models import Body
 from gateway.client.response import Response
+from gateway.edge.alarm import Alarm
 
 
 class State(enum.Enum):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from gateway.alarm import Alarm
 from gateway.client.errors import Disconnected, HeadTimeout, ReadTimeout, UpstreamError
+from gateway.edge.alarm import Alarm
 
 # Buffered body bytes at which reading from the backend pauses until the client catches up.
 HIGH_WATER = 256 * 1024

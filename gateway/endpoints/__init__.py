@@ -1,0 +1,1 @@
+"""The gateway's own endpoints: health and readiness, the admin views, the OpenAPI document."""

@@ -1,0 +1,134 @@
+"""One request's tries at the backends that serve it.
+
+An ``Attempt`` owns what a try changes: the replica it holds is counted in flight until
+the answer ends (``end``); each outcome goes to outlier detection (``failed``,
+``answered``); and before another try it asks whether one may be made (a replica left,
+time left, a body that can be sent again, the retry budget) and chooses it. The proxy
+only sends, reads and relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.client import PoolTimeout, UpstreamError
+from gateway.fleet.replicas import Group, Replica
+from gateway.routing.router import Router
+
+logger = logging.getLogger("gateway.proxy")
+
+# Answers after which a request goes to another replica, if one is left and the budget allows.
+FAILOVER_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class Attempt:
+    def __init__(
+        self,
+        router: Router,
+        groups: list[Group],
+        key: int | None,
+        repeatable: bool,
+        deadline: float,
+        request_id: str,
+    ) -> None:
+        self.router = router
+        self.groups = groups
+        self.key = key
+        """What of the request the balancer goes by (affinity), if anything."""
+        self.repeatable = repeatable
+        """Whether the body may be sent again (an upload streamed through is not kept)."""
+        self.deadline = deadline
+        self.request_id = request_id
+        self.tried: list[Replica] = []
+        self.group: Group | None = None
+        self.replica: Replica | None = None
+        """The replica of the current try, counted in its ``in_flight`` until ``end``."""
+
+    def begin(self) -> bool:
+        """Choose the first replica; False when none is known yet (DNS discovery)."""
+        self.router.budget.admit()
+        return self._take(self.router.choose(self.groups, self.tried, self.key))
+
+    def failed(self, exc: UpstreamError, why: str) -> bool:
+        """The try got no answer (``why``, as the client would be told); True when another
+        replica takes the request."""
+        group, replica = self._release()
+        if not isinstance(exc, PoolTimeout):  # the gateway's own limit, not the replica
+            self.router.outlier.failed(group, replica, exc)
+        return self._fail_over(group, replica, why)
+
+    def answered(self, status: int) -> bool:
+        """The try got an answer with ``status``; True when it is not to be relayed because
+        another replica takes the request (the caller closes the answer)."""
+        assert self.group is not None
+        assert self.replica is not None
+        group, replica = self.group, self.replica
+        if status >= 500:
+            self.router.outlier.failed(group, replica)
+        else:
+            self.router.outlier.succeeded(group, replica)
+        if status not in FAILOVER_STATUSES:
+            return False
+        self.tried.append(replica)
+        chosen = self._next()
+        if chosen is None:
+            return False
+        self._release()
+        self._announce(group, replica, f"it answered {status}")
+        return self._take(chosen)
+
+    def end(self) -> None:
+        """The answer is over (or there is none): the replica is no longer held."""
+        if self.replica is not None:
+            self.replica.in_flight -= 1
+            self.replica = None
+
+    def _fail_over(self, group: Group, replica: Replica, why: str) -> bool:
+        self.tried.append(replica)
+        chosen = self._next()
+        if chosen is None:
+            return False
+        self._announce(group, replica, why)
+        return self._take(chosen)
+
+    def _next(self) -> tuple[Group, Replica] | None:
+        """Another replica for a request that failed before any answer, if it may have one."""
+        router = self.router
+        if not self.repeatable:
+            return None
+        if asyncio.get_running_loop().time() >= self.deadline or not router.has_candidate(
+            self.groups, self.tried
+        ):
+            return None
+        if not router.budget.may_retry():
+            if router.on_budget_exhausted is not None:
+                router.on_budget_exhausted()
+            return None
+        return router.choose(self.groups, self.tried, self.key)
+
+    def _take(self, chosen: tuple[Group, Replica] | None) -> bool:
+        if chosen is None:
+            return False
+        self.group, self.replica = chosen
+        self.replica.in_flight += 1
+        return True
+
+    def _release(self) -> tuple[Group, Replica]:
+        assert self.group is not None
+        assert self.replica is not None
+        group, replica = self.group, self.replica
+        replica.in_flight -= 1
+        self.replica = None
+        return group, replica
+
+    def _announce(self, group: Group, replica: Replica, why: str) -> None:
+        if self.router.on_failover is not None:
+            self.router.on_failover(group.name)
+        logger.info(
+            "request %s: replica %s of backend %s failed (%s); trying another",
+            self.request_id,
+            replica.url,
+            group.name,
+            why,
+        )
