@@ -8,84 +8,92 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
-# Route names: the gateway's vocabulary for what a client may ask of a backend.
-MODELS = "models"
-MODEL = "model"
-CHAT_COMPLETIONS = "chat_completions"
-COMPLETIONS = "completions"
-EMBEDDINGS = "embeddings"
-RESPONSES = "responses"
-RESPONSE = "response"  # GET /v1/responses/{id}
-RESPONSE_CANCEL = "response_cancel"
-# Anthropic's Messages API, which some runtimes serve beside OpenAI's.
-MESSAGES = "messages"
-COUNT_TOKENS = "messages_count_tokens"
-RERANK = "rerank"
-SCORE = "score"
-TOKENIZE = "tokenize"
-DETOKENIZE = "detokenize"
-TRANSCRIPTIONS = "audio_transcriptions"
-TRANSLATIONS = "audio_translations"
-SPEECH = "audio_speech"
-IMAGES = "images_generations"
-MODERATIONS = "moderations"
-LOAD_LORA = "load_lora_adapter"
-UNLOAD_LORA = "unload_lora_adapter"
-# Files and batches.
-FILE_UPLOAD = "file_upload"  # POST /v1/files (multipart)
-FILE_LIST = "file_list"
-FILE = "file"  # GET /v1/files/{id}
-FILE_DELETE = "file_delete"
-FILE_CONTENT = "file_content"
-BATCH_CREATE = "batch_create"
-BATCH_LIST = "batch_list"
-BATCH = "batch"  # GET /v1/batches/{id}
-BATCH_CANCEL = "batch_cancel"
-# The operators' model management (admin keys), mapped to each runtime's own way.
-MODEL_LOAD = "model_load"
-MODEL_UNLOAD = "model_unload"
-LORA_LOAD = "lora_load"
-LORA_UNLOAD = "lora_unload"
-# text-generation-webui's own routes (/v1/internal/...).
-INTERNAL_ENCODE = "internal_encode"
-INTERNAL_DECODE = "internal_decode"
-INTERNAL_TOKEN_COUNT = "internal_token_count"
-INTERNAL_LOGITS = "internal_logits"
-INTERNAL_CHAT_PROMPT = "internal_chat_prompt"
-INTERNAL_STOP = "internal_stop_generation"
-INTERNAL_MODEL_INFO = "internal_model_info"
-INTERNAL_MODEL_LIST = "internal_model_list"
-INTERNAL_MODEL_LOAD = "internal_model_load"
-INTERNAL_MODEL_UNLOAD = "internal_model_unload"
-INTERNAL_LORA_LIST = "internal_lora_list"
-INTERNAL_LORA_LOAD = "internal_lora_load"
-INTERNAL_LORA_UNLOAD = "internal_lora_unload"
 
-CORE_ROUTES = frozenset({MODELS, MODEL, CHAT_COMPLETIONS, COMPLETIONS, EMBEDDINGS})
-ANTHROPIC_ROUTES = frozenset({MESSAGES, COUNT_TOKENS})
+class Route(StrEnum):
+    """Route names: the gateway's vocabulary for what a client may ask of a backend."""
+
+    MODELS = "models"
+    MODEL = "model"
+    CHAT_COMPLETIONS = "chat_completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+    RESPONSE = "response"  # GET /v1/responses/{id}
+    RESPONSE_CANCEL = "response_cancel"
+    # Anthropic's Messages API, which some runtimes serve beside OpenAI's.
+    MESSAGES = "messages"
+    COUNT_TOKENS = "messages_count_tokens"
+    RERANK = "rerank"
+    SCORE = "score"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+    TRANSCRIPTIONS = "audio_transcriptions"
+    TRANSLATIONS = "audio_translations"
+    SPEECH = "audio_speech"
+    IMAGES = "images_generations"
+    MODERATIONS = "moderations"
+    LOAD_LORA = "load_lora_adapter"
+    UNLOAD_LORA = "unload_lora_adapter"
+    # Files and batches.
+    FILE_UPLOAD = "file_upload"  # POST /v1/files (multipart)
+    FILE_LIST = "file_list"
+    FILE = "file"  # GET /v1/files/{id}
+    FILE_DELETE = "file_delete"
+    FILE_CONTENT = "file_content"
+    BATCH_CREATE = "batch_create"
+    BATCH_LIST = "batch_list"
+    BATCH = "batch"  # GET /v1/batches/{id}
+    BATCH_CANCEL = "batch_cancel"
+    # The operators' model management (admin keys), mapped to each runtime's own way.
+    MODEL_LOAD = "model_load"
+    MODEL_UNLOAD = "model_unload"
+    LORA_LOAD = "lora_load"
+    LORA_UNLOAD = "lora_unload"
+    # text-generation-webui's own routes (/v1/internal/...).
+    INTERNAL_ENCODE = "internal_encode"
+    INTERNAL_DECODE = "internal_decode"
+    INTERNAL_TOKEN_COUNT = "internal_token_count"
+    INTERNAL_LOGITS = "internal_logits"
+    INTERNAL_CHAT_PROMPT = "internal_chat_prompt"
+    INTERNAL_STOP = "internal_stop_generation"
+    INTERNAL_MODEL_INFO = "internal_model_info"
+    INTERNAL_MODEL_LIST = "internal_model_list"
+    INTERNAL_MODEL_LOAD = "internal_model_load"
+    INTERNAL_MODEL_UNLOAD = "internal_model_unload"
+    INTERNAL_LORA_LIST = "internal_lora_list"
+    INTERNAL_LORA_LOAD = "internal_lora_load"
+    INTERNAL_LORA_UNLOAD = "internal_lora_unload"
+
+
+CORE_ROUTES = frozenset(
+    {Route.MODELS, Route.MODEL, Route.CHAT_COMPLETIONS, Route.COMPLETIONS, Route.EMBEDDINGS}
+)
+ANTHROPIC_ROUTES = frozenset({Route.MESSAGES, Route.COUNT_TOKENS})
 """Their errors go in Anthropic's envelope, which Anthropic's SDKs read."""
-LORA_ROUTES = frozenset({LOAD_LORA, UNLOAD_LORA})
-FILE_ROUTES = frozenset({FILE_UPLOAD, FILE_LIST, FILE, FILE_DELETE, FILE_CONTENT})
-BATCH_ROUTES = frozenset({BATCH_CREATE, BATCH_LIST, BATCH, BATCH_CANCEL})
-MANAGEMENT_ROUTES = frozenset({MODEL_LOAD, MODEL_UNLOAD, LORA_LOAD, LORA_UNLOAD})
+LORA_ROUTES = frozenset({Route.LOAD_LORA, Route.UNLOAD_LORA})
+FILE_ROUTES = frozenset(
+    {Route.FILE_UPLOAD, Route.FILE_LIST, Route.FILE, Route.FILE_DELETE, Route.FILE_CONTENT}
+)
+BATCH_ROUTES = frozenset({Route.BATCH_CREATE, Route.BATCH_LIST, Route.BATCH, Route.BATCH_CANCEL})
+MANAGEMENT_ROUTES = frozenset({Route.MODEL_LOAD, Route.MODEL_UNLOAD, Route.LORA_LOAD, Route.LORA_UNLOAD})
 TEXTGEN_ROUTES = frozenset(
     {
-        INTERNAL_ENCODE,
-        INTERNAL_DECODE,
-        INTERNAL_TOKEN_COUNT,
-        INTERNAL_LOGITS,
-        INTERNAL_CHAT_PROMPT,
-        INTERNAL_STOP,
-        INTERNAL_MODEL_INFO,
-        INTERNAL_MODEL_LIST,
-        INTERNAL_MODEL_LOAD,
-        INTERNAL_MODEL_UNLOAD,
-        INTERNAL_LORA_LIST,
-        INTERNAL_LORA_LOAD,
-        INTERNAL_LORA_UNLOAD,
+        Route.INTERNAL_ENCODE,
+        Route.INTERNAL_DECODE,
+        Route.INTERNAL_TOKEN_COUNT,
+        Route.INTERNAL_LOGITS,
+        Route.INTERNAL_CHAT_PROMPT,
+        Route.INTERNAL_STOP,
+        Route.INTERNAL_MODEL_INFO,
+        Route.INTERNAL_MODEL_LIST,
+        Route.INTERNAL_MODEL_LOAD,
+        Route.INTERNAL_MODEL_UNLOAD,
+        Route.INTERNAL_LORA_LIST,
+        Route.INTERNAL_LORA_LOAD,
+        Route.INTERNAL_LORA_UNLOAD,
     }
 )
 ALL_ROUTES = (
@@ -96,18 +104,18 @@ ALL_ROUTES = (
     | MANAGEMENT_ROUTES
     | ANTHROPIC_ROUTES
     | {
-        RESPONSES,
-        RESPONSE,
-        RESPONSE_CANCEL,
-        RERANK,
-        SCORE,
-        TOKENIZE,
-        DETOKENIZE,
-        TRANSCRIPTIONS,
-        TRANSLATIONS,
-        SPEECH,
-        IMAGES,
-        MODERATIONS,
+        Route.RESPONSES,
+        Route.RESPONSE,
+        Route.RESPONSE_CANCEL,
+        Route.RERANK,
+        Route.SCORE,
+        Route.TOKENIZE,
+        Route.DETOKENIZE,
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
+        Route.SPEECH,
+        Route.IMAGES,
+        Route.MODERATIONS,
     }
 )
 
@@ -181,13 +189,13 @@ class Adapter:
     """Why the runtime may not have registered a route it can serve (it registers some per
     model or per flag): said in the 501 answered when it has not."""
 
-    def serves(self, route: str) -> bool:
+    def serves(self, route: Route) -> bool:
         return route in self.routes
 
-    def answers(self, route: str) -> bool:
+    def answers(self, route: Route) -> bool:
         """Whether the gateway answers ``route`` for this runtime: it serves it, or it is
         ``/v1/models/{id}``, answered from the model list."""
-        return route in self.routes or (route == MODEL and self.normalise)
+        return route in self.routes or (route == Route.MODEL and self.normalise)
 
     def readiness(self, status: int) -> Readiness:
         if 200 <= status < 300:

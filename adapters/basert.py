@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, Route
 
 ADAPTER = Adapter(
     name="basert",
@@ -20,7 +20,14 @@ ADAPTER = Adapter(
     | r.FILE_ROUTES
     | r.BATCH_ROUTES
     | r.MANAGEMENT_ROUTES
-    | {r.RESPONSES, r.EMBEDDINGS, r.RERANK, r.TRANSCRIPTIONS, r.TOKENIZE, r.DETOKENIZE},
+    | {
+        Route.RESPONSES,
+        Route.EMBEDDINGS,
+        Route.RERANK,
+        Route.TRANSCRIPTIONS,
+        Route.TOKENIZE,
+        Route.DETOKENIZE,
+    },
     health_path="/health",
     health_fallback_path="/v1/models",
     metrics_path="/v1/metrics",

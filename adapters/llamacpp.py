@@ -15,14 +15,14 @@ and listens only once the model is loaded.
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter, LoadSignals
+from adapters.base import Adapter, LoadSignals, Route
 
 ADAPTER = Adapter(
     name="llamacpp",
-    routes=r.CORE_ROUTES - {r.MODEL}
+    routes=r.CORE_ROUTES - {Route.MODEL}
     | r.ANTHROPIC_ROUTES
-    | {r.RESPONSES, r.RERANK, r.TOKENIZE, r.DETOKENIZE, r.TRANSCRIPTIONS},
-    paths={r.TOKENIZE: "/tokenize", r.DETOKENIZE: "/detokenize"},
+    | {Route.RESPONSES, Route.RERANK, Route.TOKENIZE, Route.DETOKENIZE, Route.TRANSCRIPTIONS},
+    paths={Route.TOKENIZE: "/tokenize", Route.DETOKENIZE: "/detokenize"},
     health_path="/health",
     health_fallback_path="/v1/models",
     metrics_path="/metrics",
@@ -37,8 +37,8 @@ ADAPTER = Adapter(
 
 PYTHON = Adapter(
     name="llamacpp-python",
-    routes=r.CORE_ROUTES - {r.MODEL} | {r.TOKENIZE, r.DETOKENIZE},
-    paths={r.TOKENIZE: "/extras/tokenize", r.DETOKENIZE: "/extras/detokenize"},
+    routes=r.CORE_ROUTES - {Route.MODEL} | {Route.TOKENIZE, Route.DETOKENIZE},
+    paths={Route.TOKENIZE: "/extras/tokenize", Route.DETOKENIZE: "/extras/detokenize"},
     # Its /v1/models waits behind the generation under way (the model's lock): a probe of it
     # during a long generation gets no answer in time, and a busy replica would be ejected.
     # The API docs page is answered by the event loop at once; the server listens only once

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, Route
 
 
 def apply_model(body: dict[str, Any]) -> dict[str, Any]:
@@ -31,13 +31,21 @@ def shutdown_model(body: dict[str, Any]) -> dict[str, Any]:
 
 ADAPTER = Adapter(
     name="localai",
-    routes=r.CORE_ROUTES - {r.MODEL}
-    | {r.RESPONSES, r.RERANK, r.TRANSCRIPTIONS, r.SPEECH, r.IMAGES, r.MODERATIONS, r.TOKENIZE}
-    | {r.MODEL_LOAD, r.MODEL_UNLOAD},
-    paths={r.MODEL_LOAD: "/models/apply", r.MODEL_UNLOAD: "/backend/shutdown"},
-    rewrites={r.MODEL_LOAD: apply_model, r.MODEL_UNLOAD: shutdown_model},
+    routes=r.CORE_ROUTES - {Route.MODEL}
+    | {
+        Route.RESPONSES,
+        Route.RERANK,
+        Route.TRANSCRIPTIONS,
+        Route.SPEECH,
+        Route.IMAGES,
+        Route.MODERATIONS,
+        Route.TOKENIZE,
+    }
+    | {Route.MODEL_LOAD, Route.MODEL_UNLOAD},
+    paths={Route.MODEL_LOAD: "/models/apply", Route.MODEL_UNLOAD: "/backend/shutdown"},
+    rewrites={Route.MODEL_LOAD: apply_model, Route.MODEL_UNLOAD: shutdown_model},
     # /models/apply downloads a model's config and files from these, wherever they point.
-    remote_sources={r.MODEL_LOAD: ("url", "config_url", "files")},
+    remote_sources={Route.MODEL_LOAD: ("url", "config_url", "files")},
     health_path="/readyz",
     metrics_path="/metrics",
 )

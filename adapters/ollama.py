@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, Route
 
 
 def load_model(body: dict[str, Any]) -> dict[str, Any]:
@@ -32,9 +32,11 @@ def unload_model(body: dict[str, Any]) -> dict[str, Any]:
 
 ADAPTER = Adapter(
     name="ollama",
-    routes=r.CORE_ROUTES | r.ANTHROPIC_ROUTES | {r.RESPONSES, r.TRANSCRIPTIONS, r.MODEL_LOAD, r.MODEL_UNLOAD},
-    paths={r.MODEL_LOAD: "/api/generate", r.MODEL_UNLOAD: "/api/generate"},
-    rewrites={r.MODEL_LOAD: load_model, r.MODEL_UNLOAD: unload_model},
+    routes=r.CORE_ROUTES
+    | r.ANTHROPIC_ROUTES
+    | {Route.RESPONSES, Route.TRANSCRIPTIONS, Route.MODEL_LOAD, Route.MODEL_UNLOAD},
+    paths={Route.MODEL_LOAD: "/api/generate", Route.MODEL_UNLOAD: "/api/generate"},
+    rewrites={Route.MODEL_LOAD: load_model, Route.MODEL_UNLOAD: unload_model},
     health_path="/",
     loading_statuses=frozenset(),
 )

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter, LoadSignals
+from adapters.base import Adapter, LoadSignals, Route
 
 ADAPTER = Adapter(
     name="sglang",
@@ -22,21 +22,21 @@ ADAPTER = Adapter(
     | r.LORA_ROUTES
     | r.ANTHROPIC_ROUTES
     | {
-        r.RESPONSES,
-        r.RESPONSE,
-        r.RESPONSE_CANCEL,
-        r.RERANK,
-        r.SCORE,
-        r.TOKENIZE,
-        r.DETOKENIZE,
-        r.TRANSCRIPTIONS,
+        Route.RESPONSES,
+        Route.RESPONSE,
+        Route.RESPONSE_CANCEL,
+        Route.RERANK,
+        Route.SCORE,
+        Route.TOKENIZE,
+        Route.DETOKENIZE,
+        Route.TRANSCRIPTIONS,
     }
-    | {r.LORA_LOAD, r.LORA_UNLOAD},
+    | {Route.LORA_LOAD, Route.LORA_UNLOAD},
     paths={
-        r.LOAD_LORA: "/load_lora_adapter",
-        r.UNLOAD_LORA: "/unload_lora_adapter",
-        r.LORA_LOAD: "/load_lora_adapter",
-        r.LORA_UNLOAD: "/unload_lora_adapter",
+        Route.LOAD_LORA: "/load_lora_adapter",
+        Route.UNLOAD_LORA: "/unload_lora_adapter",
+        Route.LORA_LOAD: "/load_lora_adapter",
+        Route.LORA_UNLOAD: "/unload_lora_adapter",
     },
     health_path="/health",
     metrics_path="/metrics",

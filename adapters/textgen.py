@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapters import base as r
-from adapters.base import Adapter
+from adapters.base import Adapter, Route
 
 
 def load_model(body: dict[str, Any]) -> dict[str, Any]:
@@ -39,18 +39,18 @@ def no_body(body: dict[str, Any]) -> None:
 
 ADAPTER = Adapter(
     name="textgen",
-    routes=r.CORE_ROUTES | r.TEXTGEN_ROUTES | r.MANAGEMENT_ROUTES | {r.MODERATIONS, r.IMAGES},
+    routes=r.CORE_ROUTES | r.TEXTGEN_ROUTES | r.MANAGEMENT_ROUTES | {Route.MODERATIONS, Route.IMAGES},
     paths={
-        r.MODEL_LOAD: "/v1/internal/model/load",
-        r.MODEL_UNLOAD: "/v1/internal/model/unload",
-        r.LORA_LOAD: "/v1/internal/lora/load",
-        r.LORA_UNLOAD: "/v1/internal/lora/unload",
+        Route.MODEL_LOAD: "/v1/internal/model/load",
+        Route.MODEL_UNLOAD: "/v1/internal/model/unload",
+        Route.LORA_LOAD: "/v1/internal/lora/load",
+        Route.LORA_UNLOAD: "/v1/internal/lora/unload",
     },
     rewrites={
-        r.MODEL_LOAD: load_model,
-        r.MODEL_UNLOAD: no_body,
-        r.LORA_LOAD: load_lora,
-        r.LORA_UNLOAD: no_body,
+        Route.MODEL_LOAD: load_model,
+        Route.MODEL_UNLOAD: no_body,
+        Route.LORA_LOAD: load_lora,
+        Route.LORA_UNLOAD: no_body,
     },
     health_path="/v1/internal/health",
     health_fallback_path="/v1/models",

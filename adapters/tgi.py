@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-from adapters import base as r
-from adapters.base import Adapter, LoadSignals
+from adapters.base import Adapter, LoadSignals, Route
 
 ADAPTER = Adapter(
     name="tgi",
-    routes=frozenset({r.MODELS, r.CHAT_COMPLETIONS, r.COMPLETIONS, r.TOKENIZE}),
-    paths={r.TOKENIZE: "/tokenize"},
+    routes=frozenset({Route.MODELS, Route.CHAT_COMPLETIONS, Route.COMPLETIONS, Route.TOKENIZE}),
+    paths={Route.TOKENIZE: "/tokenize"},
     health_path="/health",
     metrics_path="/metrics",
     load_signals=LoadSignals(waiting=("tgi_queue_size",), running=("tgi_batch_current_size",)),

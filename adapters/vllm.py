@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from adapters import base as r
-from adapters.base import Adapter, LoadSignals
+from adapters.base import Adapter, LoadSignals, Route
 
 LORA_OFF = (
     "runtime LoRA updating is off: start vLLM with --enable-lora and the environment "
@@ -27,26 +27,26 @@ LORA_OFF = (
 
 ADAPTER = Adapter(
     name="vllm",
-    routes=r.CORE_ROUTES - {r.MODEL}
+    routes=r.CORE_ROUTES - {Route.MODEL}
     | r.LORA_ROUTES
     | r.ANTHROPIC_ROUTES
     | {
-        r.RESPONSES,
-        r.RESPONSE,
-        r.RESPONSE_CANCEL,
-        r.RERANK,
-        r.SCORE,
-        r.TOKENIZE,
-        r.DETOKENIZE,
-        r.TRANSCRIPTIONS,
-        r.TRANSLATIONS,
+        Route.RESPONSES,
+        Route.RESPONSE,
+        Route.RESPONSE_CANCEL,
+        Route.RERANK,
+        Route.SCORE,
+        Route.TOKENIZE,
+        Route.DETOKENIZE,
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
     }
-    | {r.LORA_LOAD, r.LORA_UNLOAD},
+    | {Route.LORA_LOAD, Route.LORA_UNLOAD},
     paths={
-        r.TOKENIZE: "/tokenize",
-        r.DETOKENIZE: "/detokenize",
-        r.LORA_LOAD: "/v1/load_lora_adapter",
-        r.LORA_UNLOAD: "/v1/unload_lora_adapter",
+        Route.TOKENIZE: "/tokenize",
+        Route.DETOKENIZE: "/detokenize",
+        Route.LORA_LOAD: "/v1/load_lora_adapter",
+        Route.LORA_UNLOAD: "/v1/unload_lora_adapter",
     },
     health_path="/health",
     metrics_path="/metrics",
@@ -58,18 +58,18 @@ ADAPTER = Adapter(
     ),
     loading_statuses=frozenset(),
     unregistered={
-        r.EMBEDDINGS: "vLLM serves embeddings only for a pooling model (a generative model has none)",
-        r.RERANK: "vLLM serves rerank only for a cross-encoder or pooling model",
-        r.SCORE: "vLLM serves score only for a cross-encoder or pooling model",
-        r.TRANSCRIPTIONS: "vLLM serves transcriptions only for a speech-recognition model",
-        r.TRANSLATIONS: "vLLM serves translations only for a speech-recognition model",
-        r.CHAT_COMPLETIONS: "vLLM serves chat completions only for a generative model",
-        r.COMPLETIONS: "vLLM serves completions only for a generative model",
-        r.RESPONSES: "vLLM serves responses only for a generative model",
-        r.MESSAGES: "vLLM serves messages only for a generative model",
-        r.LOAD_LORA: LORA_OFF,
-        r.UNLOAD_LORA: LORA_OFF,
-        r.LORA_LOAD: LORA_OFF,
-        r.LORA_UNLOAD: LORA_OFF,
+        Route.EMBEDDINGS: "vLLM serves embeddings only for a pooling model (a generative model has none)",
+        Route.RERANK: "vLLM serves rerank only for a cross-encoder or pooling model",
+        Route.SCORE: "vLLM serves score only for a cross-encoder or pooling model",
+        Route.TRANSCRIPTIONS: "vLLM serves transcriptions only for a speech-recognition model",
+        Route.TRANSLATIONS: "vLLM serves translations only for a speech-recognition model",
+        Route.CHAT_COMPLETIONS: "vLLM serves chat completions only for a generative model",
+        Route.COMPLETIONS: "vLLM serves completions only for a generative model",
+        Route.RESPONSES: "vLLM serves responses only for a generative model",
+        Route.MESSAGES: "vLLM serves messages only for a generative model",
+        Route.LOAD_LORA: LORA_OFF,
+        Route.UNLOAD_LORA: LORA_OFF,
+        Route.LORA_LOAD: LORA_OFF,
+        Route.LORA_UNLOAD: LORA_OFF,
     },
 )

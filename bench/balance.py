@@ -411,12 +411,12 @@ def run(plan: Plan, workdir: Path, only: set[str] | None = None) -> dict[str, An
 def picking_cost(plan: Plan) -> dict[str, Any]:
     """Microseconds per pick at 8 replicas, each strategy, in this process; and a profile of
     the queue strategy's picks."""
-    from gateway.fleet.config import parse_backends
+    from gateway.config.backends import parse_backends
+    from gateway.config.settings import Settings
+    from gateway.core.jsonbody import JsonBody
     from gateway.fleet.replicas import Load
-    from gateway.proxy.jsonbody import JsonBody
     from gateway.routing.affinity import affinity_key
     from gateway.routing.router import Router
-    from gateway.settings import Settings
 
     figures: dict[str, Any] = {}
     body = JsonBody(

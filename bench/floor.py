@@ -15,7 +15,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from gateway.client import Origin, Pool
-from gateway.server import tune_garbage_collector
+from gateway.edge.server import tune_garbage_collector
 
 
 class Floor:

@@ -1,4 +1,5 @@
-"""``create_app(settings)``: the route table, the lifespan that owns resources, error rendering."""
+"""The app: a ``Gateway`` (what one process owns, opened and closed with the app) and the ASGI
+app that dispatches to it, with the error rendering of the routes Starlette matches."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -19,32 +19,26 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters import llamacpp, vllm
+from gateway.config.backends import load_backends_file
+from gateway.config.settings import Settings, is_loopback
+from gateway.core.asgi import ASGIApp, Receive, Scope, Send
+from gateway.core.errors import GatewayError, InternalError, MethodNotAllowed, NotFound, envelope
 from gateway.edge.cors import Cors
+from gateway.edge.local import not_local
+from gateway.edge.server import Lifecycle
 from gateway.embedded.supervisor import Launch, Supervisor, plan_launch
 from gateway.endpoints import openapi
 from gateway.endpoints.admin import AdminBackends, RuntimeMetrics
-from gateway.endpoints.health import Lifecycle, ReadyEndpoint, health
-from gateway.errors import (
-    GatewayError,
-    InternalError,
-    MethodNotAllowed,
-    MisdirectedRequest,
-    NotFound,
-    PermissionDenied,
-    envelope,
-)
+from gateway.endpoints.health import ReadyEndpoint, health
 from gateway.fleet.backend import Backend
-from gateway.fleet.config import load_backends_file
 from gateway.observability.accesslog import AccessLog
 from gateway.observability.metrics import FleetCollector, KnownModels, Metrics, multiprocess_dir
 from gateway.observability.page import MetricsEndpoint, Page
 from gateway.proxy.endpoint import ProxyEndpoint
-from gateway.proxy.routes import ROUTES
+from gateway.proxy.routes import ROUTES, RouteSpec
 from gateway.routing.router import Router
-from gateway.settings import Settings, is_loopback
 from gateway.tenancy import preflight
 from gateway.tenancy.auth import Authenticator, load_keys_file
 from gateway.tenancy.ownership import Owners, records_for
@@ -61,177 +55,14 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
     ``backend`` defaults to the one the settings describe; with no backend URL configured,
     that is an embedded runtime the app starts and supervises for its lifetime.
     """
-    preflight.check(settings)
-    launch: Launch | None = None
-    if backend is None and settings.backend_url is None and settings.backends is None:
-        launch = plan_launch(settings)
-        backend = Backend(
-            adapter=EMBEDDED_ADAPTERS[launch.runtime], url=launch.url, auth_header=launch.auth_header
-        )
-    router = Router.for_backend(backend, settings) if backend is not None else Router.from_settings(settings)
-    file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
-    auth = Authenticator.from_plain_keys((key.get_secret_value() for key in settings.api_keys), file_keys)
-    ready = ReadyEndpoint(router, settings.ready_timeout)
-    lifecycle = Lifecycle()
-    ready.gates.append((lifecycle.not_ready_reason, "shutting_down"))
-    supervisor: Supervisor | None = None
-    if launch is not None:
-        health_path = EMBEDDED_ADAPTERS[launch.runtime].health_path
-
-        def give_up(reason: str) -> None:
-            # The gateway cannot serve without it: it stops, and says why in its exit status.
-            lifecycle.failed = reason
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        supervisor = Supervisor(
-            launch.argv,
-            ready.is_ready,
-            name=launch.runtime,
-            env=launch.env,
-            pass_fds=[launch.listener.fileno()] if launch.listener is not None else [],
-            waiting_for=f"GET {health_path} at {launch.url}",
-            on_give_up=give_up,
-        )
-        ready.gates.append((supervisor.not_ready_reason, "backend_loading"))
-
-    admin = Authenticator.from_plain_keys(
-        (key.get_secret_value() for key in settings.admin_api_keys), prefix="admin:"
-    )
-    known_models = KnownModels(settings.metrics_models)
-    metrics = Metrics(known_models)
-    router.on_retry = lambda name: metrics.retries.labels(name).inc()
-    router.on_failover = metrics.failover
-    router.on_budget_exhausted = metrics.retry_budget_exhausted.inc
-    for group in router.groups:  # shown at 0 from the start
-        metrics.retries.labels(group.name)
-        metrics.failovers.labels(group.name)
-    metrics.fleet = FleetCollector(router)
-    metrics.registry.register(metrics.fleet)
-    if not multiprocess_dir():
-        # The process's own figures (CPU, memory, descriptors, the garbage collector), as
-        # prometheus_client's default registry has them; workers' shared files cannot sum them.
-        ProcessCollector(registry=metrics.registry)
-        PlatformCollector(registry=metrics.registry)
-        GCCollector(registry=metrics.registry)
-    router.catalogue.on_models = known_models.update
-    access_log = AccessLog() if settings.access_log else None
-    default_limits = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))
-    limits_by_key = {"": default_limits} | {
-        key.name: key_limits(default_limits, key.rate_limit, key.token_limit) for key in file_keys
-    }
-    limiter: Limiter | None = None
-    if settings.global_rate_limit or any(lim.requests or lim.tokens for lim in limits_by_key.values()):
-        limiter = Limiter(
-            settings.rate_limit_storage,
-            settings.rate_limit_strategy,
-            settings.global_rate_limit,
-            settings.rate_limit_fail_closed,
-            metrics.rate_limit_failures,
-            metrics.rate_limited,
-        )
-
-    owners: Owners | None = None
-    if auth.size > 1 and settings.object_secret is not None:  # preflight.check: set with several
-        secret = settings.object_secret.get_secret_value().encode()
-        owners = Owners(secret, records_for(settings.rate_limit_storage))
-    endpoints = {
-        spec: ProxyEndpoint(
-            spec,
-            router,
-            admin if spec.admin else auth,
-            settings,
-            metrics,
-            access_log,
-            None if spec.admin else limiter,
-            limits_by_key,
-            owners,
-        )
-        for spec in ROUTES
-        # Runtime admin routes exist only for admin keys; with none configured they are 404.
-        if not spec.admin or admin.enabled
-    }
-    routes: list[BaseRoute] = [
-        Route(spec.path, endpoint, methods=list(spec.methods)) for spec, endpoint in endpoints.items()
-    ]
-    # Without admin keys an admin route is 404 like any unknown one, not the 405 of a route
-    # whose path it shares (POST /v1/models/load against GET /v1/models/{model}).
-    routes += [
-        Route(spec.path, _no_route, methods=list(spec.methods)) for spec in ROUTES if spec not in endpoints
-    ]
-    routes.append(Route("/health", health, methods=["GET"]))
-    routes.append(Route("/ready", ready.endpoint, methods=["GET"]))
-    if admin.enabled:
-        routes.append(Route("/admin/backends", AdminBackends(router, admin).endpoint, methods=["GET"]))
-    if admin.enabled or settings.metrics_token is not None:
-        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-        runtime_metrics = RuntimeMetrics(router, admin, token, settings.ready_timeout)
-        routes.append(Route("/admin/backends/{name}/metrics", runtime_metrics.endpoint, methods=["GET"]))
-    page = Page(metrics.render, settings.metrics_token)
-    if settings.metrics_port is None:
-        closed = auth.enabled and not settings.metrics_public
-        routes.append(Route("/metrics", MetricsEndpoint(page, admin, closed).endpoint, methods=["GET"]))
-        if closed and settings.metrics_token is None and not admin.enabled:
-            logger.warning(
-                "/metrics answers no one: with client keys it needs --metrics-token or an admin key "
-                "(or --metrics-port, or --metrics-public to open it)"
-            )
-    if settings.docs:
-        served = [
-            spec
-            for spec in endpoints
-            if any(group.backend.adapter.answers(spec.name) for group in router.groups)
-        ]
-        document = openapi.document(
-            served,
-            auth=auth.enabled,
-            admin=admin.enabled,
-            metrics=settings.metrics_port is None,
-        )
-        docs = openapi.Docs(document)
-        routes.append(Route("/openapi.json", docs.openapi, methods=["GET"]))
-        routes.append(Route("/docs", docs.page, methods=["GET"]))
-        routes.append(Route("/docs/{name}", docs.asset, methods=["GET"]))
-        routes.append(Route("/redoc", docs.elsewhere, methods=["GET"]))
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await router.open()
-        if not auth.enabled:
-            logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
-        if supervisor is not None:
-            await supervisor.start()
-        tasks = [asyncio.create_task(loop) for loop in router.loops()]
-        reloading = _reload_on_sighup(router, settings)
-        for group in router.groups:
-            urls = ", ".join(replica.url for replica in group.replicas)
-            logger.info(
-                "forwarding to the %s backend (%s) at %s", group.name, group.backend.adapter.name, urls
-            )
-        try:
-            yield
-        finally:
-            if reloading:
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            for task in tasks:
-                task.cancel()
-            metrics.close()
-            if access_log is not None:
-                access_log.flush()
-            if supervisor is not None:
-                await supervisor.stop()
-            if launch is not None and launch.listener is not None:
-                launch.listener.close()
-            await router.close()
-            if owners is not None:
-                await owners.records.close()
-
+    gateway = Gateway(settings, backend)
     app = GatewayApp(
-        routes=routes,
-        lifespan=lifespan,
+        routes=gateway.routes(),
+        lifespan=gateway.lifespan,
         exception_handlers={HTTPException: _http_exception, Exception: _unhandled},
     )
     # The hot routes skip Starlette's middleware and route matching: a dict lookup instead.
-    for spec, endpoint in endpoints.items():
+    for spec, endpoint in gateway.endpoints.items():
         if "{" not in spec.path:
             methods = app.fast_routes.setdefault(spec.path, {})
             for method in (*spec.methods, "HEAD") if "GET" in spec.methods else spec.methods:
@@ -242,18 +73,247 @@ def create_app(settings: Settings, backend: Backend | None = None) -> GatewayApp
         app.cors = Cors(settings.cors_origins, settings.cors_credentials)
     # With no keys on loopback, a page on a domain that resolves to 127.0.0.1 (DNS rebinding),
     # or a page of any other origin, must not drive the gateway through a developer's browser.
-    app.local_only = not auth.enabled and is_loopback(settings.host)
+    app.local_only = not gateway.auth.enabled and is_loopback(settings.host)
+    app.state.gateway = gateway
     app.state.settings = settings
-    app.state.router = router
-    app.state.backend = router.default.backend
-    app.state.upstream = router.default.replicas[0].upstream if router.default.replicas else None
-    app.state.supervisor = supervisor
-    app.state.metrics = metrics
-    app.state.metrics_page = page
-    app.state.limiter = limiter
-    app.state.owners = owners
-    app.state.lifecycle = lifecycle
+    app.state.router = gateway.router
+    app.state.backend = gateway.router.default.backend
+    replicas = gateway.router.default.replicas
+    app.state.upstream = replicas[0].upstream if replicas else None
+    app.state.supervisor = gateway.supervisor
+    app.state.metrics = gateway.metrics
+    app.state.metrics_page = gateway.page
+    app.state.limiter = gateway.limiter
+    app.state.owners = gateway.owners
+    app.state.lifecycle = gateway.lifecycle
     return app
+
+
+class Gateway:
+    """What one gateway process owns, made from its settings: the router and its fleet, the
+    keys and their limits, sealed objects, metrics and the access log, and an embedded
+    runtime where no backend is configured. ``open`` and ``close`` start and stop what runs
+    (as uvicorn's ``Server.startup`` and ``shutdown``); the app's lifespan is the two."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        preflight.check(settings)
+        self.settings = settings
+        self.launch: Launch | None = None
+        if backend is None and settings.backend_url is None and settings.backends is None:
+            self.launch = launch = plan_launch(settings)
+            adapter = EMBEDDED_ADAPTERS[launch.runtime]
+            backend = Backend(adapter=adapter, url=launch.url, auth_header=launch.auth_header)
+        self.router = router = (
+            Router.for_backend(backend, settings) if backend is not None else Router.from_settings(settings)
+        )
+        self.file_keys = load_keys_file(settings.keys_file) if settings.keys_file else []
+        self.auth = Authenticator.from_plain_keys(
+            (key.get_secret_value() for key in settings.api_keys), self.file_keys
+        )
+        self.admin = Authenticator.from_plain_keys(
+            (key.get_secret_value() for key in settings.admin_api_keys), prefix="admin:"
+        )
+        self.ready = ReadyEndpoint(router, settings.ready_timeout)
+        self.lifecycle = Lifecycle()
+        self.ready.gates.append((self.lifecycle.not_ready_reason, "shutting_down"))
+        self.supervisor = self._supervisor()
+        self.metrics = self._metrics()
+        self.page = Page(self.metrics.render, settings.metrics_token)
+        self.access_log = AccessLog() if settings.access_log else None
+        self.limits_by_key, self.limiter = self._limits()
+        self.owners: Owners | None = None
+        if self.auth.size > 1 and settings.object_secret is not None:  # preflight: set with several
+            secret = settings.object_secret.get_secret_value().encode()
+            self.owners = Owners(secret, records_for(settings.rate_limit_storage))
+        self.endpoints = {
+            spec: self._endpoint(spec)
+            for spec in ROUTES
+            # Runtime admin routes exist only for admin keys; with none configured they are 404.
+            if not spec.admin or self.admin.enabled
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reloading = False
+
+    def _supervisor(self) -> Supervisor | None:
+        """The embedded runtime's supervisor, where the gateway starts one."""
+        launch = self.launch
+        if launch is None:
+            return None
+        lifecycle = self.lifecycle
+
+        def give_up(reason: str) -> None:
+            # The gateway cannot serve without it: it stops, and says why in its exit status.
+            lifecycle.failed = reason
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        supervisor = Supervisor(
+            launch.argv,
+            self.ready.is_ready,
+            name=launch.runtime,
+            env=launch.env,
+            pass_fds=[launch.listener.fileno()] if launch.listener is not None else [],
+            waiting_for=f"GET {EMBEDDED_ADAPTERS[launch.runtime].health_path} at {launch.url}",
+            on_give_up=give_up,
+        )
+        self.ready.gates.append((supervisor.not_ready_reason, "backend_loading"))
+        return supervisor
+
+    def _metrics(self) -> Metrics:
+        router = self.router
+        known_models = KnownModels(self.settings.metrics_models)
+        metrics = Metrics(known_models)
+        router.on_retry = lambda name: metrics.retries.labels(name).inc()
+        router.on_failover = metrics.failover
+        router.on_budget_exhausted = metrics.retry_budget_exhausted.inc
+        for group in router.groups:  # shown at 0 from the start
+            metrics.retries.labels(group.name)
+            metrics.failovers.labels(group.name)
+        metrics.fleet = FleetCollector(router)
+        metrics.registry.register(metrics.fleet)
+        if not multiprocess_dir():
+            # The process's own figures (CPU, memory, descriptors, the garbage collector), as
+            # prometheus_client's default registry has them; workers' shared files cannot sum them.
+            ProcessCollector(registry=metrics.registry)
+            PlatformCollector(registry=metrics.registry)
+            GCCollector(registry=metrics.registry)
+        router.catalogue.on_models = known_models.update
+        return metrics
+
+    def _limits(self) -> tuple[dict[str, KeyLimits], Limiter | None]:
+        """Each key's limits (the default under ""), and the limiter where any is set."""
+        settings = self.settings
+        default = KeyLimits(parse_limits(settings.rate_limit), parse_limits(settings.token_limit))
+        by_key = {"": default} | {
+            key.name: key_limits(default, key.rate_limit, key.token_limit) for key in self.file_keys
+        }
+        if not settings.global_rate_limit and not any(lim.requests or lim.tokens for lim in by_key.values()):
+            return by_key, None
+        limiter = Limiter(
+            settings.rate_limit_storage,
+            settings.rate_limit_strategy,
+            settings.global_rate_limit,
+            settings.rate_limit_fail_closed,
+            self.metrics.rate_limit_failures,
+            self.metrics.rate_limited,
+        )
+        return by_key, limiter
+
+    def _endpoint(self, spec: RouteSpec) -> ProxyEndpoint:
+        return ProxyEndpoint(
+            spec,
+            self.router,
+            self.admin if spec.admin else self.auth,
+            self.settings,
+            self.metrics,
+            self.access_log,
+            None if spec.admin else self.limiter,
+            self.limits_by_key,
+            self.owners,
+        )
+
+    def routes(self) -> list[BaseRoute]:
+        """The forwarded routes, then the gateway's own: health, readiness, the operators'
+        views, metrics and the API's documents."""
+        routes: list[BaseRoute] = [
+            Route(spec.path, endpoint, methods=list(spec.methods))
+            for spec, endpoint in self.endpoints.items()
+        ]
+        # Without admin keys an admin route is 404 like any unknown one, not the 405 of a route
+        # whose path it shares (POST /v1/models/load against GET /v1/models/{model}).
+        routes += [
+            Route(spec.path, _no_route, methods=list(spec.methods))
+            for spec in ROUTES
+            if spec not in self.endpoints
+        ]
+        routes.append(Route("/health", health, methods=["GET"]))
+        routes.append(Route("/ready", self.ready.endpoint, methods=["GET"]))
+        routes += self._operator_routes()
+        if self.settings.docs:
+            routes += self._document_routes()
+        return routes
+
+    def _operator_routes(self) -> list[BaseRoute]:
+        settings, admin = self.settings, self.admin
+        routes: list[BaseRoute] = []
+        if admin.enabled:
+            routes.append(
+                Route("/admin/backends", AdminBackends(self.router, admin).endpoint, methods=["GET"])
+            )
+        if admin.enabled or settings.metrics_token is not None:
+            token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+            runtime_metrics = RuntimeMetrics(self.router, admin, token, settings.ready_timeout)
+            routes.append(Route("/admin/backends/{name}/metrics", runtime_metrics.endpoint, methods=["GET"]))
+        if settings.metrics_port is None:
+            closed = self.auth.enabled and not settings.metrics_public
+            page = MetricsEndpoint(self.page, admin, closed)
+            routes.append(Route("/metrics", page.endpoint, methods=["GET"]))
+            if closed and settings.metrics_token is None and not admin.enabled:
+                logger.warning(
+                    "/metrics answers no one: with client keys it needs --metrics-token or an admin "
+                    "key (or --metrics-port, or --metrics-public to open it)"
+                )
+        return routes
+
+    def _document_routes(self) -> list[BaseRoute]:
+        served = [
+            spec
+            for spec in self.endpoints
+            if any(group.backend.adapter.answers(spec.name) for group in self.router.groups)
+        ]
+        document = openapi.document(
+            served,
+            auth=self.auth.enabled,
+            admin=self.admin.enabled,
+            metrics=self.settings.metrics_port is None,
+        )
+        docs = openapi.Docs(document)
+        return [
+            Route("/openapi.json", docs.openapi, methods=["GET"]),
+            Route("/docs", docs.page, methods=["GET"]),
+            Route("/docs/{name}", docs.asset, methods=["GET"]),
+            Route("/redoc", docs.elsewhere, methods=["GET"]),
+        ]
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.open()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    async def open(self) -> None:
+        """The fleet's connections and loops, the embedded runtime, SIGHUP's reload."""
+        router = self.router
+        await router.open()
+        if not self.auth.enabled:
+            logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
+        if self.supervisor is not None:
+            await self.supervisor.start()
+        self._tasks = [asyncio.create_task(loop) for loop in router.loops()]
+        self._reloading = _reload_on_sighup(router, self.settings)
+        for group in router.groups:
+            urls = ", ".join(replica.url for replica in group.replicas)
+            logger.info(
+                "forwarding to the %s backend (%s) at %s", group.name, group.backend.adapter.name, urls
+            )
+
+    async def close(self) -> None:
+        """What ``open`` started, stopped; what was held, written or closed."""
+        if self._reloading:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in self._tasks:
+            task.cancel()
+        self.metrics.close()
+        if self.access_log is not None:
+            self.access_log.flush()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.launch is not None and self.launch.listener is not None:
+            self.launch.listener.close()
+        await self.router.close()
+        if self.owners is not None:
+            await self.owners.records.close()
 
 
 def _reload_on_sighup(router: Router, settings: Settings) -> bool:
@@ -291,21 +351,13 @@ class GatewayApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if self.local_only and (refusal := _not_local(scope, self.cors is None)) is not None:
+            if self.local_only and (refusal := not_local(scope, self.cors is None)) is not None:
                 await _render(refusal)(scope, receive, send)
                 return
             if self.cors is not None:
-                origin = requested = None
-                preflight = False
-                for name, value in scope["headers"]:
-                    if name == b"origin":
-                        origin = value
-                    elif name == b"access-control-request-method":
-                        preflight = True
-                    elif name == b"access-control-request-headers":
-                        requested = value
+                origin, requested, preflight = self.cors.scan(scope)
                 if origin is not None:
-                    if preflight and scope["method"] == "OPTIONS":
+                    if preflight:
                         await self.cors.preflight(origin, requested, send)
                         return
                     send = self.cors.wrap(send, origin)
@@ -324,32 +376,6 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-LOOPBACK_HOST = re.compile(rb"(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
-
-
-def _not_local(scope: Scope, check_origin: bool) -> GatewayError | None:
-    """Why a request to an open gateway on loopback is refused, if it is."""
-    host = origin = None
-    for name, value in scope["headers"]:
-        if name == b"host":
-            host = value
-        elif name == b"origin":
-            origin = value
-    if host is None or not LOOPBACK_HOST.fullmatch(host):
-        return MisdirectedRequest(
-            "this gateway has no API keys and serves only requests to localhost, 127.0.0.1 or [::1]",
-            code="not_loopback_host",
-        )
-    if check_origin and origin is not None:
-        scheme = scope.get("scheme", "http").encode()
-        if origin.lower() != scheme + b"://" + host.lower():
-            return PermissionDenied(
-                "cross-origin requests are refused: this gateway has no API keys and no --cors-origin",
-                code="cross_origin",
-            )
-    return None
-
-
 def _render(error: GatewayError, headers: dict[str, str] | None = None) -> Response:
     return Response(
         error.body(),
@@ -366,7 +392,8 @@ async def _no_route(request: Request) -> Response:
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only
+        raise exc
     if exc.status_code == 405:
         error: GatewayError = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     elif exc.status_code == 404:

@@ -17,8 +17,8 @@ import yaml
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.server import uvicorn_config
-from gateway.settings import Settings
+from gateway.config.settings import Settings
+from gateway.edge.server import uvicorn_config
 from tests.support.fakes import FakeBackend, LoopThread, Seen, start_fake
 from tests.support.fleet_fakes import FleetRuntime, start_runtime
 from tests.support.object_fakes import ObjectRuntime, start_objects

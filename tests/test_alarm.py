@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.edge.alarm import Alarm
+from gateway.core.alarm import Alarm
 
 
 async def test_it_goes_off_once_at_its_time_and_not_when_cleared() -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import httpx
 
-from adapters.base import CHAT_COMPLETIONS, MODELS, Adapter
+from adapters.base import Adapter, Route
 from gateway.app import create_app
+from gateway.config.settings import Settings
 from gateway.fleet.backend import Backend
-from gateway.settings import Settings
 from tests.conftest import Fake
 
 Message = MutableMapping[str, Any]
@@ -20,7 +20,7 @@ Message = MutableMapping[str, Any]
 
 async def test_route_the_backend_lacks_is_501_without_calling_it(fake: Fake) -> None:
     settings = Settings(backend_url=fake.url)
-    narrow = Adapter(name="narrow", routes=frozenset({MODELS, CHAT_COMPLETIONS}))
+    narrow = Adapter(name="narrow", routes=frozenset({Route.MODELS, Route.CHAT_COMPLETIONS}))
     backend = dataclasses.replace(Backend.from_settings(settings), adapter=narrow)
     app = create_app(settings, backend)
     async with app.router.lifespan_context(app):

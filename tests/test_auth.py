@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import AuthenticationFailed
-from gateway.tenancy.auth import ApiKey, Authenticator, load_keys_file, plain_key_name
+from gateway.core.errors import AuthenticationFailed
+from gateway.core.exchange import ApiKey
+from gateway.tenancy.auth import Authenticator, load_keys_file, plain_key_name
 
 auth = Authenticator.from_plain_keys(["sk-one", "sk-two"])
 

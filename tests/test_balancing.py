@@ -22,16 +22,16 @@ from hypothesis import strategies as st
 from adapters import ADAPTERS
 from bench.simulator import Runtime as Simulator
 from bench.simulator import Settings as SimulatorSettings
-from gateway.fleet.config import parse_backends
+from gateway.config.backends import parse_backends
+from gateway.config.settings import Settings
+from gateway.core.jsonbody import JsonBody
 from gateway.fleet.loads import read_load
 from gateway.fleet.replicas import Group, Load, Replica
 from gateway.fleet.upstream import Upstream
-from gateway.proxy.jsonbody import JsonBody
 from gateway.routing import affinity
 from gateway.routing.affinity import affinity_pick, rendezvous_order, replica_seed
 from gateway.routing.balancers import STALE_PENALTY, queue_score, saturated
 from gateway.routing.router import Router
-from gateway.settings import Settings
 from tests.conftest import AUTH, Gateway, Runtime, replicas
 from tests.support.fakes import LoopThread, wait_until
 
@@ -249,7 +249,7 @@ def leading_bytes(body: dict[str, Any]) -> bytes:
 def test_keys_are_the_same_in_another_process_with_another_hash_seed() -> None:
     code = (
         "from gateway.routing.affinity import affinity_key, replica_seed\n"
-        "from gateway.proxy.jsonbody import JsonBody\n"
+        "from gateway.core.jsonbody import JsonBody\n"
         "print(affinity_key([(b'x-session-id', b's1')], None), replica_seed('http://a:1'),"
         ' affinity_key([], JsonBody(b\'{"messages":[{"role":"user","content":"hello"}]}\')))\n'
     )

@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.cli import FLAG_NAMES, NOT_FLAGS, build_parser, load_settings, parse_flags
-from gateway.settings import Settings
+from gateway.config.flags import FLAG_NAMES, NOT_FLAGS
+from gateway.config.settings import Settings
+from gateway.main import build_parser, load_settings, parse_flags
 from tests.conftest import Fake
 from tests.support.processes import serve, stop
 
@@ -105,7 +106,7 @@ def test_a_worker_process_tunes_its_collector_as_a_single_process_does(
     # and pauses every open stream for hundreds of ms while streams pile up.
     import gc
 
-    from gateway.server import WORKER_SETTINGS, _settings_json, worker_app
+    from gateway.main import WORKER_SETTINGS, _settings_json, worker_app
 
     handed = tmp_path / "settings.json"
     handed.write_text(_settings_json(Settings(backend_url="http://127.0.0.1:9")))

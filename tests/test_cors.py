@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from tests.conftest import AUTH, GatewayFactory
 from tests.support.raw import JSON_OK, RawBackend, Reply
 

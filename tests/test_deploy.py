@@ -19,8 +19,8 @@ import yaml
 from pydantic import AliasChoices
 
 from gateway.app import create_app
-from gateway.fleet.config import parse_backends
-from gateway.settings import Settings
+from gateway.config.backends import parse_backends
+from gateway.config.settings import Settings
 
 ROOT = Path(__file__).parents[1]
 KUSTOMIZATIONS = [

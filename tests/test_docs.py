@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import reference
+from gateway.config import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = sorted(
@@ -27,7 +27,9 @@ FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
 def test_the_configuration_reference_is_the_settings_objects() -> None:
     text = reference.PAGE.read_text(encoding="utf-8")
-    assert reference.page(text) == text, "docs/configuration.md is stale: run python -m gateway.reference"
+    assert reference.page(text) == text, (
+        "docs/configuration.md is stale: run python -m gateway.config.reference"
+    )
 
 
 def test_the_readme_stays_short() -> None:

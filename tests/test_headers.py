@@ -1,4 +1,4 @@
-"""Which headers go to the backend and back (gateway/proxy/headers.py): hop-by-hop ones dropped, the
+"""Which headers go to the backend and back (gateway/core/headers.py): hop-by-hop ones dropped, the
 client key swapped for the backend key, forwarding chains, request IDs, cookies.
 """
 

@@ -1,4 +1,4 @@
-"""A JSON body's fields read from its bytes (gateway/proxy/jsonbody.py): the values a full decoder
+"""A JSON body's fields read from its bytes (gateway/core/jsonbody.py): the values a full decoder
 would give, nothing else built, and a field changed in place without touching the rest."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import InvalidRequest
-from gateway.proxy.jsonbody import READ, WHOLE_DECODE_BYTES, JsonBody, leading_messages, prompt_count
+from gateway.core.errors import InvalidRequest
+from gateway.core.jsonbody import READ, WHOLE_DECODE_BYTES, JsonBody, leading_messages, prompt_count
 
 JSON = st.recursive(
     st.none()

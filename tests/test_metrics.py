@@ -13,7 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.exchange import Exchange
+from adapters.base import Route
+from gateway.core.exchange import Exchange
 from gateway.observability.metrics import LATENCY_BUCKETS, KnownModels, Metrics
 from gateway.tenancy.auth import plain_key_name
 from tests.conftest import AUTH, Fake, Gateway, GatewayFactory
@@ -197,7 +198,7 @@ def test_two_workers_aggregate_their_metrics(fake: Fake, tmp_path: Path) -> None
 
 
 def _finished(route: str, status: int, duration: float, stream: bool = False) -> Exchange:
-    exchange = Exchange("id", route, "POST", "openai")
+    exchange = Exchange("id", Route(route), "POST", "openai")
     exchange.status = status
     exchange.model = "fake-model"
     exchange.key = "key-1"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import NotFound
+from gateway.core.errors import NotFound
 from gateway.tenancy.ownership import BATCH, FILE, RESPONSE, Owners, Records, StreamSealer
 from tests.conftest import GatewayFactory
 from tests.support.object_fakes import ObjectRuntime

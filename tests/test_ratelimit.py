@@ -15,15 +15,9 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.core.errors import RateLimited, RateLimitUnavailable
 from gateway.tenancy.auth import plain_key_name
-from gateway.tenancy.ratelimit import (
-    KeyLimits,
-    Limiter,
-    RateLimited,
-    RateLimitUnavailable,
-    _duration,
-    parse_limits,
-)
+from gateway.tenancy.ratelimit import KeyLimits, Limiter, _duration, parse_limits
 from tests.conftest import AUTH, Fake, GatewayFactory
 from tests.support.fakes import free_port
 from tests.support.processes import serve, stop

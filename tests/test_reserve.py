@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway.proxy.jsonbody import JsonBody
+from gateway.core.jsonbody import JsonBody
 from gateway.tenancy import reserve
 from tests.conftest import Fake
 from tests.support.processes import serve, stop

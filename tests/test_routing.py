@@ -19,10 +19,10 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.config.settings import Settings
 from gateway.fleet.replicas import Replica
 from gateway.fleet.upstream import Upstream
 from gateway.proxy.body import StreamedBody
-from gateway.settings import Settings
 from tests.conftest import ADMIN, AUTH, Gateway, GatewayFactory, Runtime, replicas
 from tests.support.fakes import LoopThread, free_port, wait_until
 from tests.support.fleet_fakes import FleetRuntime, start_runtime
@@ -690,7 +690,7 @@ def test_limits_metrics_and_the_access_log_work_across_backends(
 def test_a_reload_that_changes_a_backends_kind_drains_the_old_replicas(
     runtimes: Callable[..., Runtime], fleet_gateway: Callable[..., Gateway], loop_thread: LoopThread
 ) -> None:
-    from gateway.fleet.config import BackendConfig
+    from gateway.config.backends import BackendConfig
 
     _, url = runtimes("r", ["m"])
     gateway = fleet_gateway([{"name": "r", "url": url, "kind": "openai"}])

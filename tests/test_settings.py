@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 
 
 def test_defaults() -> None:

@@ -15,8 +15,8 @@ import aiohttp
 import httpx
 import pytest
 
+from gateway.config.settings import Settings
 from gateway.embedded.supervisor import CHILD_PATH, EmbeddedBackendError, State, Supervisor, plan_launch
-from gateway.settings import Settings
 from tests.support.fakes import free_port
 
 STANDIN = str(Path(__file__).parent / "support" / "standin_backend.py")

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from tests.conftest import Fake, GatewayFactory
 from tests.support.calls import error_of
 from tests.support.fakes import free_port, wait_until

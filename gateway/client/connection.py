@@ -19,7 +19,7 @@ import httptools
 from gateway.client.errors import BadResponse, Disconnected, ReadTimeout
 from gateway.client.models import Body
 from gateway.client.response import Response
-from gateway.edge.alarm import Alarm
+from gateway.core.alarm import Alarm
 
 
 class State(enum.Enum):

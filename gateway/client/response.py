@@ -6,7 +6,7 @@ import asyncio
 from typing import Protocol
 
 from gateway.client.errors import Disconnected, HeadTimeout, ReadTimeout, UpstreamError
-from gateway.edge.alarm import Alarm
+from gateway.core.alarm import Alarm
 
 # Buffered body bytes at which reading from the backend pauses until the client catches up.
 HIGH_WATER = 256 * 1024

@@ -12,11 +12,9 @@ allowed gets no CORS headers at all (its preflight a 403), so its browser blocks
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
+from gateway.core.asgi import Message, Scope, Send
 
 METHODS = b"GET, POST, HEAD, OPTIONS"
 EXPOSED = (
@@ -47,6 +45,20 @@ class Cors:
         if self.credentials:
             headers.append((b"access-control-allow-credentials", b"true"))
         return headers
+
+    def scan(self, scope: Scope) -> tuple[bytes | None, bytes | None, bool]:
+        """A request's ``Origin``, its ``Access-Control-Request-Headers``, and whether it is a
+        preflight (``OPTIONS`` with ``Access-Control-Request-Method``)."""
+        origin = requested = None
+        preflight = False
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                preflight = True
+            elif name == b"access-control-request-headers":
+                requested = value
+        return origin, requested, preflight and scope["method"] == "OPTIONS"
 
     async def preflight(self, origin: bytes, requested: bytes | None, send: Send) -> None:
         """Answer a preflight: 204 with what may be sent, or 403 for an origin not allowed."""

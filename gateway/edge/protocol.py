@@ -51,9 +51,9 @@ import httptools
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.edge.alarm import Alarm
+from gateway.core.alarm import Alarm
+from gateway.core.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 from gateway.edge.cycle import DISCONNECT, Cycle, Signal, Watch
-from gateway.errors import GatewayError, InvalidRequest, RequestHeadTooLarge, RequestTimeout
 
 logger = logging.getLogger("gateway.protocol")
 

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 
 logger = logging.getLogger("gateway.supervisor")
 

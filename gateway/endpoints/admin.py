@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.client import UpstreamError
-from gateway.errors import (
+from gateway.core.errors import (
     AuthenticationFailed,
     BackendUnavailable,
     GatewayError,
@@ -20,10 +20,10 @@ from gateway.errors import (
     NotFound,
     Unsupported,
 )
+from gateway.core.headers import single_header
 from gateway.fleet.replicas import Replica
 from gateway.fleet.upstream import before_response_error
 from gateway.observability.metrics import CONTENT_TYPE
-from gateway.proxy.headers import single_header
 from gateway.routing.router import Router
 from gateway.tenancy.auth import Authenticator
 

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from adapters.base import Readiness
 from gateway.client import ReadTimeout, UpstreamError
-from gateway.errors import (
+from gateway.core.errors import (
     BackendUnavailable,
     BackendUnreachable,
     GatewayError,
@@ -30,20 +30,6 @@ CACHE_SECONDS = 1.0
 async def health(request: Request) -> Response:
     """200 while the process serves; it says nothing about the backend."""
     return Response(b'{"status":"ok"}', media_type=JSON)
-
-
-class Lifecycle:
-    """Whether the process is draining: told to stop, finishing what it has."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.failed: str | None = None
-        """Why the gateway stops on its own (its embedded backend cannot start)."""
-
-    def not_ready_reason(self) -> str | None:
-        if self.failed is not None:
-            return f"the gateway is stopping: {self.failed}"
-        return "the gateway is shutting down" if self.draining else None
 
 
 class ReadyEndpoint:

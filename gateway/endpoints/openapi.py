@@ -19,48 +19,48 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
-import gateway.tenancy.ratelimit  # noqa: F401 - its errors are among the gateway's own
 from adapters import base as r
+from adapters.base import Route
 from gateway import __version__
-from gateway.errors import GatewayError, NotFound
+from gateway.core.errors import GatewayError, NotFound
 from gateway.proxy.routes import Body, RouteSpec
 
 # What a route does, for the document: a summary and whether its answer may be an SSE stream.
 SUMMARIES: dict[str, tuple[str, bool]] = {
-    r.MODELS: ("List the models", False),
-    r.MODEL: ("One model", False),
-    r.CHAT_COMPLETIONS: ("Create a chat completion (streams with `stream: true`)", True),
-    r.COMPLETIONS: ("Create a completion (streams with `stream: true`)", True),
-    r.EMBEDDINGS: ("Create embeddings", False),
-    r.RESPONSES: ("Create a response (streams with `stream: true`)", True),
-    r.RESPONSE: ("A stored response", False),
-    r.RESPONSE_CANCEL: ("Cancel a background response", False),
-    r.MESSAGES: ("Create a message, Anthropic's Messages API (streams with `stream: true`)", True),
-    r.COUNT_TOKENS: ("Count a message's tokens, Anthropic's Messages API", False),
-    r.RERANK: ("Rerank documents", False),
-    r.SCORE: ("Score text pairs", False),
-    r.TOKENIZE: ("Tokenize (the runtime's body format)", False),
-    r.DETOKENIZE: ("Detokenize (the runtime's body format)", False),
-    r.TRANSCRIPTIONS: ("Transcribe audio (multipart, streamed to the runtime)", True),
-    r.TRANSLATIONS: ("Translate audio (multipart, streamed to the runtime)", False),
-    r.SPEECH: ("Generate speech", False),
-    r.IMAGES: ("Generate images", False),
-    r.MODERATIONS: ("Classify text", False),
-    r.LOAD_LORA: ("Load a LoRA adapter (vLLM's route; admin keys)", False),
-    r.UNLOAD_LORA: ("Unload a LoRA adapter (vLLM's route; admin keys)", False),
-    r.FILE_UPLOAD: ("Upload a file (multipart, streamed to the runtime)", False),
-    r.FILE_LIST: ("List files", False),
-    r.FILE: ("One file", False),
-    r.FILE_DELETE: ("Delete a file", False),
-    r.FILE_CONTENT: ("A file's content", False),
-    r.BATCH_CREATE: ("Create a batch", False),
-    r.BATCH_LIST: ("List batches", False),
-    r.BATCH: ("One batch", False),
-    r.BATCH_CANCEL: ("Cancel a batch", False),
-    r.MODEL_LOAD: ("Load a model on the runtime (admin keys)", False),
-    r.MODEL_UNLOAD: ("Unload a model from the runtime (admin keys)", False),
-    r.LORA_LOAD: ("Load a LoRA adapter on the runtime (admin keys)", False),
-    r.LORA_UNLOAD: ("Unload a LoRA adapter from the runtime (admin keys)", False),
+    Route.MODELS: ("List the models", False),
+    Route.MODEL: ("One model", False),
+    Route.CHAT_COMPLETIONS: ("Create a chat completion (streams with `stream: true`)", True),
+    Route.COMPLETIONS: ("Create a completion (streams with `stream: true`)", True),
+    Route.EMBEDDINGS: ("Create embeddings", False),
+    Route.RESPONSES: ("Create a response (streams with `stream: true`)", True),
+    Route.RESPONSE: ("A stored response", False),
+    Route.RESPONSE_CANCEL: ("Cancel a background response", False),
+    Route.MESSAGES: ("Create a message, Anthropic's Messages API (streams with `stream: true`)", True),
+    Route.COUNT_TOKENS: ("Count a message's tokens, Anthropic's Messages API", False),
+    Route.RERANK: ("Rerank documents", False),
+    Route.SCORE: ("Score text pairs", False),
+    Route.TOKENIZE: ("Tokenize (the runtime's body format)", False),
+    Route.DETOKENIZE: ("Detokenize (the runtime's body format)", False),
+    Route.TRANSCRIPTIONS: ("Transcribe audio (multipart, streamed to the runtime)", True),
+    Route.TRANSLATIONS: ("Translate audio (multipart, streamed to the runtime)", False),
+    Route.SPEECH: ("Generate speech", False),
+    Route.IMAGES: ("Generate images", False),
+    Route.MODERATIONS: ("Classify text", False),
+    Route.LOAD_LORA: ("Load a LoRA adapter (vLLM's route; admin keys)", False),
+    Route.UNLOAD_LORA: ("Unload a LoRA adapter (vLLM's route; admin keys)", False),
+    Route.FILE_UPLOAD: ("Upload a file (multipart, streamed to the runtime)", False),
+    Route.FILE_LIST: ("List files", False),
+    Route.FILE: ("One file", False),
+    Route.FILE_DELETE: ("Delete a file", False),
+    Route.FILE_CONTENT: ("A file's content", False),
+    Route.BATCH_CREATE: ("Create a batch", False),
+    Route.BATCH_LIST: ("List batches", False),
+    Route.BATCH: ("One batch", False),
+    Route.BATCH_CANCEL: ("Cancel a batch", False),
+    Route.MODEL_LOAD: ("Load a model on the runtime (admin keys)", False),
+    Route.MODEL_UNLOAD: ("Unload a model from the runtime (admin keys)", False),
+    Route.LORA_LOAD: ("Load a LoRA adapter on the runtime (admin keys)", False),
+    Route.LORA_UNLOAD: ("Unload a LoRA adapter from the runtime (admin keys)", False),
 }
 TEXTGEN_SUMMARY = "text-generation-webui's own route"
 # The gateway's own answers before a backend is called, by route kind.
@@ -129,55 +129,60 @@ def document(
         },
         "paths": paths,
         "security": keys,
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["type", "message"],
-                            "properties": {
-                                "type": {
-                                    "type": "string",
-                                    "description": "By status, for the gateway's own errors and a "
-                                    "runtime's alike: " + ", ".join(error_types) + ".",
-                                    "examples": error_types,
-                                },
-                                "message": {"type": "string"},
-                                "code": {"type": ["string", "null"]},
-                                "param": {"type": ["string", "null"]},
-                                "backend_type": {"type": "string", "description": "The runtime's own type."},
+        "components": _components(error_types),
+    }
+
+
+def _components(error_types: list[str]) -> dict[str, Any]:
+    """The security schemes, the error envelopes and the gateway's error answers."""
+    return {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["type", "message"],
+                        "properties": {
+                            "type": {
+                                "type": "string",
+                                "description": "By status, for the gateway's own errors and a "
+                                "runtime's alike: " + ", ".join(error_types) + ".",
+                                "examples": error_types,
                             },
-                        }
-                    },
-                },
-                "AnthropicError": {
-                    "type": "object",
-                    "required": ["type", "error"],
-                    "properties": {
-                        "type": {"const": "error"},
-                        "error": {
-                            "type": "object",
-                            "required": ["type", "message"],
-                            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                            "message": {"type": "string"},
+                            "code": {"type": ["string", "null"]},
+                            "param": {"type": ["string", "null"]},
+                            "backend_type": {"type": "string", "description": "The runtime's own type."},
                         },
+                    }
+                },
+            },
+            "AnthropicError": {
+                "type": "object",
+                "required": ["type", "error"],
+                "properties": {
+                    "type": {"const": "error"},
+                    "error": {
+                        "type": "object",
+                        "required": ["type", "message"],
+                        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
                     },
                 },
-                "JsonObject": {"type": "object", "additionalProperties": True},
             },
-            "responses": {
-                status: {
-                    "description": text,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-                }
-                for status, text in GATEWAY_ERRORS.items()
-            },
+            "JsonObject": {"type": "object", "additionalProperties": True},
+        },
+        "responses": {
+            status: {
+                "description": text,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+            for status, text in GATEWAY_ERRORS.items()
         },
     }
 
@@ -208,7 +213,7 @@ def _operation(spec: RouteSpec, parameters: list[dict[str, Any]], auth: bool) ->
     success: dict[str, Any] = {"application/json": {"schema": {}}}
     if streams:
         success["text/event-stream"] = {"schema": {"type": "string"}}
-    if spec.name == r.FILE_CONTENT:
+    if spec.name == Route.FILE_CONTENT:
         success = {
             "application/octet-stream": {
                 "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
@@ -253,7 +258,11 @@ def _operation(spec: RouteSpec, parameters: list[dict[str, Any]], auth: bool) ->
                 "additionalProperties": True,
             }
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
-    elif spec.body is Body.STREAM and spec.name in {r.FILE_UPLOAD, r.TRANSCRIPTIONS, r.TRANSLATIONS}:
+    elif spec.body is Body.STREAM and spec.name in {
+        Route.FILE_UPLOAD,
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
+    }:
         form = {
             "type": "object",
             "properties": {"file": {"type": "string", "contentMediaType": "application/octet-stream"}},

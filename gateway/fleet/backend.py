@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters import ADAPTERS, Adapter
+from adapters.base import Route
 from gateway import __version__
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 
 USER_AGENT = f"inference-gateway/{__version__}".encode()
 
@@ -33,5 +34,5 @@ class Backend:
     def name(self) -> str:
         return self.label or self.adapter.name
 
-    def path_for(self, route: str, request_path: str) -> str:
+    def path_for(self, route: Route, request_path: str) -> str:
         return self.adapter.paths.get(route, request_path)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adapters import ADAPTERS
+from gateway.config.backends import BackendConfig, Strategy
 from gateway.fleet.backend import Backend
-from gateway.fleet.config import BackendConfig, Strategy
 from gateway.fleet.upstream import Upstream
 
 # Replica states, as /admin/backends and the metrics show them.

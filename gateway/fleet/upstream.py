@@ -27,9 +27,9 @@ from gateway.client import (
     TooLarge,
     UpstreamError,
 )
-from gateway.errors import BackendBadResponse, BackendError, BackendTimeout, BackendUnreachable
+from gateway.config.settings import Settings
+from gateway.core.errors import BackendBadResponse, BackendError, BackendTimeout, BackendUnreachable
 from gateway.fleet.backend import USER_AGENT
-from gateway.settings import Settings
 
 
 class Upstream:

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import orjson
 
-from gateway.exchange import Exchange
+from gateway.core.exchange import Exchange
 
 # A timestamp's last part, ".000Z" to ".999Z", made once rather than formatted each time.
 MILLISECONDS = tuple(f".{n:03d}Z" for n in range(1000))

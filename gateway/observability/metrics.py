@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.exchange import Exchange
+from gateway.core.exchange import Exchange
 from gateway.fleet.replicas import EJECTED, LOADING, READY
 from gateway.routing.router import Router
 
@@ -85,7 +85,13 @@ class Metrics:
         # The tallies are added to on the event loop's thread, folded there or by a render on
         # the metrics port's thread.
         self._lock = threading.Lock()
-        r = self.registry
+        self._declare_requests(self.registry)
+        self._declare_failures(self.registry)
+        self.fleet: Collector | None = None
+        """Replica state read at scrape time (``gateway.routing.router``), this process's view."""
+
+    def _declare_requests(self, r: CollectorRegistry) -> None:
+        """What every request adds to: counts, durations, streams, tokens."""
         self.requests = Counter(
             "gateway_requests", "Requests answered, by route, method, status, backend, model and key name.",
             ["route", "method", "status", "backend", "model", "key"], registry=r,
@@ -120,6 +126,9 @@ class Metrics:
             "gateway_tokens", "Tokens reported in responses' usage, by kind (prompt or completion).",
             ["kind", "route", "model", "key"], registry=r,
         )  # fmt: skip
+
+    def _declare_failures(self, r: CollectorRegistry) -> None:
+        """What refusals and failures add to: limits, backends, retries, disconnects."""
         self.rate_limited = Counter(
             "gateway_rate_limited_requests", "Requests refused by a rate limit.", ["key", "limit"], registry=r
         )
@@ -153,8 +162,6 @@ class Metrics:
             "Failed attempts that could have gone to another replica but the retry budget was spent.",
             registry=r,
         )  # fmt: skip
-        self.fleet: Collector | None = None
-        """Replica state read at scrape time (``gateway.routing.router``), this process's view."""
 
     def failover(self, backend: str) -> None:
         self._child(self.failovers, backend).inc()

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 
-from gateway.errors import GatewayError, NotFound
+from gateway.core.errors import GatewayError, NotFound
 from gateway.observability.metrics import CONTENT_TYPE
 from gateway.observability.page import DENIED, Page
 

@@ -11,9 +11,9 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import AuthenticationFailed, GatewayError
+from gateway.core.errors import AuthenticationFailed, GatewayError
+from gateway.core.headers import single_header
 from gateway.observability.metrics import CONTENT_TYPE
-from gateway.proxy.headers import single_header
 from gateway.tenancy.auth import Authenticator
 
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
 
-from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge
-from gateway.proxy.jsonbody import JsonBody
-
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+from gateway.core.asgi import Receive
+from gateway.core.errors import GatewayError, InvalidRequest, RequestTooLarge
+from gateway.core.jsonbody import JsonBody
 
 
 class ClientGone(Exception):

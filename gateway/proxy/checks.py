@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.base import BATCH_CREATE, FILE_UPLOAD, RESPONSES
-from gateway.errors import InvalidRequest, NotFound, PermissionDenied
-from gateway.exchange import Exchange
+from adapters.base import Route
+from gateway.core.errors import InvalidRequest, NotFound, PermissionDenied
+from gateway.core.exchange import Exchange
+from gateway.core.jsonbody import JsonBody
 from gateway.fleet.replicas import Group
-from gateway.proxy.jsonbody import JsonBody
 
 MAX_MODEL_NAME = 256
 
@@ -20,7 +20,7 @@ def check_allowed(exchange: Exchange, model: Any) -> None:
     key = exchange.restricted
     if key is None:
         return
-    if exchange.route == BATCH_CREATE:
+    if exchange.route == Route.BATCH_CREATE:
         # A batch's lines name their models in a file the gateway does not read.
         raise PermissionDenied("this key may use only some models, so it may not create batches")
     if not isinstance(model, str) or not model:
@@ -37,20 +37,20 @@ def check_allowed(exchange: Exchange, model: Any) -> None:
 
 def stores_files(groups: list[Group]) -> bool:
     """Whether a runtime of these stores files, so that a prompt may name one of them."""
-    return any(group.backend.adapter.serves(FILE_UPLOAD) for group in groups)
+    return any(group.backend.adapter.serves(Route.FILE_UPLOAD) for group in groups)
 
 
-def check_accountable(route: str, body: JsonBody) -> None:
+def check_accountable(route: Route, body: JsonBody) -> None:
     """PermissionDenied for work whose tokens the gateway never sees, asked for by a key
     with a token limit: a batch (generated from a file, answered into another) and a
     background response (generated after the answer)."""
-    if route == BATCH_CREATE:
+    if route == Route.BATCH_CREATE:
         raise PermissionDenied(
             "this key has a token limit, and a batch's tokens are generated out of the gateway's "
             "sight: it may not create batches",
             code="tokens_unaccountable",
         )
-    if route == RESPONSES and body.get("background") is True:
+    if route == Route.RESPONSES and body.get("background") is True:
         raise PermissionDenied(
             "this key has a token limit, and a background response's tokens are generated out of "
             "the gateway's sight: send it without 'background'",

@@ -9,15 +9,16 @@ import time
 import orjson
 
 from adapters import normalise
-from adapters.base import MODELS
+from adapters.base import Route
 from gateway.client import UpstreamError
-from gateway.errors import NotFound
-from gateway.exchange import Exchange
+from gateway.config.settings import Settings
+from gateway.core.asgi import Send
+from gateway.core.errors import NotFound
+from gateway.core.exchange import Exchange
 from gateway.fleet.replicas import Group
 from gateway.fleet.upstream import before_response_error
-from gateway.proxy.replies import Send, send_error, send_json
+from gateway.proxy.replies import send_error, send_json
 from gateway.routing.router import Router
-from gateway.settings import Settings
 
 
 async def model_from_list(
@@ -57,7 +58,7 @@ async def model_from_list(
     await send_json(send, 200, orjson.dumps({**entry, "id": exchange.model}), exchange)
 
 
-async def send_model_list(router: Router, route: str, send: Send, exchange: Exchange) -> None:
+async def send_model_list(router: Router, route: Route, send: Send, exchange: Exchange) -> None:
     """``GET /v1/models`` and ``/v1/models/{id}`` across several backends, from their lists:
     every model and alias, each once."""
     if any(group.models is None and group.listed_at is None for group in router.groups):
@@ -66,7 +67,7 @@ async def send_model_list(router: Router, route: str, send: Send, exchange: Exch
     if exchange.restricted is not None:
         entries = [e for e in entries if exchange.restricted.may_use(str(e["id"]))]
     exchange.status = 200
-    if route == MODELS:
+    if route == Route.MODELS:
         await send_json(send, 200, orjson.dumps({"object": "list", "data": entries}), exchange)
         return
     entry = next((e for e in entries if e["id"] == exchange.model), None)

@@ -9,14 +9,14 @@ from typing import Any
 
 import orjson
 
-from adapters.base import Rewrite
+from adapters.base import Rewrite, Route
 from gateway.client import UpstreamError
-from gateway.errors import NotFound, PermissionDenied
+from gateway.config.settings import Settings
+from gateway.core.errors import NotFound, PermissionDenied
+from gateway.core.jsonbody import JsonBody
 from gateway.fleet.replicas import Group, Replica
 from gateway.fleet.upstream import before_response_error
-from gateway.proxy.jsonbody import JsonBody
 from gateway.routing.router import Router
-from gateway.settings import Settings
 
 MAX_NAME = 256
 
@@ -39,7 +39,7 @@ async def target_group(router: Router, parsed: JsonBody) -> Group:
     return router.default
 
 
-def check_sources(group: Group, route: str, parsed: JsonBody, allowed: bool) -> None:
+def check_sources(group: Group, route: Route, parsed: JsonBody, allowed: bool) -> None:
     """PermissionDenied for a body naming a remote source the runtime would download from,
     unless the operator allows it (``--allow-remote-model-sources``)."""
     if allowed:
@@ -69,7 +69,7 @@ def runtime_body(parsed: JsonBody, rewrite: Rewrite | None, raw: bytes) -> bytes
 
 async def on_every_replica(
     group: Group,
-    route: str,
+    route: Route,
     target: str,
     forward: list[tuple[bytes, bytes]],
     parsed: JsonBody,

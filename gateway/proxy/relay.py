@@ -5,19 +5,17 @@ from __future__ import annotations
 import logging
 import time
 
-from adapters.base import ANTHROPIC_ROUTES, MESSAGES
+from adapters.base import ANTHROPIC_ROUTES, Route
 from gateway.client import Response, UpstreamError
-from gateway.errors import BackendError, anthropic_envelope, sse_error_event
-from gateway.exchange import Exchange
+from gateway.config.settings import Settings
+from gateway.core.asgi import Send
+from gateway.core.errors import BackendError, anthropic_envelope, sse_error_event
+from gateway.core.exchange import Exchange, Outcome
 from gateway.fleet.upstream import mid_stream_error
-from gateway.proxy.replies import Send
 from gateway.proxy.usage import TAIL_BYTES, prompt_tokens_at_start, tokens_in
-from gateway.settings import Settings
 from gateway.tenancy.ownership import StreamSealer
 
 logger = logging.getLogger("gateway.proxy")
-
-MID_STREAM = "mid_stream"
 
 
 async def relay(
@@ -34,7 +32,7 @@ async def relay(
     clock = time.perf_counter
     previous = last = b""
     # Anthropic's streams give the prompt's tokens at their start (message_start).
-    first: bytes | None = b"" if streaming and exchange.route == MESSAGES else None
+    first: bytes | None = b"" if streaming and exchange.route == Route.MESSAGES else None
     waiting = 0.0
     done = False
     try:
@@ -60,7 +58,7 @@ async def relay(
     except UpstreamError as exc:
         exchange.upstream_wait += waiting
         error = mid_stream_error(exc, settings)
-        exchange.error = MID_STREAM
+        exchange.error = Outcome.MID_STREAM
         logger.warning("backend broke off a response (request %s): %s", exchange.request_id, error.message)
         if not streaming:
             # Returning without the final body message makes the server drop the

@@ -3,15 +3,10 @@ JSON bodies it made or rewrote."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
 from adapters.base import ANTHROPIC_ROUTES
-from gateway.errors import GatewayError, anthropic_envelope
-from gateway.exchange import Exchange
-
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
+from gateway.core.asgi import Send
+from gateway.core.errors import GatewayError, anthropic_envelope
+from gateway.core.exchange import Exchange
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 # Headers of a backend's answer that no longer hold once the gateway rewrote its body.

@@ -14,16 +14,17 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from adapters import normalise
-from adapters.base import ANTHROPIC_ROUTES, FILE_CONTENT, MODELS
+from adapters.base import ANTHROPIC_ROUTES, Route
 from gateway.client import Response, UpstreamError
-from gateway.errors import BackendBadResponse, Unsupported
-from gateway.exchange import Exchange
+from gateway.config.settings import Settings
+from gateway.core.asgi import Send
+from gateway.core.errors import BackendBadResponse, Unsupported
+from gateway.core.exchange import Exchange
 from gateway.fleet.replicas import Group
 from gateway.fleet.upstream import mid_stream_error
 from gateway.proxy.relay import relay
-from gateway.proxy.replies import REWRITTEN_HEADERS, Send, send_error, send_whole
+from gateway.proxy.replies import REWRITTEN_HEADERS, send_error, send_whole
 from gateway.proxy.routes import RouteSpec
-from gateway.settings import Settings
 from gateway.tenancy import ownership
 from gateway.tenancy.ownership import Owners
 
@@ -45,13 +46,13 @@ class Rewrites:
         model list cut to the key's share, IDs sealed, an error put in the envelope, a model
         list completed."""
         status = response.status
-        if self.route.name == MODELS and exchange.restricted is not None and status == 200:
+        if self.route.name == Route.MODELS and exchange.restricted is not None and status == 200:
             return self.allowed_models
-        if sealing and self.route.name != FILE_CONTENT:
+        if sealing and self.route.name != Route.FILE_CONTENT:
             return self.sealed
         if status >= 400:
             return self.reshaped
-        if self.route.name == MODELS and status == 200 and group.backend.adapter.normalise:
+        if self.route.name == Route.MODELS and status == 200 and group.backend.adapter.normalise:
             return None if response.header(b"content-encoding") is not None else self.reshaped
         return None
 

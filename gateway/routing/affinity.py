@@ -15,8 +15,8 @@ import math
 import orjson
 from msgspec import Raw
 
+from gateway.core.jsonbody import JsonBody, first_element, leading_messages
 from gateway.fleet.replicas import Group, Replica
-from gateway.proxy.jsonbody import JsonBody, first_element, leading_messages
 
 AFFINITY_BLOCK = 256
 AFFINITY_BYTES = 4096

@@ -41,14 +41,20 @@ class Attempt:
         self.deadline = deadline
         self.request_id = request_id
         self.tried: list[Replica] = []
-        self.group: Group | None = None
-        self.replica: Replica | None = None
-        """The replica of the current try, counted in its ``in_flight`` until ``end``."""
+        self.taken: tuple[Group, Replica] | None = None
+        """The backend and replica of the current try, counted in the replica's
+        ``in_flight`` until ``end``."""
 
     def begin(self) -> bool:
         """Choose the first replica; False when none is known yet (DNS discovery)."""
         self.router.budget.admit()
         return self._take(self.router.choose(self.groups, self.tried, self.key))
+
+    def current(self) -> tuple[Group, Replica]:
+        """The backend and replica of the current try (between ``begin`` and ``end``)."""
+        if self.taken is None:
+            raise RuntimeError("no try is under way")
+        return self.taken
 
     def failed(self, exc: UpstreamError, why: str) -> bool:
         """The try got no answer (``why``, as the client would be told); True when another
@@ -61,9 +67,7 @@ class Attempt:
     def answered(self, status: int) -> bool:
         """The try got an answer with ``status``; True when it is not to be relayed because
         another replica takes the request (the caller closes the answer)."""
-        assert self.group is not None
-        assert self.replica is not None
-        group, replica = self.group, self.replica
+        group, replica = self.current()
         if status >= 500:
             self.router.outlier.failed(group, replica)
         else:
@@ -80,9 +84,9 @@ class Attempt:
 
     def end(self) -> None:
         """The answer is over (or there is none): the replica is no longer held."""
-        if self.replica is not None:
-            self.replica.in_flight -= 1
-            self.replica = None
+        if self.taken is not None:
+            self.taken[1].in_flight -= 1
+            self.taken = None
 
     def _fail_over(self, group: Group, replica: Replica, why: str) -> bool:
         self.tried.append(replica)
@@ -110,16 +114,14 @@ class Attempt:
     def _take(self, chosen: tuple[Group, Replica] | None) -> bool:
         if chosen is None:
             return False
-        self.group, self.replica = chosen
-        self.replica.in_flight += 1
+        self.taken = chosen
+        chosen[1].in_flight += 1
         return True
 
     def _release(self) -> tuple[Group, Replica]:
-        assert self.group is not None
-        assert self.replica is not None
-        group, replica = self.group, self.replica
+        group, replica = self.current()
         replica.in_flight -= 1
-        self.replica = None
+        self.taken = None
         return group, replica
 
     def _announce(self, group: Group, replica: Replica, why: str) -> None:

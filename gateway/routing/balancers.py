@@ -24,10 +24,10 @@ from __future__ import annotations
 import random
 import time
 
-from gateway.fleet.config import Strategy
+from gateway.config.backends import Strategy
+from gateway.core.jsonbody import JsonBody
 from gateway.fleet.loads import fresh
 from gateway.fleet.replicas import Group, Replica
-from gateway.proxy.jsonbody import JsonBody
 from gateway.routing.affinity import affinity_key, affinity_pick
 
 Pair = tuple[Group, Replica]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import orjson
 
 from gateway.client import UpstreamError
-from gateway.errors import NotFound
+from gateway.core.errors import NotFound
 from gateway.fleet.replicas import Group
 
 logger = logging.getLogger("gateway.catalogue")

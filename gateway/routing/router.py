@@ -29,8 +29,9 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from gateway.config.backends import BackendConfig
+from gateway.config.settings import Settings
 from gateway.fleet.backend import Backend
-from gateway.fleet.config import BackendConfig
 from gateway.fleet.discovery import Resolver, replica_urls, resolve
 from gateway.fleet.loads import report, run_scrapes
 from gateway.fleet.outlier import OutlierDetection
@@ -41,7 +42,6 @@ from gateway.routing.affinity import replica_seed
 from gateway.routing.balancers import Balancer, balancers
 from gateway.routing.catalogue import Catalogue
 from gateway.routing.retries import RetryBudget
-from gateway.settings import Settings
 
 logger = logging.getLogger("gateway.routing")
 

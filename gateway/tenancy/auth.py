@@ -19,34 +19,19 @@ which can hold a key's hash instead of the key and give each key its own limits:
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import hmac
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gateway.errors import AuthenticationFailed
+from gateway.core.errors import AuthenticationFailed
+from gateway.core.exchange import ApiKey
 
 SHA256 = re.compile(r"sha256:([0-9a-fA-F]{64})")
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    name: str
-    digest: bytes
-    rate_limit: str | None = None
-    """Request limits in the ``limits`` notation; None: the default."""
-    token_limit: str | None = None
-    models: tuple[str, ...] | None = None
-    """Model names or glob patterns the key may use; None: any."""
-
-    def may_use(self, model: str) -> bool:
-        return self.models is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
 class Authenticator:

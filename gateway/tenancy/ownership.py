@@ -31,8 +31,9 @@ import orjson
 from redis.exceptions import RedisError
 
 from adapters import base as r
-from gateway.errors import InvalidRequest, NotFound
-from gateway.proxy.jsonbody import JsonBody
+from adapters.base import Route
+from gateway.core.errors import InvalidRequest, NotFound
+from gateway.core.jsonbody import JsonBody
 
 logger = logging.getLogger("gateway.ownership")
 
@@ -50,12 +51,15 @@ FIELDS = {
 ROUTE_KINDS = {
     **dict.fromkeys(r.FILE_ROUTES, FILE),
     **dict.fromkeys(r.BATCH_ROUTES, BATCH),
-    **dict.fromkeys((r.RESPONSES, r.RESPONSE, r.RESPONSE_CANCEL), RESPONSE),
+    **dict.fromkeys((Route.RESPONSES, Route.RESPONSE, Route.RESPONSE_CANCEL), RESPONSE),
 }
-LISTS = frozenset({r.FILE_LIST, r.BATCH_LIST})
+LISTS = frozenset({Route.FILE_LIST, Route.BATCH_LIST})
 LISTED_KINDS = frozenset({FILE, BATCH})
 PATH_PARAMS = {"file_id": FILE, "batch_id": BATCH, "response_id": RESPONSE}
-BODY_FIELDS = {r.BATCH_CREATE: ("input_file_id", FILE), r.RESPONSES: ("previous_response_id", RESPONSE)}
+BODY_FIELDS = {
+    Route.BATCH_CREATE: ("input_file_id", FILE),
+    Route.RESPONSES: ("previous_response_id", RESPONSE),
+}
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 TAG_BYTES = 16
 SEALED = re.compile(r"(.+)\.([A-Za-z0-9_-]{22})", re.DOTALL)
@@ -97,7 +101,7 @@ class Owners:
     def inbound(
         self,
         owner: str,
-        route: str,
+        route: Route,
         template: str,
         params: dict[str, str],
         query: bytes,
@@ -170,7 +174,7 @@ class Owners:
                 named.append((of, raw))
         return named
 
-    async def answer(self, owner: str, route: str, body: bytes) -> bytes:
+    async def answer(self, owner: str, route: Route, body: bytes) -> bytes:
         """A runtime's answer with the owner's IDs sealed, and a list cut to the owner's
         objects; what it names is recorded as the owner's (a deleted file no longer)."""
         kind = ROUTE_KINDS[route]
@@ -178,7 +182,7 @@ class Owners:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
             return body
-        if route == r.FILE_DELETE and isinstance(document, dict) and isinstance(document.get("id"), str):
+        if route == Route.FILE_DELETE and isinstance(document, dict) and isinstance(document.get("id"), str):
             await self.records.remove(owner, FILE, document["id"])
             self.seal_object(owner, kind, document)
             return orjson.dumps(document)

@@ -13,7 +13,7 @@ would reach another, or a limit would not hold.
 
 from __future__ import annotations
 
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from gateway.tenancy.auth import load_keys_file
 
 MIN_SECRET = 16

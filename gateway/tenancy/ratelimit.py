@@ -20,7 +20,7 @@ import math
 import time
 from array import array
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from limits import RateLimitItem, parse_many
@@ -36,7 +36,8 @@ from limits.errors import StorageError
 from limits.storage import storage_from_string
 from prometheus_client import Counter
 
-from gateway.errors import GatewayError
+from gateway.core.errors import RateLimited, RateLimitUnavailable
+from gateway.core.exchange import Reservation
 from gateway.tenancy import reserve
 
 logger = logging.getLogger("gateway.ratelimit")
@@ -47,16 +48,6 @@ STRATEGIES: dict[str, type[RateLimiter]] = {
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
 }
 STORAGE_FAILURES = (StorageError, OSError, TimeoutError)
-
-
-class RateLimited(GatewayError):
-    status = 429
-    type = "rate_limit_exceeded"
-
-
-class RateLimitUnavailable(GatewayError):
-    status = 503
-    type = "rate_limit_unavailable"
 
 
 def parse_limits(value: str | None) -> tuple[RateLimitItem, ...]:
@@ -77,18 +68,6 @@ class KeyLimits:
 
 CARRY = "carry/"
 """Prefix of the storage key that holds what a token window was overdrawn by."""
-
-
-@dataclass(slots=True)
-class Reservation:
-    """Tokens held for a request until its answer says how many it used."""
-
-    identity: str
-    amount: int
-    prompt: int = 0
-    """The part of ``amount`` held for the prompt."""
-    holds: list[tuple[str, float, RateLimitItem]] = field(default_factory=list)
-    """(storage key, end of its window, the limit) for each token limit charged."""
 
 
 class Limiter:

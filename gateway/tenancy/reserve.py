@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from msgspec import Raw
 
 from adapters import ADAPTERS
-from gateway.proxy.jsonbody import prompt_count
+from gateway.core.jsonbody import prompt_count
 
 # Fields runtimes read as the output limit: OpenAI's current and legacy names, the
 # Responses API's, TGI's, and each adapter's own (llama-server's n_predict, ...).
@@ -40,7 +40,7 @@ COPY_FIELDS = ("n", "best_of")
 
 
 class Body(Protocol):
-    """A request body's fields: a JSON body's (gateway.proxy.jsonbody) or a plain dict."""
+    """A request body's fields: a JSON body's (gateway.core.jsonbody) or a plain dict."""
 
     def __contains__(self, name: str) -> bool: ...
 

@@ -13,6 +13,8 @@ Every error a client sees from the gateway itself is a ``GatewayError`` rendered
     ├── RequestTooLarge       413 request_too_large
     │   └── RequestHeadTooLarge   431 request_too_large (the connection is closed)
     ├── MisdirectedRequest    421 misdirected_request
+    ├── RateLimited           429 rate_limit_exceeded (retry-after)
+    ├── RateLimitUnavailable  503 rate_limit_unavailable (the limits' storage is down)
     ├── Unsupported           501 unsupported (x-should-retry: false)
     ├── BackendError
     │   ├── BackendUnreachable    502 backend_unreachable
@@ -107,6 +109,16 @@ class RequestHeadTooLarge(RequestTooLarge):
 class MisdirectedRequest(GatewayError):
     status = 421
     type = "misdirected_request"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class RateLimitUnavailable(GatewayError):
+    status = 503
+    type = "rate_limit_unavailable"
 
 
 class Unsupported(GatewayError):

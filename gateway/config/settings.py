@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from adapters import ADAPTERS
-from gateway.fleet.config import BackendConfig, Strategy, load_backends_file, normalise_url, parse_backends
+from gateway.config.backends import BackendConfig, Strategy, load_backends_file, normalise_url, parse_backends
 
 MiB = 1024 * 1024
 

@@ -1,6 +1,6 @@
 """The configuration reference, made from ``Settings`` as the CLI reads it.
 
-``docs/configuration.md`` holds it between two markers; ``python -m gateway.reference``
+``docs/configuration.md`` holds it between two markers; ``python -m gateway.config.reference``
 writes it there, and a test fails when what is there is not what ``Settings`` says.
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 from pydantic.fields import FieldInfo
 
-from gateway.cli import FLAG_NAMES, NOT_FLAGS, REPEATABLE, _env_name
-from gateway.settings import Settings
+from gateway.config.flags import FLAG_NAMES, NOT_FLAGS, REPEATABLE, env_name
+from gateway.config.settings import Settings
 
-BEGIN = "<!-- configuration reference: made by python -m gateway.reference; do not edit -->"
+BEGIN = "<!-- configuration reference: made by python -m gateway.config.reference; do not edit -->"
 END = "<!-- end of the configuration reference -->"
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def table() -> str:
@@ -26,7 +26,7 @@ def table() -> str:
         if name in NOT_FLAGS:
             continue
         flag = f"`{FLAG_NAMES.get(name, '--' + name.replace('_', '-'))}`"
-        env, _, how = _env_name(name, field.validation_alias).partition(", ")
+        env, _, how = env_name(name, field.validation_alias).partition(", ")
         if name in REPEATABLE:
             flag += " (repeatable)"
             env = f"`{env}` ({how})"

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from gateway.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest
 
 # RFC 9110 7.6.1, plus Proxy-Connection which some clients still send.
 HOP_BY_HOP = frozenset(

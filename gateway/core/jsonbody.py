@@ -24,7 +24,7 @@ import msgspec
 import orjson
 from msgspec import Raw
 
-from gateway.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest
 
 ABSENT = Raw(b"")
 READ = (

@@ -1,20 +1,60 @@
-"""One request's record: filled in by the proxy, read by the metrics and the access log."""
+"""One request's record, filled in by the proxy and read by the metrics and the access log, and
+the two things of the tenancy it carries: the caller's key and the tokens held for it."""
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from enum import StrEnum
 
-if TYPE_CHECKING:
-    from gateway.tenancy.auth import ApiKey
-    from gateway.tenancy.ratelimit import Reservation
+from limits import RateLimitItem
+
+from adapters.base import Route
+
+
+class Outcome(StrEnum):
+    """How a request failed where no error of the gateway's names it: ``Exchange.error`` is
+    one of these, a ``GatewayError``'s type, or None."""
+
+    CLIENT_DISCONNECT = "client_disconnect"
+    """The client went before its answer was over (status 499 where none was sent)."""
+    MID_STREAM = "mid_stream"
+    """The backend's answer broke off after its first byte had gone to the client."""
+    BACKEND_ERROR = "backend_error"
+    """A model management request failed on a replica of several."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    digest: bytes
+    rate_limit: str | None = None
+    """Request limits in the ``limits`` notation; None: the default."""
+    token_limit: str | None = None
+    models: tuple[str, ...] | None = None
+    """Model names or glob patterns the key may use; None: any."""
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Tokens held for a request until its answer says how many it used."""
+
+    identity: str
+    amount: int
+    prompt: int = 0
+    """The part of ``amount`` held for the prompt."""
+    holds: list[tuple[str, float, RateLimitItem]] = field(default_factory=list)
+    """(storage key, end of its window, the limit) for each token limit charged."""
 
 
 @dataclass(slots=True)
 class Exchange:
     request_id: str
-    route: str
+    route: Route
     method: str
     backend: str
     start: float = field(default_factory=time.perf_counter)
@@ -32,7 +72,7 @@ class Exchange:
     events: int = 0
     """Events of a stream relayed (``data:`` lines): what it generated, when no usage says."""
     error: str | None = None
-    """The gateway's error type, a backend error class, or client_disconnect."""
+    """An ``Outcome``, the type of the ``GatewayError`` answered, or None."""
     reservation: Reservation | None = None
     """Tokens held against the key's token limits until the answer's usage is known."""
     restricted: ApiKey | None = None

@@ -1,0 +1,57 @@
+"""One request on its way through the proxy's phases."""
+
+from __future__ import annotations
+
+from gateway.core.asgi import Receive, Scope, Send
+from gateway.core.exchange import ApiKey, Exchange
+from gateway.core.headers import RequestHeaders
+from gateway.core.jsonbody import JsonBody
+from gateway.fleet.replicas import Group
+from gateway.proxy.body import StreamedBody
+from gateway.tenancy.ratelimit import KeyLimits
+
+
+class Call:
+    """One request on its way through the phases: what each phase finds, for the next."""
+
+    __slots__ = (
+        "body",
+        "exchange",
+        "forward",
+        "groups",
+        "headers",
+        "identity",
+        "key",
+        "label",
+        "limits",
+        "parsed",
+        "query",
+        "raw_path",
+        "receive",
+        "scope",
+        "send",
+    )
+
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, exchange: Exchange
+    ) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.headers = headers
+        self.exchange = exchange
+        self.key: ApiKey | None = None
+        self.identity = ""
+        """Whom the limits count: the key's name, or the client's address without a key."""
+        self.limits: KeyLimits | None = None
+        """The key's limits, where a limiter counts them."""
+        self.label = ""
+        self.body: bytes | StreamedBody | None = None
+        self.parsed: JsonBody | None = None
+        self.query: bytes = scope.get("query_string", b"")
+        self.raw_path: str | None = None
+        """The path as the runtime must see it, where an ID in it was unsealed."""
+        self.groups: list[Group] = []
+        """The backends that may answer, the first preferred."""
+        self.forward: list[tuple[bytes, bytes]] = headers.forward
+        """The headers the backend is sent."""
