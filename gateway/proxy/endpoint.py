@@ -47,7 +47,7 @@ from gateway.routing.router import Router
 from gateway.tenancy import ownership, reserve
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.ownership import Owners
-from gateway.tenancy.ratelimit import KeyLimits, Limiter
+from gateway.tenancy.ratelimit import Allowance, KeyLimits, Limiter
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -132,17 +132,19 @@ class ProxyEndpoint:
     async def _handle(self, call: Call) -> None:
         exchange = call.exchange
         try:
-            if not self.admit(call):
-                await self.count(call)
+            if (pending := self.admit(call)) is not None:
+                await self.count(call, pending)
             self.permit(call)
             if self.lists and self.router.catalogue.by_model:
                 await listing.send_model_list(self.router, self.route.name, call.send, exchange)
                 return
             if self.route.body is Body.JSON:
                 check_declared_length(call.headers.content_length, self.max_json)
-                self.read_json(call, await read_json_object(call.receive, self.max_json))
-                if call.limits is not None and call.limits.tokens:
-                    await self.reserve(call)
+                parsed = await read_json_object(call.receive, self.max_json)
+                self.read_json(call, parsed)
+                allowance = call.allowance
+                if allowance is not None and allowance.limits.tokens:
+                    await self.reserve(call, allowance, parsed)
             self.unseal(call)
             if self.route.body is Body.STREAM:
                 await self.read_upload(call)
@@ -161,8 +163,8 @@ class ProxyEndpoint:
 
     # Admit: the path, the headers, the key and its request limits.
 
-    def admit(self, call: Call) -> bool:
-        """False where the request limit must be counted in a shared store (``count``)."""
+    def admit(self, call: Call) -> Allowance | None:
+        """The allowance still to count in a shared store (``count``), or None."""
         path: str = call.scope["path"]
         if "/." in path and has_dot_segment(path):
             raise NotFound(f"no route {path}")
@@ -176,26 +178,28 @@ class ProxyEndpoint:
         exchange.key = key.name if key is not None else None
         limiter = self.limiter
         if limiter is None:
-            return True
+            return None
         if key is not None:
-            call.identity = key.name
-            call.limits = self.key_limits.get(key.name, self.default_limits)
+            allowance = Allowance(
+                limiter, key.name, self.key_limits.get(key.name, self.default_limits), key.name
+            )
         else:
             client = call.scope.get("client")
-            call.identity = f"ip:{client[0] if client else '-'}"
-            call.limits = self.default_limits
-        call.label = exchange.key or "anonymous"
-        admitted = limiter.admit_now(call.identity, call.limits, call.label)
+            identity = f"ip:{client[0] if client else '-'}"
+            allowance = Allowance(limiter, identity, self.default_limits, "anonymous")
+        call.allowance = allowance
+        admitted = limiter.admit_now(allowance.identity, allowance.limits, allowance.label)
         if admitted is None:
-            return False
+            return allowance
         exchange.headers_out += admitted
-        return True
+        return None
 
-    async def count(self, call: Call) -> None:
+    async def count(self, call: Call, allowance: Allowance) -> None:
         """The request limit counted in a shared store."""
-        assert self.limiter is not None
-        assert call.limits is not None
-        call.exchange.headers_out += await self.limiter.admit(call.identity, call.limits, call.label)
+        limiter = allowance.limiter
+        call.exchange.headers_out += await limiter.admit(
+            allowance.identity, allowance.limits, allowance.label
+        )
 
     def permit(self, call: Call) -> None:
         """What the key may ask: the model a path names, a route its backend serves."""
@@ -227,22 +231,19 @@ class ProxyEndpoint:
                     f"{self.route.path} needs {name!r}, a non-empty string", code="missing_field"
                 )
 
-    async def reserve(self, call: Call) -> None:
+    async def reserve(self, call: Call, allowance: Allowance, parsed: JsonBody) -> None:
         """Hold the tokens the request may use against the key's token limits."""
-        assert self.limiter is not None
-        assert call.limits is not None
-        assert call.parsed is not None
-        size = len(call.parsed.raw)
-        check_accountable(self.route.name, call.parsed)
+        size = len(parsed.raw)
+        check_accountable(self.route.name, parsed)
         wanted = reserve.reservation(
             size,
-            call.parsed,
+            parsed,
             self.generating,
             self.default_max_tokens,
             prompts=self.route.name == Route.COMPLETIONS,
         )
-        reservation, held = await self.limiter.reserve(
-            call.identity, call.limits, wanted, call.label, prompt=size // 4
+        reservation, held = await allowance.limiter.reserve(
+            allowance.identity, allowance.limits, wanted, allowance.label, prompt=size // 4
         )
         call.exchange.reservation = reservation
         call.exchange.headers_out += held
@@ -309,8 +310,7 @@ class ProxyEndpoint:
             await router.catalogue.check_listed(call.exchange.model)
             call.groups = [router.default]
             return
-        if self.management:
-            assert call.parsed is not None  # management routes take JSON
+        if self.management and call.parsed is not None:  # management routes take JSON
             groups = [await management.target_group(router, call.parsed)]
         else:
             named = call.parsed.get("model") if call.parsed is not None else call.exchange.model

@@ -16,6 +16,7 @@ from gateway.core.asgi import Receive, Send
 from gateway.core.errors import BackendError, BackendUnavailable
 from gateway.core.exchange import Exchange, Outcome
 from gateway.core.headers import TrustedProxies, response_headers
+from gateway.core.jsonbody import JsonBody
 from gateway.edge.cycle import DISCONNECT, DisconnectWatch
 from gateway.fleet.replicas import Group
 from gateway.fleet.upstream import before_response_error
@@ -95,8 +96,8 @@ class Forwarder:
                 await listing.model_from_list(
                     self.router, self.settings, group, call.exchange, call.forward, call.send
                 )
-            elif self.management and len(group.replicas) > 1:
-                await self._on_every_replica(call, group)
+            elif self.management and call.parsed is not None and len(group.replicas) > 1:
+                await self._on_every_replica(call, group, call.parsed)
             else:
                 await self._attempts(call, loop.time() + self.settings.backend_timeout)
         except asyncio.CancelledError:
@@ -163,15 +164,13 @@ class Forwarder:
         finally:
             attempt.end()
 
-    async def _on_every_replica(self, call: Call, group: Group) -> None:
+    async def _on_every_replica(self, call: Call, group: Group, parsed: JsonBody) -> None:
         """Model management on a backend of several replicas: each loads (or unloads) it."""
-        exchange, parsed, body = call.exchange, call.parsed, call.body
-        assert parsed is not None
-        assert isinstance(body, bytes)
+        exchange = call.exchange
         exchange.backend = group.name
         exchange.headers_out.append((b"x-gateway-backend", group.name.encode()))
         status, answer = await management.on_every_replica(
-            group, self.route.name, self._target(call, group), call.forward, parsed, body, self.settings
+            group, self.route.name, self._target(call, group), call.forward, parsed, parsed.raw, self.settings
         )
         exchange.status = status
         if status >= 300:
@@ -206,11 +205,9 @@ class Forwarder:
         """The body as ``group``'s runtime takes it: in its own shape for model management,
         with an alias renamed; otherwise as the client sent it."""
         parsed, body = call.parsed, call.body
-        if self.management:
-            assert parsed is not None
-            assert isinstance(body, bytes)
+        if self.management and parsed is not None:  # management routes take JSON
             rewrite = group.backend.adapter.rewrites.get(self.route.name)
-            return management.runtime_body(parsed, rewrite, body)
+            return management.runtime_body(parsed, rewrite, parsed.raw)
         if parsed is not None and group.aliases:
             model = parsed.get("model")
             if isinstance(model, str) and model in group.aliases:

@@ -70,6 +70,17 @@ CARRY = "carry/"
 """Prefix of the storage key that holds what a token window was overdrawn by."""
 
 
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """One request's account with the limiter: whom it counts (a key's name, or the client's
+    address without a key), under which limits, and the key's label in the metrics."""
+
+    limiter: Limiter
+    identity: str
+    limits: KeyLimits
+    label: str
+
+
 class Limiter:
     def __init__(
         self,

@@ -23,7 +23,7 @@ from tests.support.object_fakes import ObjectRuntime
 from tests.support.processes import serve, stop
 from tests.support.raw import RawClient, Reply, Request, current_rss_kib, peak_rss_kib, raw_backend, response
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _nested_body(size: int) -> bytes:

@@ -19,7 +19,7 @@ from gateway.config.settings import Settings
 from gateway.embedded.supervisor import CHILD_PATH, EmbeddedBackendError, State, Supervisor, plan_launch
 from tests.support.fakes import free_port
 
-STANDIN = str(Path(__file__).parent / "support" / "standin_backend.py")
+STANDIN = str(Path(__file__).parents[1] / "support" / "standin_backend.py")
 
 
 def test_default_plan_runs_the_bundled_gemma_with_its_chat_format() -> None:

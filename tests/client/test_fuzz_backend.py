@@ -9,7 +9,7 @@ hang. After each fuzzed answer a well-behaved request (safe to repeat) must get 
 own answer.
 
 ``FUZZ_EXAMPLES`` sets how many answers are tried (default 150; a few thousand for a
-longer hunt: ``FUZZ_EXAMPLES=3000 make test PYTEST_ARGS=tests/test_fuzz_backend.py``).
+longer hunt: ``FUZZ_EXAMPLES=3000 make test PYTEST_ARGS=tests/client/test_fuzz_backend.py``).
 """
 
 from __future__ import annotations

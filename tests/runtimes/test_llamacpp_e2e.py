@@ -180,24 +180,40 @@ def test_ready_against_a_real_server(start_gateway: GatewayFactory, llama_server
     assert response.json()["backend"] == backend
 
 
+GEMMA_ENDS = {"1": -100, "106": -100}
+"""Logit biases that forbid Gemma's <eos> and <end_of_turn>: a generation runs to max_tokens."""
+
+
+def busy_for(url: str, seconds: float, prompt: str) -> list[dict[str, Any]]:
+    """Chat requests that keep llama_cpp.server generating for at least ``seconds`` on this
+    machine, whatever its speed: none may end early, and their number is set by the rate
+    measured here (llama_cpp.server runs them one after another)."""
+    probe = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
+    began = time.monotonic()
+    answer = httpx.post(
+        url + "/v1/chat/completions", json={**probe, "max_tokens": 48, "logit_bias": GEMMA_ENDS}, timeout=120
+    )
+    assert answer.json()["usage"]["completion_tokens"] == 48, answer.text
+    rate = 48 / (time.monotonic() - began)  # tokens a second, the prompt's reading included
+    longest = 900  # within --n_ctx 1024 with the prompt
+    count = max(1, min(16, int(rate * seconds / longest) + 1))
+    return [{**probe, "max_tokens": longest, "logit_bias": GEMMA_ENDS}] * count
+
+
 def test_a_replica_busy_generating_is_neither_ejected_nor_unready(
     start_gateway: GatewayFactory, llama_server: str, tmp_path: Path
 ) -> None:
     """llama_cpp.server answers /v1/models only between generations (it takes the model's
     lock): a probe of it during a long one gets no answer in time. The gateway probes the
     docs page instead, answered throughout: a busy replica is not ejected, and /ready of a
-    gateway in front of it stays 200."""
+    gateway in front of it stays 200. The runtime is kept busy by construction: generations
+    that cannot end early, enough of them for this machine's speed."""
     path = tmp_path / "backends.yaml"
     backend = {"name": "chat", "kind": "llamacpp-python", "urls": [llama_server], "probe_interval": 0.5}
     path.write_text(json.dumps({"backends": [backend]}))
     fleet = start_gateway(backend_url=None, backends=str(path), admin_api_keys=["sk-admin"], ready_timeout=2)
     single = start_gateway(backend="llamacpp-python", backend_url=llama_server, ready_timeout=2)
-    story = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to sing."}],
-        "max_tokens": 160,
-        "temperature": 0,
-    }
+    stories = busy_for(llama_server, 10, "Write a long story about a dragon who learns to sing.")
 
     def replica() -> dict[str, Any]:
         admin = {"authorization": "Bearer sk-admin"}
@@ -207,16 +223,23 @@ def test_a_replica_busy_generating_is_neither_ejected_nor_unready(
         return replicas[0]
 
     for gateway in (fleet, single):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(httpx.post, gateway.url + "/v1/chat/completions", json=story, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(len(stories)) as pool:
+            # One through the gateway, the rest queued behind it at the runtime.
+            answers = [
+                pool.submit(httpx.post, gateway.url + "/v1/chat/completions", json=stories[0], timeout=600)
+            ]
             time.sleep(0.5)  # the generation under way
+            answers += [
+                pool.submit(httpx.post, llama_server + "/v1/chat/completions", json=story, timeout=600)
+                for story in stories[1:]
+            ]
             with pytest.raises(httpx.TimeoutException):  # what a probe of /v1/models would meet
                 httpx.get(llama_server + "/v1/models", timeout=2)
             ready = httpx.get(gateway.url + "/ready", timeout=10)
             assert ready.status_code == 200, ready.text
             seen = replica()
-            assert not answer.done(), "the generation was over too soon to show anything"
-            assert answer.result().status_code == 200
+            assert not all(answer.done() for answer in answers), "the runtime was not kept busy"
+            assert [answer.result().status_code for answer in answers] == [200] * len(answers)
         assert seen["state"] == "ready", seen
         assert seen["ejections"] == 0, seen
         assert (seen["last_probe"] or "").startswith("ready"), seen

@@ -451,7 +451,7 @@ def test_origins_keep_the_prefix_and_spell_the_host_header() -> None:
         Origin.from_url("http://host:notaport")
 
 
-# Framing, limits, deadlines and retries on the client's own terms (tests/test_hostile.py
+# Framing, limits, deadlines and retries on the client's own terms (tests/client/test_hostile.py
 # tries the same through the whole gateway).
 
 

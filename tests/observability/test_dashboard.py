@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from gateway.observability.metrics import KnownModels, Metrics
 
-DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "gateway-dashboard.json"
+DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "gateway-dashboard.json"
 
 
 def test_dashboard_uses_exported_metrics_and_labels() -> None:

@@ -36,7 +36,7 @@ from tests.conftest import AUTH, Gateway, Runtime, replicas
 from tests.support.fakes import LoopThread, wait_until
 
 CHAT = "/v1/chat/completions"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 VLLM_PAGE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
