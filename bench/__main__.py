@@ -3,6 +3,7 @@
 python -m bench                 # the single-backend benchmark against direct and nginx (bench.single)
 python -m bench balance         # the balancing strategies on a simulated fleet (bench.balance)
 python -m bench vllm            # vLLM's serving benchmark, direct and through (bench.vllm)
+python -m bench flow            # flow control on a saturated simulated fleet, against FIFO (bench.flow)
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import sys
 
 def main() -> None:
     command, argv = (
-        (sys.argv[1], sys.argv[2:]) if sys.argv[1:2] in (["balance"], ["vllm"]) else (None, sys.argv[1:])
+        (sys.argv[1], sys.argv[2:])
+        if sys.argv[1:2] in (["balance"], ["vllm"], ["flow"])
+        else (None, sys.argv[1:])
     )
     if command == "balance":
         from bench import balance
 
         balance.main(argv)
+    elif command == "flow":
+        from bench import flow
+
+        flow.main(argv)
     elif command == "vllm":
         from bench import vllm
 

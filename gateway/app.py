@@ -116,6 +116,7 @@ class Gateway:
         self.ready = ReadyEndpoint(router, settings.ready_timeout)
         self.lifecycle = Lifecycle()
         self.ready.gates.append((self.lifecycle.not_ready_reason, "shutting_down"))
+        self.lifecycle.on_close.append(self.router.flow.close)
         self.supervisor = self._supervisor()
         self.metrics = self._metrics()
         self.page = Page(self.metrics.render, settings.metrics_token)
@@ -177,6 +178,9 @@ class Gateway:
             PlatformCollector(registry=metrics.registry)
             GCCollector(registry=metrics.registry)
         router.catalogue.on_models = known_models.update
+        router.flow.on_wait = lambda group, ticket, waited, outcome: metrics.waited(
+            group.name, waited, outcome
+        )
         return metrics
 
     def _limits(self) -> tuple[dict[str, KeyLimits], Limiter | None]:

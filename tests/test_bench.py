@@ -85,6 +85,19 @@ def test_the_balancing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> No
     assert (tmp_path / "balance.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_flow_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+    run_quick(tmp_path, "flow")
+    data = json.loads((tmp_path / "flow.json").read_text())
+    assert set(data["paths"]) == {"fifo", "flow", "auto", "shed"}
+    for path, run in data["paths"].items():
+        for key, figures in run["keys"].items():
+            assert figures["requests"] > 0, (path, key)
+            assert figures["errors"] == 0, (path, key)
+    assert data["paths"]["flow"]["backend"]["max_concurrency"] == 8
+    assert data["paths"]["shed"]["keys"]["interactive"]["refused"] == 0
+    assert "| target | measured | met |" in (tmp_path / "flow.md").read_text()
+
+
 @pytest.mark.vllm
 def test_the_vllm_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
     vllm_python()  # vLLM's own environment, which make test makes

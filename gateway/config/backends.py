@@ -71,6 +71,14 @@ class BackendConfig(BaseModel):
     """How long a first ejection lasts; ``--eject-seconds`` by default."""
     probe_interval: float | None = Field(None, ge=0)
     """Seconds between active probes of each replica (0: none); ``--probe-interval`` by default."""
+    max_concurrency: int | Literal["auto"] | None = Field(None)
+    """Requests of this gateway each replica runs at once; more wait in the gateway, by
+    priority and fair share (flow control). ``auto``: learnt from each replica's own reports
+    (``strategy: queue``), so that several gateways need no coordination. None: no limit."""
+    queue_size: int | None = Field(None, gt=0)
+    """Requests that may wait for its replicas; ``--queue-size`` by default."""
+    queue_timeout: float | None = Field(None, gt=0)
+    """Seconds a request may wait for its replicas; ``--queue-timeout`` by default."""
 
     @field_validator("kind")
     @classmethod
@@ -104,6 +112,13 @@ class BackendConfig(BaseModel):
             raise ValueError("api_key must be printable text (no line breaks)")
         return value
 
+    @field_validator("max_concurrency")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("max_concurrency must be above 0, or 'auto'")
+        return value
+
     @model_validator(mode="after")
     def _one_of_each(self) -> BackendConfig:
         if (self.url is None) == (self.urls is None):
@@ -112,6 +127,10 @@ class BackendConfig(BaseModel):
             raise ValueError("give api_key or api_key_env, not both")
         if self.api_key_env is not None and not os.environ.get(self.api_key_env):
             raise ValueError(f"api_key_env names {self.api_key_env}, which is not set")
+        if self.max_concurrency == "auto" and self.strategy != Strategy.QUEUE:
+            raise ValueError(
+                "max_concurrency: auto learns from the replicas' own reports: it needs strategy: queue"
+            )
         if self.discovery == "dns" and self.url is None:
             raise ValueError("discovery: dns resolves the host of url, so give url, not urls")
         return self

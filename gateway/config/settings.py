@@ -5,14 +5,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from limits import parse_many
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,6 +19,7 @@ from pydantic_settings import (
 
 from adapters import ADAPTERS
 from gateway.config.backends import BackendConfig, Strategy, load_backends_file, normalise_url, parse_backends
+from gateway.config.sources import ConfigFileSource
 
 MiB = 1024 * 1024
 
@@ -91,6 +89,21 @@ class Settings(BaseSettings):
     )
     discovery_interval: float = Field(
         5.0, gt=0, description="Seconds between DNS lookups of backends with 'discovery: dns'."
+    )
+    max_concurrency: int | None = Field(
+        None,
+        gt=0,
+        description="Requests of this gateway each replica of the one backend (--backend-url, the "
+        "embedded one) runs at once; more wait in the gateway (flow control). A backend entry has "
+        "its own, or 'auto'. Shared between --workers: each takes its part.",
+    )
+    queue_size: int = Field(
+        100, gt=0, description="Requests that may wait for a backend with a capacity (more: 503 queue_full)."
+    )
+    queue_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request may wait for a backend with a capacity (then 503 queue_timeout).",
     )
     slow_start: float = Field(
         10.0,
@@ -465,35 +478,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class ConfigFileSource(PydanticBaseSettingsSource):
-    """Settings from the YAML or TOML file named by the flags or the environment."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        raise NotImplementedError  # __call__ reads the whole file at once
-
-    def __call__(self) -> dict[str, Any]:
-        path = self.current_state.get("config")
-        if not path:
-            return {}
-        return load_config_file(Path(path))
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            data: Any = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"config file {path} is not valid: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings")
-    return {str(key).replace("-", "_").lower(): value for key, value in data.items()}

@@ -15,6 +15,7 @@ Every error a client sees from the gateway itself is a ``GatewayError`` rendered
     ├── MisdirectedRequest    421 misdirected_request
     ├── RateLimited           429 rate_limit_exceeded (retry-after)
     ├── RateLimitUnavailable  503 rate_limit_unavailable (the limits' storage is down)
+    ├── Overloaded            503 overloaded (retry-after: the fleet is full, the wait too long)
     ├── Unsupported           501 unsupported (x-should-retry: false)
     ├── BackendError
     │   ├── BackendUnreachable    502 backend_unreachable
@@ -119,6 +120,14 @@ class RateLimited(GatewayError):
 class RateLimitUnavailable(GatewayError):
     status = 503
     type = "rate_limit_unavailable"
+
+
+class Overloaded(GatewayError):
+    """Flow control refused the request: its backend's queue was full, or it waited longer
+    than the queue's timeout (``code`` says which). Retry-After says when to come back."""
+
+    status = 503
+    type = "overloaded"
 
 
 class Unsupported(GatewayError):

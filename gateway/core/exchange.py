@@ -34,6 +34,10 @@ class ApiKey:
     token_limit: str | None = None
     models: tuple[str, ...] | None = None
     """Model names or glob patterns the key may use; None: any."""
+    priority: int = 0
+    """Where its requests wait when the fleet is full: higher goes first."""
+    weight: float = 1.0
+    """Its share against other keys of its priority when the fleet is full."""
 
     def may_use(self, model: str) -> bool:
         return self.models is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -64,6 +68,8 @@ class Exchange:
     status: int = 0
     ttfb: float | None = None
     """Seconds from the request's arrival to the backend's first body byte."""
+    queued: float = 0.0
+    """Seconds spent waiting in the gateway for a replica with room (flow control)."""
     upstream_wait: float = 0.0
     """Seconds spent waiting on the backend; the rest of the duration is the gateway's own."""
     duration: float = 0.0

@@ -7,9 +7,10 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -28,6 +29,9 @@ class Lifecycle:
         self.draining = False
         self.failed: str | None = None
         """Why the gateway stops on its own (its embedded backend cannot start)."""
+        self.on_close: list[Callable[[], object]] = []
+        """Told when the listener closes and the drain begins (requests still waiting for a
+        replica are refused then, so that their clients go to another pod)."""
 
     def not_ready_reason(self) -> str | None:
         if self.failed is not None:
@@ -129,6 +133,11 @@ class Server(uvicorn.Server):
             self.shutdown_delay,
             self.config.timeout_graceful_shutdown,
         )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for hook in self.lifecycle.on_close:
+            hook()
+        await super().shutdown(sockets)
 
     async def on_tick(self, counter: int) -> bool:
         if self._exit_at is not None and time.monotonic() >= self._exit_at:

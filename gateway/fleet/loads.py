@@ -102,6 +102,8 @@ async def scrape(group: Group, replica: Replica) -> None:
             return
         replica.reported = load
         replica.batch_seen = max(replica.batch_seen, load.running)
+        if load.waiting > 0:
+            replica.capacity_seen = max(replica.capacity_seen, load.running)
         replica.scraped_at = time.monotonic()
         replica.in_flight_at_scrape = replica.in_flight
         replica.last_scrape = "ok"

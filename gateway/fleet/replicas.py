@@ -66,6 +66,9 @@ class Replica:
     """This gateway's requests to it when the scrape was answered."""
     batch_seen: float = 0.0
     """The most requests it has reported running at once: its batch, as far as is known."""
+    capacity_seen: float = 0.0
+    """The most requests it has reported running while others waited in its own queue: what
+    it runs at most (``max_concurrency: auto``); 0 until it has been full."""
     scraping: bool = False
     next_scrape: float = 0.0
     last_scrape: str | None = None
@@ -113,6 +116,34 @@ class Group:
     eject_seconds: float = 2.0
     probe_interval: float = 5.0
     """Seconds between active probes of each of its replicas; 0: none."""
+    capacity: int | None = None
+    """Requests of this gateway (this worker) each replica runs at once (``max_concurrency``)."""
+    auto_capacity: bool = False
+    """``max_concurrency: auto``: each replica's capacity learnt from its own reports."""
+
+    @property
+    def limited(self) -> bool:
+        """Whether requests may wait in the gateway for its replicas (flow control)."""
+        return self.capacity is not None or self.auto_capacity
+
+    def has_room(self, replica: Replica) -> bool:
+        """Whether ``replica`` may take one more request now."""
+        if self.capacity is not None:
+            return replica.in_flight < self.capacity
+        if not self.auto_capacity or not replica.capacity_seen or replica.reported is None:
+            return True
+        load = replica.reported
+        # What it runs and holds now: its last report, and this gateway's requests since.
+        outstanding = max(
+            load.waiting + load.running + replica.in_flight - replica.in_flight_at_scrape, replica.in_flight
+        )
+        return outstanding < replica.capacity_seen
+
+    def replica_capacity(self, replica: Replica) -> float | None:
+        """Its capacity as configured or learnt, for the operators; None: none known."""
+        if self.capacity is not None:
+            return self.capacity
+        return replica.capacity_seen or None if self.auto_capacity else None
 
     @property
     def scrape_interval(self) -> float:

@@ -40,7 +40,7 @@ class AccessLog:
         # conversion, and inline (three calls of a helper cost as much as encoding the line).
         duration = exchange.duration
         ttfb = exchange.ttfb
-        overhead = duration - exchange.upstream_wait
+        overhead = duration - exchange.upstream_wait - exchange.queued
         line = orjson.dumps(
             {
                 "time": self._now(),
@@ -55,6 +55,7 @@ class AccessLog:
                 "ttfb_ms": None if ttfb is None else int(ttfb * 1_000_000 + 0.5) / 1000,
                 "duration_ms": int(duration * 1_000_000 + 0.5) / 1000,
                 "overhead_ms": int(overhead * 1_000_000 + 0.5) / 1000 if overhead > 0 else 0.0,
+                "queued_ms": int(exchange.queued * 1_000_000 + 0.5) / 1000,
                 "prompt_tokens": exchange.prompt_tokens,
                 "completion_tokens": exchange.completion_tokens,
                 "error": exchange.error,

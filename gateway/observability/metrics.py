@@ -87,6 +87,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._declare_requests(self.registry)
         self._declare_failures(self.registry)
+        self._declare_queues(self.registry)
         self.fleet: Collector | None = None
         """Replica state read at scrape time (``gateway.routing.router``), this process's view."""
 
@@ -126,6 +127,23 @@ class Metrics:
             "gateway_tokens", "Tokens reported in responses' usage, by kind (prompt or completion).",
             ["kind", "route", "model", "key"], registry=r,
         )  # fmt: skip
+
+    def _declare_queues(self, r: CollectorRegistry) -> None:
+        """Flow control: how long requests waited and how each wait ended."""
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds", "Time requests waited in the gateway for a replica with room.",
+            ["backend"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_outcomes = Counter(
+            "gateway_queue_outcomes",
+            "How waits for a replica with room ended: dispatched, full (refused or displaced), "
+            "timeout, abandoned (the client left), shutdown, backend_gone.",
+            ["backend", "outcome"], registry=r,
+        )  # fmt: skip
+
+    def waited(self, backend: str, seconds: float, outcome: str) -> None:
+        self.queue_wait.labels(backend).observe(seconds)
+        self.queue_outcomes.labels(backend, outcome).inc()
 
     def _declare_failures(self, r: CollectorRegistry) -> None:
         """What refusals and failures add to: limits, backends, retries, disconnects."""
@@ -214,7 +232,7 @@ class Metrics:
             tally.requests += 1
             duration = exchange.duration
             tally.durations.append(duration)
-            tally.overheads.append(max(duration - exchange.upstream_wait, 0.0))
+            tally.overheads.append(max(duration - exchange.upstream_wait - exchange.queued, 0.0))
             if exchange.ttfb is not None:
                 tally.ttfbs.append(exchange.ttfb)
             if exchange.prompt_tokens:
@@ -427,6 +445,16 @@ class FleetCollector(Collector):
             "Requests a replica last reported waiting and running, from its own metrics (strategy: queue).",
             labels=[*labels, "state"],
         )
+        capacity = GaugeMetricFamily(
+            "gateway_replica_capacity",
+            "Requests of this gateway a replica may run at once (max_concurrency, as configured or learnt).",
+            labels=labels,
+        )
+        waiting = GaugeMetricFamily(
+            "gateway_queue_waiting_requests",
+            "Requests waiting in the gateway for a replica with room, by backend and priority.",
+            labels=["backend", "priority"],
+        )
         age = GaugeMetricFamily(
             "gateway_replica_report_age_seconds",
             "Seconds since a replica's metrics were last read (strategy: queue).",
@@ -442,8 +470,14 @@ class FleetCollector(Collector):
                 current = replica.state(now)
                 for name in (READY, EJECTED, LOADING):
                     state.add_metric([*values, name], 1.0 if name == current else 0.0)
+                known = group.replica_capacity(replica)
+                if known is not None:
+                    capacity.add_metric(values, known)
                 if replica.reported is not None and replica.scraped_at is not None:
                     reported.add_metric([*values, "waiting"], replica.reported.waiting)
                     reported.add_metric([*values, "running"], replica.reported.running)
                     age.add_metric(values, now - replica.scraped_at)
-        return [in_flight, picks, ejections, state, reported, age]
+        for queue in self.router.flow.queues.values():
+            for priority, count in queue.by_priority().items():
+                waiting.add_metric([queue.group.name, str(priority)], count)
+        return [in_flight, picks, ejections, state, reported, age, capacity, waiting]

@@ -8,6 +8,7 @@ from gateway.core.headers import RequestHeaders
 from gateway.core.jsonbody import JsonBody
 from gateway.fleet.replicas import Group
 from gateway.proxy.body import StreamedBody
+from gateway.routing.flow import Ticket
 from gateway.tenancy.ratelimit import Allowance
 
 
@@ -28,6 +29,7 @@ class Call:
         "receive",
         "scope",
         "send",
+        "ticket",
     )
 
     def __init__(
@@ -50,3 +52,5 @@ class Call:
         """The backends that may answer, the first preferred."""
         self.forward: list[tuple[bytes, bytes]] = headers.forward
         """The headers the backend is sent."""
+        self.ticket: Ticket | None = None
+        """Its flow, priority and cost, where its backend has a capacity (flow control)."""

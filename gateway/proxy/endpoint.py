@@ -43,6 +43,7 @@ from gateway.proxy.checks import (
 from gateway.proxy.forward import Forwarder
 from gateway.proxy.replies import send_error
 from gateway.proxy.routes import Body, RouteSpec
+from gateway.routing.flow import Ticket
 from gateway.routing.router import Router
 from gateway.tenancy import ownership, reserve
 from gateway.tenancy.auth import Authenticator
@@ -150,6 +151,8 @@ class ProxyEndpoint:
                 await self.read_upload(call)
             if not self.choose(call):
                 await self.choose_by_model(call)
+            if call.groups[0].limited:
+                call.ticket = self.ticket(call)
             self.unseal_file_refs(call)
         except GatewayError as exc:
             await send_error(call.send, exc, exchange)
@@ -318,6 +321,38 @@ class ProxyEndpoint:
             groups = [group for group in groups if self._serves(group)] or groups[:1]
         self._check_served(groups[0])
         call.groups = groups
+
+    def ticket(self, call: Call) -> Ticket:
+        """What flow control weighs a request by: its key (the client's address without one),
+        its key's priority (``x-gateway-priority`` may lower it, never raise it), its key's
+        weight, and the tokens it may use."""
+        key, exchange = call.key, call.exchange
+        priority = key.priority if key is not None else 0
+        asked = next((v for n, v in call.headers.forward if n == b"x-gateway-priority"), None)
+        if asked is not None:
+            try:
+                priority = min(priority, int(asked))
+            except ValueError:
+                raise InvalidRequest(
+                    "x-gateway-priority must be a whole number", code="invalid_priority"
+                ) from None
+        if exchange.reservation is not None:
+            cost = float(exchange.reservation.amount)
+        elif call.parsed is not None:
+            size = len(call.parsed.raw)
+            cost = reserve.reservation(
+                size,
+                call.parsed,
+                self.generating,
+                self.default_max_tokens,
+                prompts=self.route.name == Route.COMPLETIONS,
+            )
+        else:
+            cost = 1.0
+        if key is not None:
+            return Ticket(key.name, priority, key.weight, cost)
+        client = call.scope.get("client")
+        return Ticket(f"ip:{client[0] if client else '-'}", priority, 1.0, cost)
 
     def _serves(self, group: Group) -> bool:
         return group.backend.adapter.answers(self.route.name)

@@ -13,7 +13,7 @@ from adapters.base import MANAGEMENT_ROUTES, Route
 from gateway.client import Response, UpstreamError
 from gateway.config.settings import Settings
 from gateway.core.asgi import Receive, Send
-from gateway.core.errors import BackendError, BackendUnavailable
+from gateway.core.errors import BackendError, BackendUnavailable, Overloaded
 from gateway.core.exchange import Exchange, Outcome
 from gateway.core.headers import TrustedProxies, response_headers
 from gateway.core.jsonbody import JsonBody
@@ -124,7 +124,7 @@ class Forwarder:
         key = router.balancer(call.groups[0]).key(call.forward, call.parsed)
         # An upload is not held to be sent again.
         repeatable = not isinstance(body, StreamedBody)
-        attempt = Attempt(router, call.groups, key, repeatable, deadline, exchange.request_id)
+        attempt = Attempt(router, call.groups, key, repeatable, deadline, exchange.request_id, call.ticket)
         if not attempt.begin():  # a backend found by DNS, with no address yet
             names = ", ".join(group.name for group in call.groups)
             await send_error(call.send, BackendUnavailable(f"no replica of {names} is known yet"), exchange)
@@ -132,6 +132,10 @@ class Forwarder:
         method: str = call.scope["method"]
         try:
             while True:
+                if attempt.waits:
+                    if not await self._wait(call, attempt):
+                        return
+                    deadline = attempt.deadline
                 group, replica = attempt.current()
                 exchange.backend = group.name
                 waited = time.perf_counter()
@@ -162,7 +166,24 @@ class Forwarder:
                 await self.answer(response, group, call.send, exchange)
                 return
         finally:
-            attempt.end()
+            attempt.end(exchange.tokens_used())
+
+    async def _wait(self, call: Call, attempt: Attempt) -> bool:
+        """Wait for a replica with room (flow control); False when refused (answered here),
+        its token reservation then released, as nothing was used."""
+        exchange = call.exchange
+        began = time.perf_counter()
+        try:
+            await attempt.wait()
+        except Overloaded as error:
+            exchange.prompt_tokens = exchange.completion_tokens = 0
+            await send_error(call.send, error, exchange)
+            return False
+        finally:
+            exchange.queued += time.perf_counter() - began
+        # The backend's time starts when the request goes to it.
+        attempt.deadline = asyncio.get_running_loop().time() + self.settings.backend_timeout
+        return True
 
     async def _on_every_replica(self, call: Call, group: Group, parsed: JsonBody) -> None:
         """Model management on a backend of several replicas: each loads (or unloads) it."""

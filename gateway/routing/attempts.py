@@ -3,17 +3,20 @@
 An ``Attempt`` owns what a try changes: the replica it holds is counted in flight until
 the answer ends (``end``); each outcome goes to outlier detection (``failed``,
 ``answered``); and before another try it asks whether one may be made (a replica left,
-time left, a body that can be sent again, the retry budget) and chooses it. The proxy
-only sends, reads and relays.
+time left, a body that can be sent again, the retry budget) and chooses it. Where every
+replica with a capacity is full, it ``waits`` in the gateway (flow control), keeping its
+place when it waits again after a failed try. The proxy only sends, reads and relays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from gateway.client import PoolTimeout, UpstreamError
 from gateway.fleet.replicas import Group, Replica
+from gateway.routing.flow import Ticket
 from gateway.routing.router import Router
 
 logger = logging.getLogger("gateway.proxy")
@@ -31,6 +34,7 @@ class Attempt:
         repeatable: bool,
         deadline: float,
         request_id: str,
+        ticket: Ticket | None = None,
     ) -> None:
         self.router = router
         self.groups = groups
@@ -44,11 +48,32 @@ class Attempt:
         self.taken: tuple[Group, Replica] | None = None
         """The backend and replica of the current try, counted in the replica's
         ``in_flight`` until ``end``."""
+        self.ticket = ticket
+        """Its flow, priority and cost, where its backend has a capacity."""
+        self.waits = False
+        """Every replica it may go to is at its capacity: it ``wait``s before its try."""
+        self._seq = -1
+        self._charged = False
 
     def begin(self) -> bool:
-        """Choose the first replica; False when none is known yet (DNS discovery)."""
+        """Choose the first replica (or find that it waits); False when none is known yet
+        (DNS discovery)."""
         self.router.budget.admit()
         return self._take(self.router.choose(self.groups, self.tried, self.key))
+
+    async def wait(self) -> float:
+        """Wait in the gateway's queue for a replica with room; the seconds waited.
+        Overloaded when the queue is full or the wait too long."""
+        assert self.ticket is not None  # only a request with a ticket is told to wait
+        flow = self.router.flow
+        if self._seq < 0:
+            self._seq = flow.next_seq()
+        began = time.monotonic()
+        chosen = await flow.wait(self.groups, self.tried, self.key, self.ticket, self._seq)
+        self.waits = False
+        self.taken = chosen  # counted in its in_flight by the dispatch
+        self._charge()
+        return time.monotonic() - began
 
     def current(self) -> tuple[Group, Replica]:
         """The backend and replica of the current try (between ``begin`` and ``end``)."""
@@ -82,19 +107,36 @@ class Attempt:
         self._announce(group, replica, f"it answered {status}")
         return self._take(chosen)
 
-    def end(self) -> None:
-        """The answer is over (or there is none): the replica is no longer held."""
+    def end(self, used: int | None = None) -> None:
+        """The answer is over (or there is none): the replica is no longer held; what the
+        request ``used`` (tokens), where known, corrects its key's share."""
+        if self._charged and used is not None and self.ticket is not None:
+            # Before the slot is handed on: the next is chosen by what keys really used.
+            self.router.flow.charge(self.ticket, used - self.ticket.cost)
         if self.taken is not None:
-            self.taken[1].in_flight -= 1
-            self.taken = None
+            self._release()
 
     def _fail_over(self, group: Group, replica: Replica, why: str) -> bool:
         self.tried.append(replica)
         chosen = self._next()
         if chosen is None:
-            return False
+            if not self._may_wait():
+                return False
+            self._announce(group, replica, why)
+            self.waits = True
+            return True
         self._announce(group, replica, why)
         return self._take(chosen)
+
+    def _may_wait(self) -> bool:
+        """Whether a request whose other replicas are all full waits for one (flow control)."""
+        router = self.router
+        return (
+            self.ticket is not None
+            and self.repeatable
+            and asyncio.get_running_loop().time() < self.deadline
+            and router.full(self.groups, self.tried)
+        )
 
     def _next(self) -> tuple[Group, Replica] | None:
         """Another replica for a request that failed before any answer, if it may have one."""
@@ -113,15 +155,27 @@ class Attempt:
 
     def _take(self, chosen: tuple[Group, Replica] | None) -> bool:
         if chosen is None:
+            if self.ticket is not None and self.router.full(self.groups, self.tried):
+                self.waits = True
+                return True
             return False
         self.taken = chosen
         chosen[1].in_flight += 1
+        self._charge()
         return True
+
+    def _charge(self) -> None:
+        """Its expected cost counted to its key's share once, when it first gets a replica."""
+        if self.ticket is not None and not self._charged:
+            self._charged = True
+            self.router.flow.charge(self.ticket, self.ticket.cost)
 
     def _release(self) -> tuple[Group, Replica]:
         group, replica = self.current()
         replica.in_flight -= 1
         self.taken = None
+        if group.limited:
+            self.router.flow.freed(group)
         return group, replica
 
     def _announce(self, group: Group, replica: Replica, why: str) -> None:

@@ -41,9 +41,20 @@ from gateway.fleet.upstream import Upstream
 from gateway.routing.affinity import replica_seed
 from gateway.routing.balancers import Balancer, balancers
 from gateway.routing.catalogue import Catalogue
+from gateway.routing.flow import FlowControl
 from gateway.routing.retries import RetryBudget
 
 logger = logging.getLogger("gateway.routing")
+
+
+FLOW_TICK = 0.25
+"""Seconds between looks for room that no ending request announced (flow control)."""
+
+
+def worker_share(capacity: int, workers: int) -> int:
+    """A replica's capacity split between ``--workers`` processes, each counting its own: at
+    least one each (so a capacity below the workers is exceeded by the difference)."""
+    return max(1, capacity // workers)
 
 
 class Router:
@@ -64,6 +75,9 @@ class Router:
         """Told when a failed attempt could have gone elsewhere but the budget was spent."""
         self.resolve: Resolver = resolve
         """A host name's addresses, for ``discovery: dns``."""
+        self.flow = FlowControl()
+        """Requests waiting for a replica with room, where backends have a capacity."""
+        self.flow.chooser = self.choose
         self._opened = False
         self._background: set[asyncio.Task[None]] = set()
         self.groups = groups
@@ -88,6 +102,8 @@ class Router:
         every model goes to it; no probes and no ejection, since there is nowhere else to
         go; nothing to balance, so no affinity key is read."""
         group = Group(backend, [], default=True, eject_after=0, probe_interval=0)
+        if settings.max_concurrency is not None:
+            group.capacity = worker_share(settings.max_concurrency, settings.workers)
         router = cls([group], settings, by_model=False)
         router.groups[0].replicas = [router._replica(router.groups[0], backend.url)]
         return router
@@ -118,6 +134,16 @@ class Router:
             group.probe_interval = (
                 settings.probe_interval if config.probe_interval is None else config.probe_interval
             )
+            if config.max_concurrency == "auto":
+                group.auto_capacity = True
+            elif config.max_concurrency is not None:
+                group.capacity = worker_share(config.max_concurrency, settings.workers)
+        for group in groups:
+            if group.limited:
+                size = group.config.queue_size if group.config and group.config.queue_size else None
+                timeout = group.config.queue_timeout if group.config and group.config.queue_timeout else None
+                self.flow.configure(group, size or settings.queue_size, timeout or settings.queue_timeout)
+        self.flow.forget({group.name for group in groups if group.limited})
         self.groups = groups
         self.catalogue.set_groups(groups, self.default)
 
@@ -135,6 +161,13 @@ class Router:
         chosen = self.choose([group], list(tried))
         return None if chosen is None else chosen[1]
 
+    def full(self, groups: list[Group], tried: list[Replica]) -> bool:
+        """Whether every ready replica of ``groups`` not yet tried is at its capacity: a
+        request waits in the gateway rather than going elsewhere."""
+        untried = [(g, r) for g in groups for r in g.replicas if r not in tried]
+        pairs = [(g, r) for g, r in untried if r.available()] or untried  # as ``choose`` falls back
+        return bool(pairs) and all(g.limited and not g.has_room(r) for g, r in pairs)
+
     def has_candidate(self, groups: list[Group], tried: list[Replica]) -> bool:
         return any(replica not in tried for group in groups for replica in group.replicas)
 
@@ -148,12 +181,23 @@ class Router:
         wrongly ejected whole must still serve): the one whose ejection ends first."""
         if not tried and len(groups) == 1 and len(groups[0].replicas) == 1:
             only = groups[0].replicas[0]  # one backend, one replica: the usual case
+            if groups[0].limited and not groups[0].has_room(only):
+                return None
             only.picks += 1
             return groups[0], only
         untried = [(g, r) for g in groups for r in g.replicas if r not in tried] if tried else None
         if untried is None:
             untried = [(g, r) for g in groups for r in g.replicas]
         ready = [pair for pair in untried if pair[1].available()]
+        if any(group.limited for group in groups):
+            # Only replicas with room; with none, the request waits (flow control).
+            roomy = [pair for pair in ready or untried if pair[0].has_room(pair[1])]
+            if not roomy:
+                return None
+            if ready:
+                ready = roomy
+            else:
+                untried = roomy
         if ready:
             chosen = ready[0] if len(ready) == 1 else self.balancer(ready[0][0]).pick(ready, key)
         elif untried:
@@ -167,13 +211,27 @@ class Router:
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """What runs for the app's lifetime; each loop idles when no backend needs it."""
-        return [self.follow_lists(), self.run_probes(), self.run_scrapes(), self.run_discovery()]
+        return [
+            self.follow_lists(),
+            self.run_probes(),
+            self.run_scrapes(),
+            self.run_discovery(),
+            self.run_flow(),
+        ]
 
     async def run_probes(self) -> None:
         await self.health.run(lambda: self.groups)
 
     async def run_scrapes(self) -> None:
         await run_scrapes(lambda: self.groups, self._spawn)
+
+    async def run_flow(self) -> None:
+        """Hand replicas that found room with no request of this gateway ending (a scrape, a
+        replica back from ejection or found by DNS) to waiting requests."""
+        while True:
+            await asyncio.sleep(FLOW_TICK if self.flow.queues else 1.0)
+            if self.flow.waiting():
+                self.flow.dispatch()
 
     async def follow_lists(self) -> None:
         await self.catalogue.follow()
@@ -194,6 +252,7 @@ class Router:
         await asyncio.gather(*(self._discover(group) for group in self.groups if group.discovered))
 
     async def close(self) -> None:
+        self.flow.close()
         self.catalogue.cancel()
         for task in self._background:
             task.cancel()
@@ -284,6 +343,7 @@ class Router:
         for group in groups:
             if group.discovered:
                 await self._discover(group)
+        self.flow.dispatch()  # capacities may have grown
         logger.info("backends reloaded: %s", ", ".join(group.name for group in groups))
 
     def describe(self) -> list[dict[str, object]]:
@@ -296,11 +356,13 @@ class Router:
                 "default": group is self.default,
                 "strategy": group.strategy,
                 "models": sorted(group.model_names()),
+                **self.flow.describe(group),
                 "replicas": [
                     {
                         "url": replica.url,
                         "state": replica.state(now),
                         "in_flight": replica.in_flight,
+                        **({"capacity": group.replica_capacity(replica)} if group.limited else {}),
                         "picks": replica.picks,
                         "failures": replica.failures,
                         "ejections": replica.ejected_total,

@@ -15,6 +15,8 @@ which can hold a key's hash instead of the key and give each key its own limits:
         rate_limit: "600/minute"
         token_limit: "200000/minute;2000000/day"
         models: ["llama-3*", "qwen2.5-7b"]   # names or glob patterns; default: every model
+        priority: 0                          # flow control: higher waits less (default 0)
+        weight: 1                            # its share against keys of its priority
 """
 
 from __future__ import annotations
@@ -119,7 +121,12 @@ def load_keys_file(path: Path) -> list[ApiKey]:
             not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
         ):
             raise ValueError(f"{where} ({entry['name']}): models must be a list of names or patterns")
-        unknown = set(entry) - {"name", "key", "rate_limit", "token_limit", "models"}
+        priority, weight = entry.get("priority", 0), entry.get("weight", 1.0)
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
+            raise ValueError(f"{where} ({entry['name']}): priority must be a whole number from -1000 to 1000")
+        if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight <= 1000:
+            raise ValueError(f"{where} ({entry['name']}): weight must be a number above 0, at most 1000")
+        unknown = set(entry) - {"name", "key", "rate_limit", "token_limit", "models", "priority", "weight"}
         if unknown:
             raise ValueError(f"{where} ({entry['name']}): unknown fields {', '.join(sorted(unknown))}")
         keys.append(
@@ -129,6 +136,8 @@ def load_keys_file(path: Path) -> list[ApiKey]:
                 limits["rate_limit"],
                 limits["token_limit"],
                 tuple(models) if models is not None else None,
+                priority,
+                float(weight),
             )
         )
     return keys

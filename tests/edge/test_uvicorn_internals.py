@@ -105,6 +105,14 @@ def test_the_cycle_is_built_as_the_protocol_builds_it() -> None:
     assert inspect.iscoroutinefunction(RequestResponseCycle.receive)
 
 
+def test_the_servers_shutdown_is_there() -> None:
+    """gateway/edge/server.py's Server extends it: the drain refuses waiting requests first."""
+    import uvicorn
+
+    assert inspect.iscoroutinefunction(uvicorn.Server.shutdown)
+    assert list(inspect.signature(uvicorn.Server.shutdown).parameters) == ["self", "sockets"]
+
+
 def test_the_protocols_methods_are_there() -> None:
     missing = [name for name in PROTOCOL_METHODS if not callable(getattr(HttpToolsProtocol, name, None))]
     assert missing == []

@@ -501,3 +501,59 @@ def test_a_vllm_that_never_becomes_ready_stops_the_gateway_saying_why(tiny: Tiny
     assert process.returncode == 1, log[-3000:]
     assert "exited 3 times in a row before it was ever ready" in log
     assert "max_model_len" in log or "max-model-len" in log  # vLLM's own words, from its output
+
+
+def test_a_higher_priority_is_answered_ahead_of_a_flood(
+    start_gateway: GatewayFactory, vllm: VllmServer, tmp_path: Path
+) -> None:
+    """Flow control in front of the real vLLM, one request at a time (``--max-concurrency 1``):
+    while a batch key's endless stream holds the slot, two more of its requests wait, then a
+    request of a key of a higher priority; when the stream is left, that request is answered
+    next, before the batch requests that waited longer."""
+    import concurrent.futures
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [
+        {"name": "batch", "key": "sk-batch", "priority": 0},
+        {"name": "chat", "key": "sk-chat", "priority": 5},
+    ]}))  # fmt: skip
+    gateway = start_gateway(
+        backend="vllm",
+        backend_url=vllm.url,
+        keys_file=str(keys),
+        max_concurrency=1,
+        admin_api_keys=["sk-admin"],
+    )
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 64, "ignore_eos": True}
+    finished: list[str] = []
+
+    def send(key: str, name: str) -> int:
+        answer = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer sk-{key}"},
+            timeout=120,
+        )
+        finished.append(name)
+        return answer.status_code
+
+    def waiting() -> int:
+        data = httpx.get(gateway.url + "/admin/backends", headers=ADMIN, timeout=5).json()["data"]
+        return int(data[0]["queue"]["waiting"])
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        headers = {"Authorization": "Bearer sk-batch"}
+        with httpx.stream(
+            "POST", gateway.url + "/v1/chat/completions", json=ENDLESS, headers=headers, timeout=60
+        ) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()  # held: a dropped line iterator closes the connection
+            next(lines)  # generating: the one slot is taken until the stream is left
+            answers = []
+            for n, (key, name) in enumerate(
+                [("batch", "batch-1"), ("batch", "batch-2"), ("chat", "chat-0")], 1
+            ):
+                answers.append(pool.submit(send, key, name))
+                assert wait_until(lambda: waiting() == n, timeout=30), f"{name} did not wait"  # noqa: B023
+        assert [answer.result() for answer in answers] == [200] * 3
+    assert finished == ["chat-0", "batch-1", "batch-2"]
