@@ -65,7 +65,8 @@ class Flow:
         return self.served * _decay(now - self.stamp, SERVED_HALF_LIFE) / self.weight
 
     def add(self, tokens: float, now: float) -> None:
-        self.served = self.served * _decay(now - self.stamp, SERVED_HALF_LIFE) + tokens
+        # A correction (less used than expected) takes back no more than was counted.
+        self.served = max(self.served * _decay(now - self.stamp, SERVED_HALF_LIFE) + tokens, 0.0)
         self.stamp = now
 
 
