@@ -324,6 +324,10 @@ def test_queue_balancing_reads_vllms_own_running_count(fleet_gateway: Any, vllm:
         [{"name": "cpu", "kind": "vllm", "url": vllm.url, "strategy": "queue", "scrape_interval": 1.0}]
     )
     assert replicas(gateway)[vllm.url]["batch_seen"] == 0
+    # What an earlier test left (an aborted generation) may still hold vLLM: it starts idle, and
+    # the gateway's view of it ready (a probe that met a stall would have ejected it).
+    assert poll(lambda: vllm.metric("vllm:num_requests_running") == 0, timeout=60)
+    assert poll(lambda: replicas(gateway)[vllm.url]["state"] == "ready", timeout=60)
     with httpx.stream(
         "POST", gateway.url + "/v1/chat/completions", json=LONG, headers=AUTH, timeout=60
     ) as response:
