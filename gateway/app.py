@@ -36,6 +36,7 @@ from gateway.fleet.backend import Backend
 from gateway.observability.accesslog import AccessLog
 from gateway.observability.metrics import FleetCollector, KnownModels, Metrics, multiprocess_dir
 from gateway.observability.page import MetricsEndpoint, Page
+from gateway.observability.tracing import create_tracer
 from gateway.proxy.endpoint import ProxyEndpoint
 from gateway.proxy.routes import ROUTES, RouteSpec
 from gateway.routing.router import Router
@@ -121,6 +122,7 @@ class Gateway:
         self.metrics = self._metrics()
         self.page = Page(self.metrics.render, settings.metrics_token)
         self.access_log = AccessLog() if settings.access_log else None
+        self.tracer = create_tracer(settings, self.metrics.registry)
         self.limits_by_key, self.limiter = self._limits()
         self.owners: Owners | None = None
         if self.auth.size > 1 and settings.object_secret is not None:  # preflight: set with several
@@ -213,6 +215,7 @@ class Gateway:
             None if spec.admin else self.limiter,
             self.limits_by_key,
             self.owners,
+            self.tracer,
         )
 
     def routes(self) -> list[BaseRoute]:
@@ -290,6 +293,8 @@ class Gateway:
         """The fleet's connections and loops, the embedded runtime, SIGHUP's reload."""
         router = self.router
         await router.open()
+        if self.tracer is not None:
+            self.tracer.exporter.start()
         if not self.auth.enabled:
             logger.warning("no API keys configured: the gateway is open to anyone who can reach it")
         if self.supervisor is not None:
@@ -311,6 +316,8 @@ class Gateway:
         self.metrics.close()
         if self.access_log is not None:
             self.access_log.flush()
+        if self.tracer is not None:  # the spans of the last requests, sent (a thread may wait)
+            await asyncio.to_thread(self.tracer.close)
         if self.supervisor is not None:
             await self.supervisor.stop()
         if self.launch is not None and self.launch.listener is not None:

@@ -22,6 +22,7 @@ from gateway.edge.server import uvicorn_config
 from tests.support.fakes import FakeBackend, LoopThread, Seen, start_fake
 from tests.support.fleet_fakes import FleetRuntime, start_runtime
 from tests.support.object_fakes import ObjectRuntime, start_objects
+from tests.support.otlp_receiver import Receiver
 from tests.support.redis_server import RedisServer
 
 ENV_NAMES = ("API_KEYS", "BACKEND", "BACKEND_URL", "BACKEND_API_KEY")
@@ -30,7 +31,7 @@ ENV_NAMES = ("API_KEYS", "BACKEND", "BACKEND_URL", "BACKEND_API_KEY")
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("GATEWAY_") or name in ENV_NAMES:
+        if name.startswith(("GATEWAY_", "OTEL_")) or name in ENV_NAMES:
             monkeypatch.delenv(name)
 
 
@@ -103,6 +104,14 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
         server.should_exit = True
     for _, future in servers:
         future.result(10)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """An OTLP/HTTP trace receiver: what a collector would be sent."""
+    running = Receiver().start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture

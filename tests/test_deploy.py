@@ -27,6 +27,7 @@ KUSTOMIZATIONS = [
     ROOT / "deploy/kubernetes/base",
     ROOT / "deploy/kubernetes/overlays/vllm-gpu",
     ROOT / "deploy/kubernetes/overlays/fleet",
+    ROOT / "deploy/kubernetes/overlays/vllm-gpu-tracing",
 ]
 KUBERNETES_VERSION = "1.33.0"
 # What each runtime listens on inside its container, and the adapter that knows it.
@@ -104,7 +105,24 @@ def test_compose_gateway_matches_the_app(compose: dict[str, Any]) -> None:
     assert not (ROOT / ".env").exists() or ".env" in (ROOT / ".gitignore").read_text()
     example = (ROOT / ".env.example").read_text()
     names = {line.split("=", 1)[0].lstrip("# ") for line in example.splitlines() if "=" in line}
+    names = {name for name in names if not name.startswith("OTEL_")}  # OpenTelemetry's own
     assert names - {"MODEL", "OLLAMA_MODEL", "GGUF_FILE", "HF_TOKEN"} <= environment_names()
+
+
+def test_the_tracing_profile_adds_a_collector_the_gateway_and_vllm_can_export_to(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    collector = services["otel-collector"]
+    assert collector["profiles"] == services["jaeger"]["profiles"] == ["tracing"]
+    mounted = collector["volumes"][0].split(":")[0]
+    config = yaml.safe_load((ROOT / mounted).read_text())
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    assert config["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
+    text = (ROOT / "compose.yaml").read_text()
+    assert '"--otlp-traces-endpoint", "http://otel-collector:4317"' in text
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector:4318" in (ROOT / ".env.example").read_text()
 
 
 # Kubernetes
@@ -178,11 +196,30 @@ def test_settings_in_the_manifests_are_accepted() -> None:
     assert config["BACKEND"] == "vllm"
     fields = {}
     for name, value in config.items():
-        fields[name.removeprefix("GATEWAY_").lower()] = value
+        if not name.startswith("OTEL_"):  # OpenTelemetry's own, read by its SDK
+            fields[name.removeprefix("GATEWAY_").lower()] = value
     fields.pop("keys_file")  # a path inside the pod
     settings = Settings(**fields, host="0.0.0.0", api_keys=["x"])
     assert settings.backend_url == "http://vllm:8000"
     assert settings.backend == "vllm"
+
+
+def test_the_tracing_overlay_points_the_gateway_and_vllm_at_one_collector() -> None:
+    documents = kustomize(KUSTOMIZATIONS[3])
+    config = by_kind(documents, "ConfigMap", "gateway-config")["data"]
+    service = by_kind(documents, "Service", "otel-collector")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert config["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{ports['otlp-http']}"
+    args = by_kind(documents, "Deployment", "vllm")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--otlp-traces-endpoint") + 1] == f"http://otel-collector:{ports['otlp-grpc']}"
+    labels = by_kind(documents, "Deployment", "otel-collector")["spec"]["template"]["metadata"]["labels"]
+    policy = by_kind(documents, "NetworkPolicy", "gateway-tracing")["spec"]["egress"][0]
+    assert policy["to"][0]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["ports"] == [{"port": ports["otlp-http"]}]
+    # The gateway with these variables traces, with OpenTelemetry's own settings.
+    from gateway.observability.tracing import enabled
+
+    assert enabled(Settings(), {name: value for name, value in config.items() if name.startswith("OTEL_")})
 
 
 def test_services_ingress_and_monitoring_point_at_real_ports() -> None:

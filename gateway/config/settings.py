@@ -305,6 +305,15 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve /metrics on this port instead of the main one."
     )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="Export traces by OTLP to this URL (e.g. http://collector:4318/v1/traces). "
+        "OpenTelemetry's own OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT turn "
+        "tracing on as well; the other OTEL_* variables apply either way.",
+    )
+    otel_service_name: str = Field(
+        "inference-gateway", description="The traces' service.name where OTEL_SERVICE_NAME sets none."
+    )
     metrics_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Model names the metrics' model label may take besides those the backend lists "

@@ -11,6 +11,7 @@ from enum import StrEnum
 from limits import RateLimitItem
 
 from adapters.base import Route
+from gateway.core.tracecontext import RequestTrace
 
 
 class Outcome(StrEnum):
@@ -87,6 +88,8 @@ class Exchange:
     """The runtime's ID of the stored response a Responses request continues, once unsealed."""
     headers_out: list[tuple[bytes, bytes]] = field(default_factory=list)
     """Headers the gateway adds to the answer, whoever answers: x-request-id, rate limits."""
+    trace: RequestTrace | None = None
+    """Its trace, where tracing is on."""
 
     def tokens_used(self) -> int | None:
         if self.prompt_tokens is None and self.completion_tokens is None:

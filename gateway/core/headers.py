@@ -36,6 +36,9 @@ NOT_FORWARDED = HOP_BY_HOP | {
     b"expect",
     # A client's cookies are for the gateway's origin, not the backend's.
     b"cookie",
+    # W3C Trace Context: passed on as sent, unless the gateway's own trace replaces it.
+    b"traceparent",
+    b"tracestate",
 }
 # What a proxy says of the client and the request it received: forwarded only from proxies
 # the gateway trusts (--trust-forwarded), else replaced by the gateway's own view.
@@ -77,6 +80,10 @@ class RequestHeaders:
     """What a proxy in front said of the client (``FORWARDING``), kept aside."""
     repeated: bytes | None = None
     """A credentials header sent more than once (the request is refused)."""
+    traceparent: bytes | None = None
+    """W3C Trace Context: passed on as sent, or replaced where the gateway traces. Sent more
+    than once, it is invalid (empty)."""
+    tracestate: bytes | None = None
 
 
 def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
@@ -104,6 +111,11 @@ def split_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
             headers.forwarded_for = value if previous is None else previous + b", " + value
         elif name == b"connection":
             connection.extend(value.split(b","))
+        elif name == b"traceparent":
+            headers.traceparent = value if headers.traceparent is None else b""
+        elif name == b"tracestate":
+            previous = headers.tracestate
+            headers.tracestate = value if previous is None else previous + b"," + value
         elif name in FORWARDING:
             headers.forwarding.append((name, value))
     if connection and (drop := connection_listed(connection) - NOT_FORWARDED):

@@ -53,6 +53,9 @@ READ = (
     "max_new_tokens",
     "n_predict",
     "auto_max_new_tokens",
+    # Sampling parameters a trace records (gateway.observability.tracing).
+    "temperature",
+    "top_p",
 )
 """The top-level fields the gateway reads; every other is skipped unbuilt."""
 

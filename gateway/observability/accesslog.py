@@ -41,27 +41,29 @@ class AccessLog:
         duration = exchange.duration
         ttfb = exchange.ttfb
         overhead = duration - exchange.upstream_wait - exchange.queued
-        line = orjson.dumps(
-            {
-                "time": self._now(),
-                "request_id": exchange.request_id,
-                "key": exchange.key,
-                "method": exchange.method,
-                "route": exchange.route,
-                "status": exchange.status,
-                "backend": exchange.backend,
-                "model": exchange.model,
-                "stream": exchange.stream,
-                "ttfb_ms": None if ttfb is None else int(ttfb * 1_000_000 + 0.5) / 1000,
-                "duration_ms": int(duration * 1_000_000 + 0.5) / 1000,
-                "overhead_ms": int(overhead * 1_000_000 + 0.5) / 1000 if overhead > 0 else 0.0,
-                "queued_ms": int(exchange.queued * 1_000_000 + 0.5) / 1000,
-                "prompt_tokens": exchange.prompt_tokens,
-                "completion_tokens": exchange.completion_tokens,
-                "error": exchange.error,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        fields = {
+            "time": self._now(),
+            "request_id": exchange.request_id,
+            "key": exchange.key,
+            "method": exchange.method,
+            "route": exchange.route,
+            "status": exchange.status,
+            "backend": exchange.backend,
+            "model": exchange.model,
+            "stream": exchange.stream,
+            "ttfb_ms": None if ttfb is None else int(ttfb * 1_000_000 + 0.5) / 1000,
+            "duration_ms": int(duration * 1_000_000 + 0.5) / 1000,
+            "overhead_ms": int(overhead * 1_000_000 + 0.5) / 1000 if overhead > 0 else 0.0,
+            "queued_ms": int(exchange.queued * 1_000_000 + 0.5) / 1000,
+            "prompt_tokens": exchange.prompt_tokens,
+            "completion_tokens": exchange.completion_tokens,
+            "error": exchange.error,
+        }
+        trace = exchange.trace
+        if trace is not None:  # tracing is on: the line joins the request's trace
+            fields["trace_id"] = f"{trace.trace_id:032x}"
+            fields["span_id"] = f"{trace.span_id:016x}"
+        line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
         if self._held + len(line) > PIPE_BUF:
             self.flush()
         if not self._lines:

@@ -30,6 +30,7 @@ from gateway.core.jsonbody import JsonBody
 from gateway.fleet.replicas import Group
 from gateway.observability.accesslog import AccessLog
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import OPERATIONS, Tracer
 from gateway.proxy import listing, management
 from gateway.proxy.body import ClientGone, StreamedBody, check_declared_length, read_json_object
 from gateway.proxy.call import Call
@@ -89,6 +90,7 @@ class ProxyEndpoint:
         limiter: Limiter | None = None,
         key_limits: Mapping[str, KeyLimits] | None = None,
         owners: Owners | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.route = route
         self.router = router
@@ -115,12 +117,19 @@ class ProxyEndpoint:
         self.model_free = route.name in MODEL_FREE
         self.generating = route.name in GENERATING
         self.lists = route.name in {Route.MODELS, Route.MODEL}
+        self.tracer = tracer
+        self.operation = OPERATIONS.get(route.name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = split_request_headers(scope["headers"])
         request_id = valid_request_id(headers.request_id)
         exchange = Exchange(request_id.decode(), self.route.name, scope["method"], self.router.default.name)
         self.metrics.started(exchange)
+        if self.tracer is not None:
+            trace = exchange.trace = self.tracer.start(
+                f"{exchange.method} {self.route.path}", headers.traceparent, headers.tracestate
+            )
+            trace.operation = self.operation
         try:
             exchange.headers_out.append((b"x-request-id", request_id))
             await self._handle(Call(scope, receive, send, headers, exchange))
@@ -372,3 +381,5 @@ class ProxyEndpoint:
         self.metrics.finished(exchange)
         if self.access_log is not None:
             self.access_log.write(exchange)
+        if self.tracer is not None:
+            self.tracer.finish(exchange)

@@ -17,10 +17,12 @@ from gateway.core.errors import BackendError, BackendUnavailable, Overloaded
 from gateway.core.exchange import Exchange, Outcome
 from gateway.core.headers import TrustedProxies, response_headers
 from gateway.core.jsonbody import JsonBody
+from gateway.core.tracecontext import RequestTrace, address
 from gateway.edge.cycle import DISCONNECT, DisconnectWatch
 from gateway.fleet.replicas import Group
 from gateway.fleet.upstream import before_response_error
 from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import request_parameters
 from gateway.proxy import listing, management
 from gateway.proxy.body import ClientGone, StreamedBody
 from gateway.proxy.call import Call
@@ -66,6 +68,16 @@ class Forwarder:
             # A fixed-size upload stays fixed-size: some runtimes do not take chunked bodies.
             forward.append((b"content-length", headers.content_length))
         forward.append((b"x-request-id", exchange.request_id.encode()))
+        trace = exchange.trace
+        if trace is not None:
+            # The runtime's parent is the gateway's CLIENT span; sampled out, it is told so.
+            forward.append((b"traceparent", trace.traceparent()))
+            if trace.state:
+                forward.append((b"tracestate", trace.state.encode("latin-1")))
+        elif headers.traceparent:
+            forward.append((b"traceparent", headers.traceparent))
+            if headers.tracestate is not None:
+                forward.append((b"tracestate", headers.tracestate))
         client = call.scope.get("client")
         trusted = client is not None and self.trusted(client[0])
         if trusted:
@@ -130,6 +142,11 @@ class Forwarder:
             await send_error(call.send, BackendUnavailable(f"no replica of {names} is known yet"), exchange)
             return
         method: str = call.scope["method"]
+        trace = exchange.trace if exchange.trace is not None and exchange.trace.sampled else None
+        if trace is not None:
+            trace.request = request_parameters(call.parsed)
+            trace.client_start = time.perf_counter()
+        tries = 0
         try:
             while True:
                 if attempt.waits:
@@ -139,6 +156,9 @@ class Forwarder:
                 group, replica = attempt.current()
                 exchange.backend = group.name
                 waited = time.perf_counter()
+                tries += 1
+                if trace is not None:
+                    _traced_try(trace, waited, tries, group, replica.url)
                 try:
                     response = await replica.upstream.request(
                         method, self._target(call, group), call.forward, self._payload(call, group), deadline
@@ -152,6 +172,8 @@ class Forwarder:
                             await send_error(call.send, body.failure, exchange)
                         return
                     error = before_response_error(exc, self.settings)
+                    if trace is not None:
+                        _traced_failure(trace, tries, replica.url, error.type)
                     if attempt.failed(exc, error.message):
                         continue
                     logger.warning(
@@ -162,25 +184,39 @@ class Forwarder:
                 exchange.upstream_wait += time.perf_counter() - waited
                 if attempt.answered(response.status):
                     response.close()
+                    if trace is not None:
+                        _traced_failure(trace, tries, replica.url, str(response.status), response.status)
                     continue
                 await self.answer(response, group, call.send, exchange)
                 return
         finally:
             attempt.end(exchange.tokens_used())
+            if trace is not None:
+                trace.client_end = time.perf_counter()
 
     async def _wait(self, call: Call, attempt: Attempt) -> bool:
         """Wait for a replica with room (flow control); False when refused (answered here),
         its token reservation then released, as nothing was used."""
         exchange = call.exchange
         began = time.perf_counter()
+        outcome = "dispatched"
         try:
             await attempt.wait()
         except Overloaded as error:
+            outcome = error.code or error.type
             exchange.prompt_tokens = exchange.completion_tokens = 0
             await send_error(call.send, error, exchange)
             return False
         finally:
-            exchange.queued += time.perf_counter() - began
+            now = time.perf_counter()
+            exchange.queued += now - began
+            if exchange.trace is not None:
+                exchange.trace.event(
+                    now,
+                    "gateway.queue",
+                    ("gateway.queue.wait_seconds", now - began),
+                    ("gateway.queue.outcome", outcome),
+                )
         # The backend's time starts when the request goes to it.
         attempt.deadline = asyncio.get_running_loop().time() + self.settings.backend_timeout
         return True
@@ -272,6 +308,31 @@ class Forwarder:
                 response.release()
             else:
                 response.close()
+
+
+def _server(url: str) -> tuple[tuple[str, object], tuple[str, object]]:
+    host, port = address(url)
+    return ("server.address", host), ("server.port", port)
+
+
+def _traced_try(trace: RequestTrace, at: float, tries: int, group: Group, url: str) -> None:
+    trace.replica = url
+    trace.provider = group.backend.adapter.name
+    trace.event(at, "gateway.attempt", ("gateway.attempt", tries), *_server(url))
+
+
+def _traced_failure(
+    trace: RequestTrace, tries: int, url: str, error_type: str, status: int | None = None
+) -> None:
+    """A try that failed before its answer was relayed (another replica may take it)."""
+    trace.event(
+        time.perf_counter(),
+        "gateway.attempt.failed",
+        ("gateway.attempt", tries),
+        ("error.type", error_type),
+        ("http.response.status_code", status),
+        *_server(url),
+    )
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:

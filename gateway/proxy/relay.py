@@ -11,6 +11,7 @@ from gateway.config.settings import Settings
 from gateway.core.asgi import Send
 from gateway.core.errors import BackendError, anthropic_envelope, sse_error_event
 from gateway.core.exchange import Exchange, Outcome
+from gateway.core.tracecontext import HEAD_BYTES
 from gateway.fleet.upstream import mid_stream_error
 from gateway.proxy.usage import TAIL_BYTES, prompt_tokens_at_start, tokens_in
 from gateway.tenancy.ownership import StreamSealer
@@ -44,6 +45,8 @@ async def relay(
                 break
             if exchange.ttfb is None:
                 exchange.ttfb = clock() - exchange.start
+                if exchange.trace is not None and exchange.trace.sampled:
+                    exchange.trace.head = chunk[:HEAD_BYTES]
             previous, last = last, chunk
             if streaming:
                 exchange.events += chunk.count(b"data:")
@@ -60,6 +63,8 @@ async def relay(
         error = mid_stream_error(exc, settings)
         exchange.error = Outcome.MID_STREAM
         logger.warning("backend broke off a response (request %s): %s", exchange.request_id, error.message)
+        # What usage came before the cut still counts (and is traced).
+        _read_usage(exchange, previous, last, first)
         if not streaming:
             # Returning without the final body message makes the server drop the
             # connection, so the client sees a cut, not a short body that looks whole.
@@ -71,12 +76,20 @@ async def relay(
     if not done:
         rest = sealer.flush() if sealer is not None else b""
         await send({"type": "http.response.body", "body": rest, "more_body": False})
-    if 200 <= exchange.status < 300:
-        tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
-        exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
-        if first is not None and exchange.prompt_tokens is None:
-            exchange.prompt_tokens = prompt_tokens_at_start(first)
+    _read_usage(exchange, previous, last, first)
     return True
+
+
+def _read_usage(exchange: Exchange, previous: bytes, last: bytes, first: bytes | None) -> None:
+    """The tokens of a successful answer's usage, read from its last bytes (and first)."""
+    if not 200 <= exchange.status < 300:
+        return
+    tail = last if len(last) >= TAIL_BYTES else previous[-TAIL_BYTES:] + last
+    exchange.prompt_tokens, exchange.completion_tokens = tokens_in(tail)
+    if first is not None and exchange.prompt_tokens is None:
+        exchange.prompt_tokens = prompt_tokens_at_start(first)
+    if exchange.trace is not None and exchange.trace.sampled:
+        exchange.trace.tail = tail
 
 
 def final_event(error: BackendError, last: bytes, anthropic: bool) -> bytes:

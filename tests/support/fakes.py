@@ -41,13 +41,13 @@ def chat_completion(model: str, content: str = "Hello there!") -> dict[str, Any]
     }
 
 
-def chat_chunk(model: str, i: int, content: str) -> bytes:
+def chat_chunk(model: str, i: int, content: str, finish: str | None = None) -> bytes:
     chunk = {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": model,
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
@@ -257,7 +257,8 @@ class FakeBackend:
             for i, word in enumerate(words):
                 if delay:
                     await asyncio.sleep(delay)
-                await response.write(chat_chunk(model, i, word))
+                # The last chunk says why the generation ended, as runtimes' do.
+                await response.write(chat_chunk(model, i, word, "stop" if i == len(words) - 1 else None))
             if (data.get("stream_options") or {}).get("include_usage"):
                 usage = {
                     "id": "chatcmpl-1",

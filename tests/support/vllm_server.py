@@ -95,7 +95,7 @@ class VllmServer:
         return total
 
 
-def start_vllm(tiny: TinyModel, log: Path, *extra: str) -> VllmServer:
+def start_vllm(tiny: TinyModel, log: Path, *extra: str, env: dict[str, str] | None = None) -> VllmServer:
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -110,7 +110,7 @@ def start_vllm(tiny: TinyModel, log: Path, *extra: str) -> VllmServer:
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=environment(),
+            env={**environment(), **(env or {})},
             start_new_session=True,  # its engine and workers share its group, and stop with it
         )  # fmt: skip
     server = VllmServer(process, f"http://127.0.0.1:{port}", log)
