@@ -96,9 +96,17 @@ def request_body(size: int, workdir: Path) -> Path:
     return path
 
 
-def wrk(url: str, connections: int, seconds: float, body: Path, workdir: Path) -> dict[str, float]:
-    script = workdir / f"{body.stem}.lua"
-    script.write_text(WRK_SCRIPT.format(key=KEY, body=body))
+def wrk(
+    url: str,
+    connections: int,
+    seconds: float,
+    body: Path,
+    workdir: Path,
+    headers: dict[str, str] | None = None,
+) -> dict[str, float]:
+    extra = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())
+    script = workdir / f"{body.stem}-{len(extra)}-{abs(hash(extra))}.lua"
+    script.write_text(WRK_SCRIPT.format(key=KEY, body=body) + extra)
     threads = 1 if connections < 4 else 2
     output = subprocess.run(
         [

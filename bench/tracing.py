@@ -1,0 +1,250 @@
+"""What tracing costs: the same gateway with tracing off, on (every request sampled), and on
+with a client whose ``traceparent`` is sampled out, in one run.
+
+    python -m bench tracing [--quick] [--out DIR]
+
+A fake runtime (``bench.upstream``, a fixed chat completion), an OTLP/HTTP sink (a separate
+process that takes each export, decodes it and counts its spans, as a collector would), and
+two gateways in the production configuration of ``python -m bench`` (a key, a rate limit too
+high to trigger, metrics, the access log): one with no OpenTelemetry variable set, one with
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` naming the sink. wrk drives c=32 and c=1, alternating
+between the paths for several rounds:
+
+- off: the gateway without an endpoint (tracing absent);
+- on: the traced gateway, no ``traceparent`` (each request starts a sampled trace);
+- sampled-out: the traced gateway, each request with a ``traceparent`` whose sampled flag is 0
+  (the parent-based sampler records nothing; the runtime is told so).
+
+Reported: requests/s, p50 and p99 per path, on and sampled-out as ratios of off, and the
+spans the sink received against the gateway's own count of exported, dropped and failed.
+Results go to ``bench/results/<time>-tracing/``: tracing.md and tracing.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.harness import KEY, ROOT, ensure_tools, free_port, request_body, wait_for_port, wrk
+
+SAMPLED_OUT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+TARGETS = {"on": 0.75, "sampled-out": 0.95}
+"""The least share of off's requests/s at c=32 each path is to keep."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float = 10.0
+    rounds: int = 5
+
+
+FULL = Plan()
+QUICK = Plan(seconds=1, rounds=1)
+
+
+async def sink(port: int, counts: Path) -> None:
+    """An OTLP/HTTP receiver: each export read, decoded, its spans counted, 200 answered."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    spans = exports = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal spans, exports
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))  # type: ignore[union-attr]
+                request = ExportTraceServiceRequest.FromString(await reader.readexactly(length))
+                exports += 1
+                spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                counts.write_text(json.dumps({"exports": exports, "spans": spans}))  # noqa: ASYNC240  # noqa: ASYNC240 - a few bytes
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n"
+                )
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+@contextmanager
+def processes(workdir: Path) -> Iterator[dict[str, str]]:
+    ports = {name: free_port() for name in ("upstream", "sink", "off", "on")}
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.upstream", "--port", str(ports["upstream"])], cwd=ROOT
+            )
+        )
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.tracing", "--sink", str(ports["sink"]), "--out", str(workdir)],
+                cwd=ROOT,
+            )
+        )
+        for name in ("off", "on"):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+            if name == "on":
+                env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"http://127.0.0.1:{ports['sink']}/v1/traces"
+            log = open(workdir / f"{name}-access.log", "wb")  # noqa: SIM115 - closed with the process
+            started.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gateway",
+                        "serve",
+                        "--port",
+                        str(ports[name]),
+                        "--backend-url",
+                        f"http://127.0.0.1:{ports['upstream']}",
+                        "--api-key",
+                        KEY,
+                        "--rate-limit",
+                        "1000000000/minute",
+                        "--metrics-public",
+                        "--log-level",
+                        "warning",
+                    ],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
+                )
+            )
+        for port in ports.values():
+            wait_for_port(port)
+        yield {name: f"http://127.0.0.1:{ports[name]}" for name in ("off", "on")}
+    finally:
+        for process in reversed(started):
+            process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def span_counts(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {
+        outcome: float(value)
+        for outcome, value in re.findall(r'gateway_trace_spans_total\{outcome="(\w+)"\} (\S+)', text)
+    }
+
+
+def run(plan: Plan, out: Path) -> dict[str, Any]:
+    ensure_tools()
+    paths = ("off", "on", "sampled-out")
+    results: dict[str, Any] = {"plan": plan.__dict__, "machine": {"cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-tracing-") as temp:
+        workdir = Path(temp)
+        with processes(workdir) as urls:
+            body = request_body(256, workdir)
+            chat = "/v1/chat/completions"
+
+            def measure(path: str, connections: int) -> dict[str, float]:
+                url = urls["off" if path == "off" else "on"] + chat
+                headers = {"traceparent": SAMPLED_OUT} if path == "sampled-out" else None
+                return wrk(url, connections, plan.seconds, body, workdir, headers)
+
+            for connections in (32, 1):
+                samples: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
+                for _ in range(plan.rounds):
+                    for path in paths:
+                        samples[path].append(measure(path, connections))
+                results[f"c{connections}"] = {
+                    path: {
+                        key: sum(s[key] for s in runs)
+                        if key == "errors"
+                        else statistics.median(s[key] for s in runs)
+                        for key in runs[0]
+                    }
+                    for path, runs in samples.items()
+                }
+            time.sleep(6)  # the exporter's batch delay (5 s): what is queued is sent
+            results["spans"] = {"gateway": span_counts(urls["on"])}
+        counts = workdir / "sink.json"
+        results["spans"]["sink"] = (
+            json.loads(counts.read_text()) if counts.exists() else {"exports": 0, "spans": 0}
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tracing.json").write_text(json.dumps(results, indent=2))
+    (out / "tracing.md").write_text(report(results))
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    c32, c1 = results["c32"], results["c1"]
+    off = c32["off"]["rps"]
+    lines = [
+        "# Tracing's cost\n",
+        f"{results['plan']['rounds']} alternating rounds of {results['plan']['seconds']:g} s; medians.\n",
+        "| path | c=32 req/s | x off | c=32 p99 ms | c=1 p50 ms | c=1 added p50 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in ("off", "on", "sampled-out"):
+        lines.append(
+            f"| {path} | {c32[path]['rps']:,.0f} | {c32[path]['rps'] / off:.3f} | {c32[path]['p99_ms']:.2f} "
+            f"| {c1[path]['p50_ms']:.3f} | {c1[path]['p50_ms'] - c1['off']['p50_ms']:+.3f} |"
+        )
+    spans = results["spans"]
+    lines += [
+        "",
+        f"Spans: the gateway counted {spans['gateway']}; the sink received {spans['sink']['spans']:,} "
+        f"in {spans['sink']['exports']:,} exports.",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for path, least in TARGETS.items():
+        ratio = c32[path]["rps"] / off
+        lines.append(
+            f"| c=32 {path} >= {least:.0%} of off | {ratio:.1%} | {'yes' if ratio >= least else 'no'} |"
+        )
+    errors = sum(c[p]["errors"] for c in (c32, c1) for p in c)
+    lines.append(f"\nErrors (wrk's, non-2xx included): {errors}.\n")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration (the test suite's)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sink", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sink is not None:  # the sink's own process
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(sink(args.sink, args.out / "sink.json"))
+        return
+    out = args.out or ROOT / "bench" / "results" / (time.strftime("%Y%m%d-%H%M%S") + "-tracing")
+    run(QUICK if args.quick else FULL, out)
+    print((out / "tracing.md").read_text())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
