@@ -110,3 +110,16 @@ def test_the_vllm_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
         assert round_["output_throughput"] > 0
     assert set(measured["added_ms"]) >= {"ttft_median_ms", "itl_median_ms", "itl_p99_ms"}
     assert "| figure | direct | through the gateway | added |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_tracing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None:
+    run_quick(tmp_path, "tracing")
+    data = json.loads((tmp_path / "tracing.json").read_text())
+    for workload in ("c32", "c1"):
+        for path in ("off", "on", "sampled-out"):
+            assert data[workload][path]["rps"] > 0, (workload, path)
+            assert data[workload][path]["errors"] == 0, (workload, path)
+    spans = data["spans"]
+    assert spans["gateway"]["exported"] == spans["sink"]["spans"] > 0
+    assert spans["gateway"]["dropped"] == spans["gateway"]["failed"] == 0
+    assert "| target | measured | met |" in (tmp_path / "tracing.md").read_text()
