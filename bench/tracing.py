@@ -13,7 +13,9 @@ between the paths for several rounds:
 - off: the gateway without an endpoint (tracing absent);
 - on: the traced gateway, no ``traceparent`` (each request starts a sampled trace);
 - sampled-out: the traced gateway, each request with a ``traceparent`` whose sampled flag is 0
-  (the parent-based sampler records nothing; the runtime is told so).
+  (the parent-based sampler records nothing; the runtime is told so);
+- off-traceparent: the gateway without an endpoint sent the same requests as sampled-out (it
+  passes the header on as sent): the same traffic with tracing absent.
 
 Reported: requests/s, p50 and p99 per path, on and sampled-out as ratios of off, and the
 spans the sink received against the gateway's own count of exported, dropped and failed.
@@ -154,7 +156,7 @@ def span_counts(url: str) -> dict[str, float]:
 
 def run(plan: Plan, out: Path) -> dict[str, Any]:
     ensure_tools()
-    paths = ("off", "on", "sampled-out")
+    paths = ("off", "on", "sampled-out", "off-traceparent")
     results: dict[str, Any] = {"plan": plan.__dict__, "machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="gateway-bench-tracing-") as temp:
         workdir = Path(temp)
@@ -163,8 +165,8 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
             chat = "/v1/chat/completions"
 
             def measure(path: str, connections: int) -> dict[str, float]:
-                url = urls["off" if path == "off" else "on"] + chat
-                headers = {"traceparent": SAMPLED_OUT} if path == "sampled-out" else None
+                url = urls["off" if path.startswith("off") else "on"] + chat
+                headers = {"traceparent": SAMPLED_OUT} if path in ("sampled-out", "off-traceparent") else None
                 return wrk(url, connections, plan.seconds, body, workdir, headers)
 
             for connections in (32, 1):
@@ -202,7 +204,7 @@ def report(results: dict[str, Any]) -> str:
         "| path | c=32 req/s | x off | c=32 p99 ms | c=1 p50 ms | c=1 added p50 ms |",
         "|---|---|---|---|---|---|",
     ]
-    for path in ("off", "on", "sampled-out"):
+    for path in ("off", "on", "sampled-out", "off-traceparent"):
         lines.append(
             f"| {path} | {c32[path]['rps']:,.0f} | {c32[path]['rps'] / off:.3f} | {c32[path]['p99_ms']:.2f} "
             f"| {c1[path]['p50_ms']:.3f} | {c1[path]['p50_ms'] - c1['off']['p50_ms']:+.3f} |"
@@ -221,6 +223,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"| c=32 {path} >= {least:.0%} of off | {ratio:.1%} | {'yes' if ratio >= least else 'no'} |"
         )
+    same = c32["sampled-out"]["rps"] / c32["off-traceparent"]["rps"]
+    lines.append(f"\nSampled out against off sent the same traceparent: {same:.1%}.")
     errors = sum(c[p]["errors"] for c in (c32, c1) for p in c)
     lines.append(f"\nErrors (wrk's, non-2xx included): {errors}.\n")
     return "\n".join(lines)
