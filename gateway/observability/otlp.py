@@ -21,7 +21,7 @@ import re
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
@@ -126,6 +126,18 @@ SCOPE = _tag(ScopeSpans, "scope", DELIMITED)
 SPANS = _tag(ScopeSpans, "spans", DELIMITED)
 
 
+TRACE_ID_PREFIX = SPAN_TRACE_ID + varint(16)
+SPAN_ID_PREFIX = SPAN_ID + varint(8)
+PARENT_PREFIX = SPAN_PARENT + varint(8)
+SERVER_KIND = SPAN_KIND + varint(SERVER)
+CLIENT_KIND = SPAN_KIND + varint(CLIENT)
+SERVER_FLAGS = SPAN_FLAGS + FIXED32_PACK(1 | HAS_REMOTE)
+CHILD_SERVER_FLAGS = SPAN_FLAGS + FIXED32_PACK(1 | HAS_REMOTE | IS_REMOTE)
+CLIENT_FLAGS = SPAN_FLAGS + FIXED32_PACK(1 | HAS_REMOTE)
+"""Sampled (W3C flag 1); whether the parent is remote is known (a client's is, the SERVER
+span is the CLIENT span's local parent)."""
+
+
 def any_value(item: object) -> bytes:
     if isinstance(item, bool):
         return BOOL + (b"\x01" if item else b"\x00")
@@ -138,32 +150,79 @@ def any_value(item: object) -> bytes:
     return delimited(STRING, str(item).encode("utf-8", "replace"))
 
 
-def key_value(key: str, item: object) -> bytes:
-    return delimited(KEY, key.encode()) + delimited(VALUE, any_value(item))
+def key_prefix(key: str) -> bytes:
+    """The keys are the code's own names: a few dozen, each encoded once."""
+    prefix = KEY_PREFIXES[key] = delimited(KEY, key.encode()) + VALUE
+    return prefix
+
+
+KEY_PREFIXES: dict[str, bytes] = {}
+"""An attribute's encoded key and the tag of its value, by key."""
+
+
+def fresh(tag: bytes, attributes: Iterable[tuple[str, object]]) -> bytes:
+    """Every attribute that is not None as a ``KeyValue`` under ``tag`` (a span's or an
+    event's field)."""
+    out: list[bytes] = []
+    for key, item in attributes:
+        if item is None:
+            continue
+        kind = type(item)  # the usual types inline: this runs for every request's IDs and counts
+        if kind is str:
+            text = item.encode("utf-8", "replace")  # type: ignore[attr-defined]
+            value = STRING + varint(len(text)) + text
+        elif kind is int:
+            value = INT + varint(item)  # type: ignore[arg-type]
+        elif kind is float:
+            value = DOUBLE + DOUBLE_PACK(item)
+        else:
+            value = any_value(item)
+        prefix = KEY_PREFIXES.get(key)
+        if prefix is None:
+            prefix = key_prefix(key)
+        pair = prefix + varint(len(value)) + value
+        out += (tag, varint(len(pair)), pair)
+    return b"".join(out)
 
 
 class AttributeEncoder:
-    """Attributes encoded as ``KeyValue`` messages. Those whose values repeat from request to
-    request (a route, a model, a replica...) are encoded together once per set of values;
-    the others (an ID, a count, a time) each time."""
+    """Attributes whose values repeat from request to request (a route, a model, a
+    replica...), encoded together once per set of values. An attribute's values are of one
+    type (``True == 1``: a key must not take both)."""
 
     def __init__(self) -> None:
         self._blocks: dict[tuple[bytes, Attributes], bytes] = {}
 
-    def encode(self, tag: bytes, repeated: Attributes, varying: Attributes = ()) -> bytes:
-        """Every attribute that is not None, under ``tag`` (a span's or an event's field). An
-        attribute's values are of one type (``True == 1``: a key must not take both)."""
+    def encode(self, tag: bytes, repeated: Attributes) -> bytes:
         blocks = self._blocks
         block = blocks.get((tag, repeated))
         if block is None:
             if len(blocks) >= MAX_CACHED:
                 blocks.clear()
-            block = blocks[(tag, repeated)] = self.fresh(tag, repeated)
-        return block + self.fresh(tag, varying) if varying else block
+            block = blocks[(tag, repeated)] = fresh(tag, repeated)
+        return block
 
-    @staticmethod
-    def fresh(tag: bytes, attributes: Attributes) -> bytes:
-        return b"".join(delimited(tag, key_value(key, item)) for key, item in attributes if item is not None)
+
+class FixedAttributes:
+    """A span's attributes of fixed keys, in that order: those whose values repeat encoded
+    once per set of values, as ``AttributeEncoder`` does, keyed by the values alone."""
+
+    def __init__(self, tag: bytes, keys: tuple[str, ...]) -> None:
+        self.tag = tag
+        self.keys = keys
+        self._blocks: dict[tuple[object, ...], bytes] = {}
+
+    def encode(self, values: tuple[object, ...]) -> bytes:
+        blocks = self._blocks
+        block = blocks.get(values)
+        if block is None:
+            if len(blocks) >= MAX_CACHED:
+                blocks.clear()
+            block = blocks[values] = fresh(self.tag, zip(self.keys, values, strict=True))
+        return block
+
+    def fresh(self, values: tuple[object, ...]) -> bytes:
+        return fresh(self.tag, zip(self.keys, values, strict=True))
 
 
 def read_answer(head: bytes, tail: bytes) -> tuple[str | None, str | None, tuple[str, ...] | None]:
@@ -182,6 +241,39 @@ def status(message: str) -> bytes:
     return delimited(SPAN_STATUS, delimited(STATUS_MESSAGE, message.encode()) + STATUS_CODE + varint(ERROR))
 
 
+SERVER_REPEATED = (
+    "http.request.method",
+    "http.route",
+    "http.response.status_code",
+    "gateway.api_key.name",
+    "gateway.backend",
+    "gen_ai.operation.name",
+    "gen_ai.request.model",
+    "error.type",
+)
+SERVER_VARYING = ("gateway.request_id", "gateway.queue.wait_seconds")
+CLIENT_REPEATED = (
+    "gen_ai.operation.name",
+    "gen_ai.provider.name",
+    "gen_ai.request.model",
+    "gen_ai.response.model",
+    "gen_ai.response.finish_reasons",
+    "server.address",
+    "server.port",
+    "http.request.method",
+    "http.response.status_code",
+    "error.type",
+)
+CLIENT_VARYING = (
+    "gen_ai.response.id",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.response.time_to_first_chunk",
+    "gateway.time_to_first_byte",
+    "gateway.stream.events",
+)
+
+
 class Encoder:
     """Exchanges to one serialized ``ExportTraceServiceRequest`` under the gateway's resource."""
 
@@ -190,6 +282,10 @@ class Encoder:
         self.resource = delimited(RESOURCE, Resource(attributes=kept).SerializeToString())
         self.scope = delimited(SCOPE, InstrumentationScope(name=scope, version=version).SerializeToString())
         self.attributes = AttributeEncoder()
+        self.server_repeated = FixedAttributes(SPAN_ATTRIBUTE, SERVER_REPEATED)
+        self.server_varying = FixedAttributes(SPAN_ATTRIBUTE, SERVER_VARYING)
+        self.client_repeated = FixedAttributes(SPAN_ATTRIBUTE, CLIENT_REPEATED)
+        self.client_varying = FixedAttributes(SPAN_ATTRIBUTE, CLIENT_VARYING)
 
     def request(self, spans: Sequence[bytes]) -> bytes:
         """The ``ExportTraceServiceRequest`` of spans encoded by ``spans``."""
@@ -198,7 +294,7 @@ class Encoder:
 
     def spans(self, exchange: Exchange, trace: RequestTrace) -> list[bytes]:
         """The request's SERVER span, and its CLIENT span where the runtime was called."""
-        trace_id = delimited(SPAN_TRACE_ID, trace.trace_id.to_bytes(16, "big"))
+        trace_id = TRACE_ID_PREFIX + trace.trace_id.to_bytes(16, "big")
         state = delimited(SPAN_TRACE_STATE, trace.state.encode()) if trace.state else b""
         server = self.server_span(exchange, trace, trace_id, state)
         if trace.client_start is None:
@@ -213,36 +309,31 @@ class Encoder:
         server_error = code >= 500 or error_type == Outcome.MID_STREAM
         if error_type is None and code >= 500:
             error_type = str(code)
-        encode = self.attributes.encode
         return b"".join(
             (
                 trace_id,
-                delimited(SPAN_ID, trace.span_id.to_bytes(8, "big")),
+                SPAN_ID_PREFIX + trace.span_id.to_bytes(8, "big"),
                 state,
-                delimited(SPAN_PARENT, trace.parent_id.to_bytes(8, "big")) if trace.parent_id else b"",
+                PARENT_PREFIX + trace.parent_id.to_bytes(8, "big") if trace.parent_id else b"",
                 delimited(SPAN_NAME, trace.name.encode()),
-                SPAN_KIND + varint(SERVER),
+                SERVER_KIND,
                 SPAN_START + FIXED64_PACK(start_ns),
                 SPAN_END + FIXED64_PACK(end_ns),
-                encode(
-                    SPAN_ATTRIBUTE,
+                self.server_repeated.encode(
                     (
-                        ("http.request.method", exchange.method),
-                        ("http.route", trace.name.partition(" ")[2]),
-                        ("http.response.status_code", code or None),
-                        ("gateway.api_key.name", exchange.key),
-                        ("gateway.backend", exchange.backend),
-                        ("gen_ai.operation.name", trace.operation),
-                        ("gen_ai.request.model", exchange.model),
-                        ("error.type", error_type),
-                    ),
-                    (
-                        ("gateway.request_id", exchange.request_id),
-                        ("gateway.queue.wait_seconds", exchange.queued or None),
-                    ),
+                        exchange.method,
+                        trace.name.partition(" ")[2],
+                        code or None,
+                        exchange.key,
+                        exchange.backend,
+                        trace.operation,
+                        exchange.model,
+                        error_type,
+                    )
                 ),
+                self.server_varying.fresh((exchange.request_id, exchange.queued or None)),
                 status(error_type or "") if server_error else b"",
-                SPAN_FLAGS + FIXED32_PACK(1 | HAS_REMOTE | (IS_REMOTE if trace.parent_id else 0)),
+                CHILD_SERVER_FLAGS if trace.parent_id else SERVER_FLAGS,
             )
         )
 
@@ -264,9 +355,9 @@ class Encoder:
         return b"".join(
             (
                 trace_id,
-                delimited(SPAN_ID, trace.client_id.to_bytes(8, "big")),
+                SPAN_ID_PREFIX + trace.client_id.to_bytes(8, "big"),
                 state,
-                delimited(SPAN_PARENT, trace.span_id.to_bytes(8, "big")),
+                PARENT_PREFIX + trace.span_id.to_bytes(8, "big"),
                 delimited(
                     SPAN_NAME,
                     (
@@ -275,53 +366,55 @@ class Encoder:
                         else exchange.method
                     ).encode(),
                 ),
-                SPAN_KIND + varint(CLIENT),
+                CLIENT_KIND,
                 SPAN_START + FIXED64_PACK(start_ns + int((trace.client_start - origin) * 1e9)),
                 SPAN_END
                 + FIXED64_PACK(
                     start_ns + int((client_end - origin) * 1e9) if client_end is not None else end_ns
                 ),
-                encode(
-                    SPAN_ATTRIBUTE,
+                self.client_repeated.encode(
                     (
-                        ("gen_ai.operation.name", trace.operation),
-                        ("gen_ai.provider.name", trace.provider),
-                        ("gen_ai.request.model", exchange.model),
-                        *trace.request,
-                        ("gen_ai.response.model", model),
-                        ("gen_ai.response.finish_reasons", reasons),
-                        ("server.address", server_address),
-                        ("server.port", server_port),
-                        ("http.request.method", exchange.method),
-                        ("http.response.status_code", code or None),
-                        ("error.type", client_error_type),
-                    ),
-                    (
-                        ("gen_ai.response.id", response_id),
-                        ("gen_ai.usage.input_tokens", exchange.prompt_tokens),
-                        ("gen_ai.usage.output_tokens", exchange.completion_tokens),
-                        ("gen_ai.response.time_to_first_chunk", first_chunk),
-                        ("gateway.time_to_first_byte", ttfb),
-                        ("gateway.stream.events", exchange.events if exchange.stream else None),
-                    ),
-                ),
-                *(
-                    delimited(
-                        SPAN_EVENT,
-                        EVENT_TIME
-                        + FIXED64_PACK(start_ns + int((when - origin) * 1e9))
-                        + delimited(EVENT_NAME, name.encode())
-                        + encode(
-                            EVENT_ATTRIBUTE,
-                            tuple(a for a in attributes if not isinstance(a[1], float)),
-                            tuple(a for a in attributes if isinstance(a[1], float)),
-                        ),
+                        trace.operation,
+                        trace.provider,
+                        exchange.model,
+                        model,
+                        reasons,
+                        server_address,
+                        server_port,
+                        exchange.method,
+                        code or None,
+                        client_error_type,
                     )
-                    for when, name, attributes in trace.events
                 ),
+                encode(SPAN_ATTRIBUTE, trace.request) if trace.request else b"",
+                self.client_varying.fresh(
+                    (
+                        response_id,
+                        exchange.prompt_tokens,
+                        exchange.completion_tokens,
+                        first_chunk,
+                        ttfb,
+                        exchange.events if exchange.stream else None,
+                    )
+                ),
+                *[self.event(start_ns, origin, *event) for event in trace.events],
                 status(client_error_type or "") if client_error else b"",
-                SPAN_FLAGS + FIXED32_PACK(1 | HAS_REMOTE),
+                CLIENT_FLAGS,
             )
+        )
+
+    def event(self, start_ns: int, origin: float, when: float, name: str, attributes: Attributes) -> bytes:
+        """An event of the CLIENT span (a try, a failure, the queue's wait): its times vary,
+        the rest repeats."""
+        times = [a for a in attributes if type(a[1]) is float]
+        repeated = tuple(a for a in attributes if type(a[1]) is not float) if times else attributes
+        return delimited(
+            SPAN_EVENT,
+            EVENT_TIME
+            + FIXED64_PACK(start_ns + int((when - origin) * 1e9))
+            + delimited(EVENT_NAME, name.encode())
+            + self.attributes.encode(EVENT_ATTRIBUTE, tuple(repeated))
+            + (fresh(EVENT_ATTRIBUTE, times) if times else b""),
         )
 
 

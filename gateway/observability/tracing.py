@@ -99,8 +99,17 @@ class Tracer:
         # The SDK's own samplers read of a parent only whether it is valid, remote and sampled,
         # and its tracestate: without one, a context per sampled flag gives their decisions.
         self._shared: tuple[Context, Context] | None = None
+        self._fixed: tuple[bool | None, bool | None, bool | None] = (None, None, None)
+        """Whether a request with no parent, a parent sampled out, a parent sampled (and no
+        tracestate) is sampled, where the SDK's sampler that decides is a static one: it
+        reads nothing else, so it is asked once."""
         if _builtin(sampler, sampling):
             self._shared = (parent(1, 1, 0, None), parent(1, 1, 1, None))
+            self._fixed = (
+                _static(sampler, None, sampling),
+                _static(sampler, 0, sampling),
+                _static(sampler, 1, sampling),
+            )
 
     def start(self, name: str, traceparent: bytes | None, tracestate: bytes | None) -> RequestTrace:
         """The trace of a request that arrived now, a child of the client's where its
@@ -108,28 +117,31 @@ class Tracer:
         start_ns = time.time_ns()
         parent = parse_traceparent(traceparent) if traceparent is not None else None
         bits = random.getrandbits
+        state_out: str | None = None
         if parent is None:
             trace_id, parent_id = bits(128) or 1, 0
-            context = self._root
+            sampled = self._fixed[0]
+            if sampled is None:
+                sampled, state_out = self._decide(self._root, trace_id, name)
         else:
             trace_id, parent_id, flags = parent
             if tracestate is None and self._shared is not None:
-                context = self._shared[flags & 1]
+                sampled = self._fixed[1 + (flags & 1)]
+                if sampled is None:
+                    sampled, state_out = self._decide(self._shared[flags & 1], trace_id, name)
             else:
                 state = tracestate.decode("latin-1") if tracestate else None
                 context = self._parent(trace_id, parent_id, flags, state)
-        result = self.sampler.should_sample(context, trace_id, name, self._server)
-        state_out = result.trace_state.to_header() if result.trace_state else None
+                sampled, state_out = self._decide(context, trace_id, name)
         return RequestTrace(
-            name,
-            trace_id,
-            parent_id,
-            bits(64) or 1,
-            bits(64) or 1,
-            result.decision.is_sampled(),
-            state_out or None,
-            start_ns,
+            name, trace_id, parent_id, bits(64) or 1, bits(64) or 1, sampled, state_out, start_ns
         )
+
+    def _decide(self, context: Any, trace_id: int, name: str) -> tuple[bool, str | None]:
+        """The SDK sampler's decision, and the tracestate it passes on."""
+        result = self.sampler.should_sample(context, trace_id, name, self._server)
+        state = result.trace_state.to_header() if result.trace_state else None
+        return result.decision.is_sampled(), state or None
 
     def finish(self, exchange: Exchange) -> None:
         trace = exchange.trace
@@ -154,6 +166,22 @@ def _builtin(sampler: Any, sampling: Any) -> bool:
         )
         return all(_builtin(d, sampling) for d in delegates)
     return type(sampler) in (sampling.StaticSampler, sampling.TraceIdRatioBased)
+
+
+def _static(sampler: Any, flags: int | None, sampling: Any) -> bool | None:
+    """Whether the SDK's ``sampler`` samples every request with no parent (``flags`` None) or
+    with a remote parent of ``flags``, where the sampler that decides is a static one; else
+    None (it is asked each time)."""
+    if isinstance(sampler, sampling.ParentBased):
+        if flags is None:
+            sampler = sampler._root
+        elif flags & 1:
+            sampler = sampler._remote_parent_sampled
+        else:
+            sampler = sampler._remote_parent_not_sampled
+    if type(sampler) is sampling.StaticSampler:
+        return bool(sampler._decision.is_sampled())
+    return None
 
 
 def request_parameters(parsed: JsonBody | None) -> tuple[tuple[str, object], ...]:

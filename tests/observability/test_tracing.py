@@ -457,3 +457,229 @@ def test_a_valid_traceparent_is_read_back(trace_id: int, parent_id: int, flags: 
     value = b"%s-%032x-%016x-%02x%s" % (version, trace_id, parent_id, flags, rest)
     assert parse_traceparent(value) == (trace_id, parent_id, flags)
     assert parse_traceparent(b"00" + value[2:] + b"-x") is None  # version 00 has nothing after
+
+
+REFERENCE_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def reference_traceparent(value: bytes) -> tuple[int, int, int] | None:
+    """W3C Trace Context level 1, 3.2, as its text reads."""
+    found = REFERENCE_TRACEPARENT.match(value)
+    if found is None:
+        return None
+    version, size = found.group(1), len(value)
+    if version == b"ff" or (size != 55 if version == b"00" else size > 55 and value[55:56] != b"-"):
+        return None
+    trace_id, parent_id = int(found.group(2), 16), int(found.group(3), 16)
+    if not trace_id or not parent_id:
+        return None
+    return trace_id, parent_id, int(found.group(4), 16)
+
+
+NEAR_TRACEPARENT = st.builds(
+    lambda version, trace_id, parent_id, flags, rest, at, byte: (
+        lambda value: value[:at] + byte + value[at + 1 :] if at >= 0 else value
+    )(b"%s-%s-%s-%s%s" % (version, trace_id, parent_id, flags, rest)),
+    st.sampled_from([b"00", b"01", b"ff", b"0A", b"cc"]),
+    st.text("0123456789abcdef", min_size=31, max_size=33).map(str.encode),
+    st.text("0123456789abcdef", min_size=15, max_size=17).map(str.encode),
+    st.sampled_from([b"00", b"01", b"ff", b"1", b"0g"]),
+    st.sampled_from([b"", b"-", b"-x", b"x", b"--"]),
+    st.integers(-1, 56),
+    st.sampled_from([b"-", b"A", b"g", b" ", b"0"]),
+)
+
+
+@given(st.one_of(st.binary(max_size=80), NEAR_TRACEPARENT))
+def test_the_traceparent_parser_reads_as_the_specification_does(value: bytes) -> None:
+    assert parse_traceparent(value) == reference_traceparent(value)
+
+
+def samplers() -> list[Any]:
+    from opentelemetry.sdk.trace import sampling
+
+    class ByName(sampling.Sampler):
+        """One of the user's own: samples by the span's name."""
+
+        def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kw: Any) -> Any:
+            decision = sampling.Decision.RECORD_AND_SAMPLE if "chat" in name else sampling.Decision.DROP
+            return sampling.SamplingResult(decision)
+
+        def get_description(self) -> str:
+            return "ByName"
+
+    return [
+        sampling.ALWAYS_ON,
+        sampling.ALWAYS_OFF,
+        sampling.ParentBased(sampling.ALWAYS_ON),
+        sampling.ParentBased(sampling.ALWAYS_OFF),
+        sampling.ParentBased(sampling.TraceIdRatioBased(0.5)),
+        sampling.TraceIdRatioBased(0.5),
+        sampling.ParentBased(sampling.ALWAYS_OFF, remote_parent_not_sampled=sampling.ALWAYS_ON),
+        sampling.ParentBased(ByName(), remote_parent_sampled=ByName()),
+        ByName(),
+    ]
+
+
+@pytest.mark.parametrize("sampler", samplers(), ids=lambda s: s.get_description())
+def test_each_request_is_sampled_as_the_sdks_sampler_decides(sampler: Any) -> None:
+    """The tracer asks a static sampler once for each kind of parent (none, sampled, sampled
+    out): its decisions are the SDK's, for every kind of parent and tracestate."""
+    from opentelemetry.context import Context
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from gateway.observability.otlp import Encoder, Exporter
+    from gateway.observability.tracing import Tracer
+
+    tracer = Tracer(sampler, Exporter(Encoder((), "gateway", "0"), lambda data: True))
+    propagator = TraceContextTextMapPropagator()
+    parents = [None, b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]
+    parents += [b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", b"00-zz-bad"]
+    for traceparent in parents:
+        for tracestate in (None, b"vendor=1,other=two"):
+            for name in ("POST /v1/chat/completions", "POST /v1/embeddings"):
+                for _ in range(20):
+                    trace = tracer.start(name, traceparent, tracestate)
+                    carrier = {}
+                    if traceparent is not None and parse_traceparent(traceparent) is not None:
+                        carrier["traceparent"] = traceparent.decode()
+                        if tracestate is not None:
+                            carrier["tracestate"] = tracestate.decode()
+                    context = propagator.extract(carrier) if carrier else Context()
+                    expected = sampler.should_sample(context, trace.trace_id, name, SpanKind.SERVER)
+                    assert trace.sampled is expected.decision.is_sampled(), (traceparent, tracestate, name)
+                    state = expected.trace_state.to_header() if expected.trace_state else None
+                    assert trace.state == (state or None)
+
+
+def decoded(value: Any) -> object:
+    """An ``AnyValue`` as Python."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return tuple(decoded(item) for item in value.array_value.values)
+    return getattr(value, kind)
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_the_spans_decode_as_opentelemetry_proto_reads_them(failed: bool) -> None:
+    """The wire encoding, field by field, read back by the protobuf package: IDs, parents,
+    tracestate, times, every attribute (repeated, varying, the request's, the events'),
+    status and flags."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from adapters.base import Route
+    from gateway.core.exchange import Exchange
+    from gateway.core.jsonbody import JsonBody
+    from gateway.core.tracecontext import RequestTrace
+    from gateway.observability.otlp import Encoder
+    from gateway.observability.tracing import request_parameters
+
+    encoder = Encoder((("service.name", "gateway"), ("deployment.environment", "test")), "gateway", "1.2")
+    exchanges = []
+    for n in range(3):  # the second and third reuse what the first encoded once
+        exchange = Exchange(f"req-{n}", Route.CHAT_COMPLETIONS, "POST", "pool")
+        exchange.key, exchange.model, exchange.stream = "team-a", "tiny", True
+        exchange.status = 502 if failed else 200
+        exchange.error = "backend_unreachable" if failed else None
+        exchange.ttfb, exchange.duration, exchange.queued = 0.25, 1.5, 0.125
+        exchange.prompt_tokens, exchange.completion_tokens, exchange.events = 9, 12 + n, 14
+        trace = RequestTrace(
+            "POST /v1/chat/completions", 0xABC + n, 0x12, 0x34 + n, 0x56, True, "v=1", 10**18
+        )
+        trace.operation, trace.provider, trace.replica = "chat", "vllm", "http://10.0.0.7:8000"
+        trace.client_start, trace.client_end = exchange.start + 0.125, exchange.start + 1.25
+        trace.request = request_parameters(
+            JsonBody(b'{"max_tokens": 64, "temperature": 0.5, "stream": true}')
+        )
+        trace.event(
+            exchange.start + 0.125,
+            "gateway.queue",
+            ("gateway.queue.wait_seconds", 0.125),
+            ("gateway.queue.outcome", "dispatched"),
+        )
+        trace.event(
+            exchange.start + 0.25,
+            "gateway.attempt",
+            ("gateway.attempt", 1),
+            ("server.address", "10.0.0.7"),
+            ("server.port", 8000),
+        )
+        trace.head = b'data: {"id":"chatcmpl-%d","object":"chat.completion.chunk","model":"tiny-v2"}' % n
+        trace.tail = b'{"finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
+        exchange.trace = trace
+        exchanges.append(exchange)
+    spans = [span for exchange in exchanges for span in encoder.spans(exchange, exchange.trace)]  # type: ignore[arg-type]
+    request = ExportTraceServiceRequest.FromString(encoder.request(spans))
+    (resource_spans,) = request.resource_spans
+    assert {a.key: decoded(a.value) for a in resource_spans.resource.attributes} == {
+        "service.name": "gateway",
+        "deployment.environment": "test",
+    }
+    (scope,) = resource_spans.scope_spans
+    assert (scope.scope.name, scope.scope.version) == ("gateway", "1.2")
+    assert len(scope.spans) == 6
+    for n in range(3):
+        server, client = scope.spans[2 * n], scope.spans[2 * n + 1]
+        assert server.trace_id == client.trace_id == (0xABC + n).to_bytes(16, "big")
+        assert server.parent_span_id == (0x12).to_bytes(8, "big")
+        assert server.span_id == client.parent_span_id == (0x34 + n).to_bytes(8, "big")
+        assert client.span_id == (0x56).to_bytes(8, "big")
+        assert server.trace_state == client.trace_state == "v=1"
+        assert (server.name, client.name) == ("POST /v1/chat/completions", "chat tiny")
+        assert (server.kind, client.kind) == (2, 3)  # SERVER, CLIENT
+        assert server.start_time_unix_nano == 10**18
+        assert server.end_time_unix_nano == 10**18 + 1_500_000_000
+        assert client.start_time_unix_nano == 10**18 + 125_000_000
+        assert client.end_time_unix_nano == 10**18 + 1_250_000_000
+        assert server.flags == 0x301  # sampled, its parent remote
+        assert client.flags == 0x101  # sampled, its parent local
+        error = {"error.type": "backend_unreachable"} if failed else {}
+        assert {a.key: decoded(a.value) for a in server.attributes} == {
+            "http.request.method": "POST",
+            "http.route": "/v1/chat/completions",
+            "http.response.status_code": 502 if failed else 200,
+            "gateway.api_key.name": "team-a",
+            "gateway.backend": "pool",
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "tiny",
+            "gateway.request_id": f"req-{n}",
+            "gateway.queue.wait_seconds": 0.125,
+            **error,
+        }
+        assert {a.key: decoded(a.value) for a in client.attributes} == {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "vllm",
+            "gen_ai.request.model": "tiny",
+            "gen_ai.request.max_tokens": 64,
+            "gen_ai.request.temperature": 0.5,
+            "gen_ai.request.stream": True,
+            "gen_ai.response.model": "tiny-v2",
+            "gen_ai.response.id": f"chatcmpl-{n}",
+            "gen_ai.response.finish_reasons": ("length",),
+            "gen_ai.usage.input_tokens": 9,
+            "gen_ai.usage.output_tokens": 12 + n,
+            "gen_ai.response.time_to_first_chunk": 0.125,
+            "gateway.time_to_first_byte": 0.25,
+            "gateway.stream.events": 14,
+            "server.address": "10.0.0.7",
+            "server.port": 8000,
+            "http.request.method": "POST",
+            "http.response.status_code": 502 if failed else 200,
+            **error,
+        }
+        queue, attempt = client.events
+        assert (queue.name, queue.time_unix_nano) == ("gateway.queue", 10**18 + 125_000_000)
+        assert {a.key: decoded(a.value) for a in queue.attributes} == {
+            "gateway.queue.wait_seconds": 0.125,
+            "gateway.queue.outcome": "dispatched",
+        }
+        assert (attempt.name, attempt.time_unix_nano) == ("gateway.attempt", 10**18 + 250_000_000)
+        assert {a.key: decoded(a.value) for a in attempt.attributes} == {
+            "gateway.attempt": 1,
+            "server.address": "10.0.0.7",
+            "server.port": 8000,
+        }
+        assert (server.status.code, client.status.code) == ((2, 2) if failed else (0, 0))
+        if failed:
+            assert server.status.message == client.status.message == "backend_unreachable"
