@@ -8,7 +8,7 @@ process that takes each export, decodes it and counts its spans, as a collector 
 two gateways in the production configuration of ``python -m bench`` (a key, a rate limit too
 high to trigger, metrics, the access log): one with no OpenTelemetry variable set, one with
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` naming the sink. wrk drives c=32 and c=1, alternating
-between the paths for several rounds:
+between the paths for several rounds, each round starting one path later than the last:
 
 - off: the gateway without an endpoint (tracing absent);
 - on: the traced gateway, no ``traceparent`` (each request starts a sampled trace);
@@ -171,8 +171,10 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
 
             for connections in (32, 1):
                 samples: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
-                for _ in range(plan.rounds):
-                    for path in paths:
+                for turn in range(plan.rounds):
+                    # Each round starts one path later: none always follows another's load
+                    # (the traced gateway's spans of the round before, still being sent).
+                    for path in paths[turn % len(paths) :] + paths[: turn % len(paths)]:
                         samples[path].append(measure(path, connections))
                 results[f"c{connections}"] = {
                     path: {

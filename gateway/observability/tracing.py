@@ -4,9 +4,10 @@ The OpenTelemetry SDK reads its own settings: the endpoint (``OTEL_EXPORTER_OTLP
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, or ``--otlp-traces-endpoint``), the protocol, headers,
 compression, TLS and timeout, the resource (``OTEL_SERVICE_NAME``,
 ``OTEL_RESOURCE_ATTRIBUTES``), the sampler (``OTEL_TRACES_SAMPLER``/``_ARG``, parent-based
-always-on by default) and the batch processor's ``OTEL_BSP_*``. A request asks the SDK's
-sampler and records plain values; its spans are made and exported on a thread
-(``gateway.observability.otlp``).
+always-on by default) and the batch processor's ``OTEL_BSP_*``. The SDK's sampler decides
+each request (a static one, once for each kind of parent), which records plain values; its
+spans are written when the event loop's turn ends (``gateway.observability.otlp``) and sent
+in batches by a thread (``gateway.observability.export``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gateway.core.jsonbody import JsonBody
 from gateway.core.tracecontext import RequestTrace, parse_traceparent
 
 if TYPE_CHECKING:
-    from gateway.observability.otlp import Exporter
+    from gateway.observability.export import Exporter
 
 logger = logging.getLogger("gateway.tracing")
 
@@ -284,7 +285,8 @@ def create_tracer(
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
 
-        from gateway.observability.otlp import Encoder, Exporter
+        from gateway.observability.export import Exporter
+        from gateway.observability.otlp import Encoder
     except ImportError:
         raise ValueError(f"tracing (an OTLP endpoint is configured) needs OpenTelemetry: {EXTRA}") from None
     resource = Resource.create()

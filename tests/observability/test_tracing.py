@@ -529,7 +529,8 @@ def test_each_request_is_sampled_as_the_sdks_sampler_decides(sampler: Any) -> No
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    from gateway.observability.otlp import Encoder, Exporter
+    from gateway.observability.export import Exporter
+    from gateway.observability.otlp import Encoder
     from gateway.observability.tracing import Tracer
 
     tracer = Tracer(sampler, Exporter(Encoder((), "gateway", "0"), lambda data: True))
