@@ -78,7 +78,13 @@ def wait_for(url: str, process: subprocess.Popen[bytes], seconds: float) -> None
 def running(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+            # A process group of its own, in this session: in a session of its own, a busy vLLM
+            # starved every other session's tasks for seconds (the kernel's autogroups).
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            process_group=0,
         )
     try:
         yield process

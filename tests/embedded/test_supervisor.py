@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +287,70 @@ async def test_what_the_child_started_is_stopped_with_it(http: aiohttp.ClientSes
         await supervisor.stop()
     assert not alive(parent)
     assert await wait_for(lambda: not alive(grandchild), within=5)
+
+
+def run_on(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """``main`` on asyncio's own loop or on uvloop, which the gateway runs on where installed
+    and which takes fewer of subprocess's arguments."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_child_has_a_group_of_its_own_in_the_gateways_session(loop: str) -> None:
+    """Its own process group: terminal signals stay the gateway's, and the group is what is
+    stopped. The gateway's session: a kernel that shares the CPU between sessions (autogroup)
+    would otherwise give a runtime busy on every core as much as the whole gateway, and Linux
+    6.18 gave it all of it, the gateway's session starved for up to 40 s."""
+
+    async def main() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+            supervisor = standin(http)
+            await supervisor.start()
+            try:
+                assert await wait_for(lambda: supervisor.state is State.READY)
+                pid = supervisor.pid
+                assert pid is not None
+                assert os.getpgid(pid) == pid != os.getpgid(0)
+                assert os.getsid(pid) == os.getsid(0)
+            finally:
+                await supervisor.stop()
+            assert not alive(pid)
+
+    run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_child_that_cannot_be_started_is_a_failed_start(loop: str, tmp_path: Path) -> None:
+    """A runtime whose program is gone (or not executable) is tried as often as one that
+    exits, then given up on saying why: readiness and the gateway are told, not left waiting."""
+    missing = tmp_path / "bin" / "python"
+    given_up: list[str] = []
+
+    async def main() -> None:
+        supervisor = Supervisor(
+            [str(missing), "-m", "vllm"], _never, name="vllm", backoff=(0.05, 0.1), on_give_up=given_up.append
+        )
+        await supervisor.start()
+        try:
+            assert await wait_for(lambda: supervisor.state is State.FAILED, within=5)
+        finally:
+            await supervisor.stop()
+        reason = supervisor.not_ready_reason()
+        assert reason is not None
+        assert reason.startswith("the embedded vllm backend cannot start: could not be started (")
+        assert str(missing) in reason
+        assert supervisor.restarts == 3
+
+    run_on(loop, main)
+    assert len(given_up) == 1
+    assert given_up[0].startswith(
+        "the embedded vllm backend could not be started 3 times in a row before it was ever ready (last: "
+    )
+    assert str(missing) in given_up[0]
 
 
 async def _never() -> bool:

@@ -33,8 +33,8 @@ from tests.support.vllm_server import (
     TinyModel,
     VllmServer,
     children_of,
+    group_members,
     make_model,
-    session_members,
     start_vllm,
     stop_vllm,
     vllm_python,
@@ -47,9 +47,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello, how are you today?"}]
 # About 12 s of generation here, read to its end.
 LONG = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
-# Minutes of generation, for a stream left or broken while it runs. vLLM's API server stalls
-# for seconds at times here and then writes what the engine made meanwhile at once: a
-# shorter one may be whole by the time its first line is read.
+# Minutes of generation, for a stream left or broken while it runs: on two cores vLLM keeps
+# busy, the test's process may wait for the CPU while the engine goes on, and a shorter one
+# may be whole by the time its first line is read.
 ENDLESS = {**LONG, "max_tokens": WINDOW - 100}
 
 
@@ -264,8 +264,8 @@ def test_a_lora_loaded_through_a_fleet_gateway_is_routed_at_once(
 
 def test_a_client_that_leaves_frees_its_slot_in_vllm(vllm: VllmServer, through: Gateway) -> None:
     """vLLM's own log says it aborted the request once the client left. Its running gauge is
-    no proof: a request that ran to its end reads 0 as well, and on two shared cores vLLM's
-    API server stalls for seconds at times while it generates, so the gauge may be late."""
+    no proof: a request that ran to its end reads 0 as well, and on two cores vLLM keeps busy
+    its API server may be late to update the gauge."""
     with httpx.stream(
         "POST",
         through.url + "/v1/chat/completions",
@@ -318,8 +318,8 @@ def test_queue_balancing_reads_vllms_own_running_count(fleet_gateway: Any, vllm:
     """While a generation runs, the gateway's scrapes of vLLM's /metrics report it running:
     the most it has seen running at once (``batch_seen``) becomes 1, and 0 is reported once
     the client has left. The generation lasts minutes and is held while the gateway is asked:
-    on two shared cores vLLM's API server stalls for seconds at times while it generates, and
-    a scrape that meets a stall fails, so a generation of a few seconds may see none succeed."""
+    on two cores vLLM keeps busy a scrape may time out, so a generation of a few seconds may
+    see none succeed."""
     gateway = fleet_gateway(
         [{"name": "cpu", "kind": "vllm", "url": vllm.url, "strategy": "queue", "scrape_interval": 2.0}]
     )
@@ -463,7 +463,7 @@ def test_the_gateway_runs_vllm_with_its_flags_and_leaves_nothing_after_sigterm(t
         answer = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=4, temperature=0)
         assert answer.usage is not None
         assert answer.usage.completion_tokens == 4
-        engine = session_members(child)
+        engine = group_members(child)
         assert len(engine) >= 2, engine  # the API server and its engine core
 
         # vLLM killed mid-stream: the client's stream ends with an error event.
@@ -489,9 +489,9 @@ def test_the_gateway_runs_vllm_with_its_flags_and_leaves_nothing_after_sigterm(t
         reader.join(5)
         process.stderr.close()  # type: ignore[union-attr]
     # Whatever vLLM had started (its engine core) went with it, restart or not.
-    assert wait_until(lambda: not session_members(child), timeout=15), session_members(child)
+    assert wait_until(lambda: not group_members(child), timeout=15), group_members(child)
     for pid in children_of(process.pid):
-        assert not session_members(pid)
+        assert not group_members(pid)
 
 
 def test_a_vllm_that_never_becomes_ready_stops_the_gateway_saying_why(tiny: TinyModel) -> None:
@@ -526,7 +526,7 @@ def test_a_higher_priority_is_answered_ahead_of_a_flood(
     next, before the batch requests that waited longer. The order is vLLM's, as its log has
     them received (one at a time, each sent once the one before has ended): when each client
     reads its answer says nothing of it here, where the test's threads and the gateway's
-    share a process that the runtime's workers starve for a few hundred ms at times."""
+    share a process that waits for the CPU vLLM keeps busy."""
     import concurrent.futures
 
     keys = tmp_path / "keys.json"

@@ -20,8 +20,8 @@ TEXT = [
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Letters: a b c d e f g h i j k l m.",
 ]
 WINDOW = 16384
-"""The model's context window: room for a generation that outlasts any stall of vLLM's API
-server (one of minutes, for a stream left or broken while it runs)."""
+"""The model's context window: room for a generation of minutes, for a stream left or broken
+while it runs."""
 SPECIAL = ["<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"

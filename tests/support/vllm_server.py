@@ -111,7 +111,10 @@ def start_vllm(tiny: TinyModel, log: Path, *extra: str, env: dict[str, str] | No
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**environment(), **(env or {})},
-            start_new_session=True,  # its engine and workers share its group, and stop with it
+            # Its engine and workers share its group, and stop with it. Not a session of its
+            # own: where the kernel shares the CPU between sessions (autogroup), a vLLM busy
+            # on both cores starved this one, the gateway and the test in it, for up to 40 s.
+            process_group=0,
         )  # fmt: skip
     server = VllmServer(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + START_TIMEOUT
@@ -140,9 +143,9 @@ def stop_vllm(server: VllmServer) -> None:
         os.killpg(server.process.pid, signal.SIGKILL)
 
 
-def session_members(session: int) -> list[str]:
-    """Running processes (not zombies) of a session: a runtime started in a session of its
-    own and whatever it started (vLLM renames its engine process, so names do not tell)."""
+def group_members(group: int) -> list[str]:
+    """Running processes (not zombies) of a process group: a runtime started in a group of
+    its own and whatever it started (vLLM renames its engine process, so names do not tell)."""
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
@@ -151,7 +154,7 @@ def session_members(session: int) -> list[str]:
         except (OSError, IndexError):
             continue
         # After the command's ")": state, parent, process group, session.
-        if fields[0] != "Z" and fields[3] == str(session):
+        if fields[0] != "Z" and fields[2] == str(group):
             found.append(f"{entry.name}: {command[:200]}")
     return found
 
