@@ -8,7 +8,8 @@ process that takes each export, decodes it and counts its spans, as a collector 
 two gateways in the production configuration of ``python -m bench`` (a key, a rate limit too
 high to trigger, metrics, the access log): one with no OpenTelemetry variable set, one with
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` naming the sink. wrk drives c=32 and c=1, alternating
-between the paths for several rounds, each round starting one path later than the last:
+between the paths for several rounds, in the orders of a balanced Latin square (over four
+rounds each path runs right after every other path once):
 
 - off: the gateway without an endpoint (tracing absent);
 - on: the traced gateway, no ``traceparent`` (each request starts a sampled trace);
@@ -53,7 +54,7 @@ TARGETS = {"on": 0.75, "sampled-out": 0.95}
 @dataclass(frozen=True)
 class Plan:
     seconds: float = 10.0
-    rounds: int = 5
+    rounds: int = 4  # a whole balanced Latin square of the four paths
 
 
 FULL = Plan()
@@ -154,6 +155,17 @@ def span_counts(url: str) -> dict[str, float]:
     }
 
 
+def balanced_order(paths: tuple[str, ...], turn: int) -> list[str]:
+    """Round ``turn``'s order of ``paths`` (an even number of them), a row of a Williams
+    design: over len(paths) rounds each path comes first once and right after each other
+    path once."""
+    count = len(paths)
+    first = [0]
+    for step in range(1, count):
+        first.append((step + 1) // 2 if step % 2 else count - step // 2)
+    return [paths[(index + turn) % count] for index in first]
+
+
 def run(plan: Plan, out: Path) -> dict[str, Any]:
     ensure_tools()
     paths = ("off", "on", "sampled-out", "off-traceparent")
@@ -172,9 +184,10 @@ def run(plan: Plan, out: Path) -> dict[str, Any]:
             for connections in (32, 1):
                 samples: dict[str, list[dict[str, float]]] = {path: [] for path in paths}
                 for turn in range(plan.rounds):
-                    # Each round starts one path later: none always follows another's load
-                    # (the traced gateway's spans of the round before, still being sent).
-                    for path in paths[turn % len(paths) :] + paths[: turn % len(paths)]:
+                    # None always follows another's load (the traced gateway's spans of the
+                    # path before, still being sent and decoded), as it would if each round only
+                    # started one path later.
+                    for path in balanced_order(paths, turn):
                         samples[path].append(measure(path, connections))
                 results[f"c{connections}"] = {
                     path: {

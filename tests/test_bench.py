@@ -123,3 +123,14 @@ def test_the_tracing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None
     assert spans["gateway"]["exported"] == spans["sink"]["spans"] > 0
     assert spans["gateway"]["dropped"] == spans["gateway"]["failed"] == 0
     assert "| target | measured | met |" in (tmp_path / "tracing.md").read_text()
+
+
+def test_the_tracing_benchmarks_rounds_put_each_path_right_after_every_other_once() -> None:
+    from bench.tracing import balanced_order
+
+    paths = ("off", "on", "sampled-out", "off-traceparent")
+    rounds = [balanced_order(paths, turn) for turn in range(len(paths))]
+    assert all(sorted(order) == sorted(paths) for order in rounds)
+    assert sorted(order[0] for order in rounds) == sorted(paths)
+    after = [(order[i], order[i + 1]) for order in rounds for i in range(len(order) - 1)]
+    assert sorted(after) == sorted((a, b) for a in paths for b in paths if a != b)
