@@ -14,6 +14,7 @@ import collections
 import contextlib
 import ctypes
 import enum
+import functools
 import importlib.util
 import logging
 import os
@@ -349,7 +350,7 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             env=self.env,
             pass_fds=self.pass_fds,
-            preexec_fn=_in_the_child,  # not process_group=0, which uvloop refuses
+            preexec_fn=functools.partial(_in_the_child, _prctl()),  # not process_group=0: uvloop refuses it
         )
         self.process = process
         assert process.stdout is not None
@@ -438,14 +439,22 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _in_the_child() -> None:
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the gateway: in the forked child, before exec, loading a
+    library could wait forever on a lock another of the gateway's threads held at the fork."""
+    if sys.platform != "linux":
+        return None
+    prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
+def _in_the_child(prctl: Callable[..., int] | None) -> None:
     """Run in the child before it execs the runtime. A process group of its own: terminal
     signals are for the gateway, which stops the child itself, and the child's own children
     share its group and are stopped with it. Not a session of its own: where the kernel shares
     the CPU between sessions (autogroup), a vLLM busy on both cores in a session of its own
     left the gateway's session no CPU for up to 40 s at a time (Linux 6.18, 2 cores)."""
     os.setpgid(0, 0)
-    if sys.platform == "linux":
-        # Stopped with the gateway even when the gateway is killed.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # stopped with the gateway, even one killed
