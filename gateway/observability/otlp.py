@@ -85,6 +85,8 @@ def delimited(tag: bytes, payload: bytes) -> bytes:
 
 
 FIXED64_PACK = struct.Struct("<Q").pack
+TIMES_PACK = struct.Struct("<BQBQ").pack
+"""A span's start and end: a one-byte tag and a fixed64 each."""
 DOUBLE_PACK = struct.Struct("<d").pack
 FIXED32_PACK = struct.Struct("<I").pack
 
@@ -96,6 +98,7 @@ SPAN_NAME = _tag(Span, "name", DELIMITED)
 SPAN_KIND = _tag(Span, "kind", VARINT)
 SPAN_START = _tag(Span, "start_time_unix_nano", FIXED64)
 SPAN_END = _tag(Span, "end_time_unix_nano", FIXED64)
+SPAN_START_TAG, SPAN_END_TAG = SPAN_START[0], SPAN_END[0]  # one byte each: fields 7 and 8
 SPAN_ATTRIBUTE = _tag(Span, "attributes", DELIMITED)
 SPAN_EVENT = _tag(Span, "events", DELIMITED)
 SPAN_STATUS = _tag(Span, "status", DELIMITED)
@@ -197,6 +200,52 @@ class AttributeEncoder:
         return block
 
 
+class Varying:
+    """Attributes whose values differ from request to request (an ID, a time, a count), under
+    one tag, made with the bytes that do not: a float's attribute is all known but its eight
+    bytes, an integer's is kept whole for each value seen (counts repeat), a string's is known
+    up to its lengths."""
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+        self._floats: dict[str, bytes] = {}
+        self._ints: dict[str, dict[int, bytes]] = {}
+
+    def double(self, key: str, value: float) -> bytes:
+        head = self._floats.get(key)
+        if head is None:
+            head = self._floats[key] = fresh(self.tag, ((key, 0.0),))[:-8]
+        return head + DOUBLE_PACK(value)
+
+    def integer(self, key: str, value: int) -> bytes:
+        seen = self._ints.get(key)
+        if seen is None:
+            seen = self._ints[key] = {}
+        block = seen.get(value)
+        if block is None:
+            if len(seen) >= MAX_CACHED:
+                seen.clear()
+            block = seen[value] = fresh(self.tag, ((key, value),))
+        return block
+
+    def string(self, key: str, value: str) -> bytes:
+        data = value.encode("utf-8", "replace")
+        size = len(data)
+        if size >= 126:  # the value's length would take more than a byte
+            return fresh(self.tag, ((key, value),))
+        prefix = KEY_PREFIXES.get(key) or key_prefix(key)
+        # KeyValue: the key and its tag, then the AnyValue (its tag, length, the text).
+        return (
+            self.tag
+            + varint(len(prefix) + size + 3)
+            + prefix
+            + SMALL_VARINTS[size + 2]
+            + STRING
+            + SMALL_VARINTS[size]
+            + data
+        )
+
+
 class FixedAttributes:
     """A span's attributes of fixed keys, in that order: those whose values repeat encoded
     once per set of values, as ``AttributeEncoder`` does, keyed by the values alone."""
@@ -214,9 +263,6 @@ class FixedAttributes:
                 blocks.clear()
             block = blocks[values] = fresh(self.tag, zip(self.keys, values, strict=True))
         return block
-
-    def fresh(self, values: tuple[object, ...]) -> bytes:
-        return fresh(self.tag, zip(self.keys, values, strict=True))
 
 
 def read_answer(head: bytes, tail: bytes) -> tuple[str | None, str | None, tuple[str, ...] | None]:
@@ -245,7 +291,6 @@ SERVER_REPEATED = (
     "gen_ai.request.model",
     "error.type",
 )
-SERVER_VARYING = ("gateway.request_id", "gateway.queue.wait_seconds")
 CLIENT_REPEATED = (
     "gen_ai.operation.name",
     "gen_ai.provider.name",
@@ -258,14 +303,6 @@ CLIENT_REPEATED = (
     "http.response.status_code",
     "error.type",
 )
-CLIENT_VARYING = (
-    "gen_ai.response.id",
-    "gen_ai.usage.input_tokens",
-    "gen_ai.usage.output_tokens",
-    "gen_ai.response.time_to_first_chunk",
-    "gateway.time_to_first_byte",
-    "gateway.stream.events",
-)
 
 
 class Encoder:
@@ -276,10 +313,11 @@ class Encoder:
         self.resource = delimited(RESOURCE, Resource(attributes=kept).SerializeToString())
         self.scope = delimited(SCOPE, InstrumentationScope(name=scope, version=version).SerializeToString())
         self.attributes = AttributeEncoder()
+        self.varying = Varying(SPAN_ATTRIBUTE)
         self.server_repeated = FixedAttributes(SPAN_ATTRIBUTE, SERVER_REPEATED)
-        self.server_varying = FixedAttributes(SPAN_ATTRIBUTE, SERVER_VARYING)
         self.client_repeated = FixedAttributes(SPAN_ATTRIBUTE, CLIENT_REPEATED)
-        self.client_varying = FixedAttributes(SPAN_ATTRIBUTE, CLIENT_VARYING)
+        self._names: dict[tuple[str | None, str | None, str, bytes], bytes] = {}
+        self._events: dict[tuple[str, Attributes], tuple[bytes, bytes]] = {}
 
     def request(self, spans: Sequence[bytes]) -> bytes:
         """The ``ExportTraceServiceRequest`` of spans encoded by ``spans``."""
@@ -295,24 +333,34 @@ class Encoder:
             return [server]
         return [server, self.client_span(exchange, trace, trace_id, state)]
 
+    def name(self, operation: str | None, model: str | None, fallback: str, kind: bytes) -> bytes:
+        """A span's name and kind: ``{operation} {model}`` where both are known, else
+        ``fallback``."""
+        key = (operation, model, fallback, kind)
+        named = self._names.get(key)
+        if named is None:
+            if len(self._names) >= MAX_CACHED:
+                self._names.clear()
+            text = f"{operation} {model}" if operation and model else fallback
+            named = self._names[key] = delimited(SPAN_NAME, text.encode()) + kind
+        return named
+
     def server_span(self, exchange: Exchange, trace: RequestTrace, trace_id: bytes, state: bytes) -> bytes:
         """The request at the gateway's edge, a child of the client's span where it sent one."""
         start_ns = trace.start_ns
-        end_ns = start_ns + int(exchange.duration * 1e9)
         code, error_type = exchange.status, exchange.error
         server_error = code >= 500 or error_type == Outcome.MID_STREAM
         if error_type is None and code >= 500:
             error_type = str(code)
+        varying = self.varying
         return b"".join(
             (
                 trace_id,
                 SPAN_ID_PREFIX + trace.span_id.to_bytes(8, "big"),
                 state,
                 PARENT_PREFIX + trace.parent_id.to_bytes(8, "big") if trace.parent_id else b"",
-                delimited(SPAN_NAME, trace.name.encode()),
-                SERVER_KIND,
-                SPAN_START + FIXED64_PACK(start_ns),
-                SPAN_END + FIXED64_PACK(end_ns),
+                self.name(None, None, trace.name, SERVER_KIND),
+                TIMES_PACK(SPAN_START_TAG, start_ns, SPAN_END_TAG, start_ns + int(exchange.duration * 1e9)),
                 self.server_repeated.encode(
                     (
                         exchange.method,
@@ -325,7 +373,8 @@ class Encoder:
                         error_type,
                     )
                 ),
-                self.server_varying.fresh((exchange.request_id, exchange.queued or None)),
+                varying.string("gateway.request_id", exchange.request_id),
+                varying.double("gateway.queue.wait_seconds", exchange.queued) if exchange.queued else b"",
                 status(error_type or "") if server_error else b"",
                 CHILD_SERVER_FLAGS if trace.parent_id else SERVER_FLAGS,
             )
@@ -335,78 +384,80 @@ class Encoder:
         """The call to the runtime, every try included: the GenAI conventions' inference span."""
         assert trace.client_start is not None  # made only where the runtime was called
         start_ns, origin, code = trace.start_ns, exchange.start, exchange.status
-        encode = self.attributes.encode
-        end_ns = start_ns + int(exchange.duration * 1e9)
         client_error = code >= 400 or exchange.error is not None
         client_error_type = exchange.error or (str(code) if code >= 400 else None)
         server_address, server_port = address(trace.replica) if trace.replica else (None, None)
         model, response_id, reasons = read_answer(trace.head or b"", trace.tail or b"")
         ttfb = exchange.ttfb
-        first_chunk = None
-        if ttfb is not None and exchange.stream:
-            first_chunk = max(0.0, ttfb - (trace.client_start - origin))
         client_end = trace.client_end
-        return b"".join(
-            (
-                trace_id,
-                SPAN_ID_PREFIX + trace.client_id.to_bytes(8, "big"),
-                state,
-                PARENT_PREFIX + trace.span_id.to_bytes(8, "big"),
-                delimited(
-                    SPAN_NAME,
-                    (
-                        f"{trace.operation} {exchange.model}"
-                        if trace.operation and exchange.model
-                        else exchange.method
-                    ).encode(),
-                ),
-                CLIENT_KIND,
-                SPAN_START + FIXED64_PACK(start_ns + int((trace.client_start - origin) * 1e9)),
-                SPAN_END
-                + FIXED64_PACK(
-                    start_ns + int((client_end - origin) * 1e9) if client_end is not None else end_ns
-                ),
-                self.client_repeated.encode(
-                    (
-                        trace.operation,
-                        trace.provider,
-                        exchange.model,
-                        model,
-                        reasons,
-                        server_address,
-                        server_port,
-                        exchange.method,
-                        code or None,
-                        client_error_type,
-                    )
-                ),
-                encode(SPAN_ATTRIBUTE, trace.request) if trace.request else b"",
-                self.client_varying.fresh(
-                    (
-                        response_id,
-                        exchange.prompt_tokens,
-                        exchange.completion_tokens,
-                        first_chunk,
-                        ttfb,
-                        exchange.events if exchange.stream else None,
-                    )
-                ),
-                *[self.event(start_ns, origin, *event) for event in trace.events],
-                status(client_error_type or "") if client_error else b"",
-                CLIENT_FLAGS,
-            )
-        )
+        client_seconds = (client_end - origin) if client_end is not None else exchange.duration
+        varying = self.varying
+        parts = [
+            trace_id,
+            SPAN_ID_PREFIX + trace.client_id.to_bytes(8, "big"),
+            state,
+            PARENT_PREFIX + trace.span_id.to_bytes(8, "big"),
+            self.name(trace.operation, exchange.model, exchange.method, CLIENT_KIND),
+            TIMES_PACK(
+                SPAN_START_TAG,
+                start_ns + int((trace.client_start - origin) * 1e9),
+                SPAN_END_TAG,
+                start_ns + int(client_seconds * 1e9),
+            ),
+            self.client_repeated.encode(
+                (
+                    trace.operation,
+                    trace.provider,
+                    exchange.model,
+                    model,
+                    reasons,
+                    server_address,
+                    server_port,
+                    exchange.method,
+                    code or None,
+                    client_error_type,
+                )
+            ),
+        ]
+        if trace.request:
+            parts.append(self.attributes.encode(SPAN_ATTRIBUTE, trace.request))
+        if response_id is not None:
+            parts.append(varying.string("gen_ai.response.id", response_id))
+        if exchange.prompt_tokens is not None:
+            parts.append(varying.integer("gen_ai.usage.input_tokens", exchange.prompt_tokens))
+        if exchange.completion_tokens is not None:
+            parts.append(varying.integer("gen_ai.usage.output_tokens", exchange.completion_tokens))
+        if ttfb is not None:
+            if exchange.stream:
+                first_chunk = max(0.0, ttfb - (trace.client_start - origin))
+                parts.append(varying.double("gen_ai.response.time_to_first_chunk", first_chunk))
+            parts.append(varying.double("gateway.time_to_first_byte", ttfb))
+        if exchange.stream:
+            parts.append(varying.integer("gateway.stream.events", exchange.events))
+        for when, name, attributes in trace.events:
+            parts.append(self.event(start_ns + int((when - origin) * 1e9), name, attributes))
+        if client_error:
+            parts.append(status(client_error_type or ""))
+        parts.append(CLIENT_FLAGS)
+        return b"".join(parts)
 
-    def event(self, start_ns: int, origin: float, when: float, name: str, attributes: Attributes) -> bytes:
-        """An event of the CLIENT span (a try, a failure, the queue's wait): its times vary,
-        the rest repeats."""
+    def event(self, time_ns: int, name: str, attributes: Attributes) -> bytes:
+        """An event of the CLIENT span (a try, a failure, the queue's wait). Its time varies;
+        where no attribute is a float (a time), all else is made once per set of values."""
+        known = self._events.get((name, attributes))
+        if known is not None:
+            head, rest = known
+            return head + FIXED64_PACK(time_ns) + rest
         times = [a for a in attributes if type(a[1]) is float]
         repeated = tuple(a for a in attributes if type(a[1]) is not float) if times else attributes
-        return delimited(
-            SPAN_EVENT,
-            EVENT_TIME
-            + FIXED64_PACK(start_ns + int((when - origin) * 1e9))
-            + delimited(EVENT_NAME, name.encode())
+        rest = (
+            delimited(EVENT_NAME, name.encode())
             + self.attributes.encode(EVENT_ATTRIBUTE, tuple(repeated))
-            + (fresh(EVENT_ATTRIBUTE, times) if times else b""),
+            + (fresh(EVENT_ATTRIBUTE, times) if times else b"")
         )
+        head = SPAN_EVENT + varint(len(EVENT_TIME) + 8 + len(rest)) + EVENT_TIME
+        if not times:
+            if len(self._events) >= MAX_CACHED:
+                self._events.clear()
+            self._events[(name, attributes)] = (head, rest)
+        return head + FIXED64_PACK(time_ns) + rest

@@ -684,3 +684,76 @@ def test_the_spans_decode_as_opentelemetry_proto_reads_them(failed: bool) -> Non
         assert (server.status.code, client.status.code) == ((2, 2) if failed else (0, 0))
         if failed:
             assert server.status.message == client.status.message == "backend_unreachable"
+
+
+CHARACTER = st.characters(exclude_categories=["Cs"])
+TEXT = st.text(CHARACTER, max_size=300) | st.builds(
+    lambda size, character: character * size,
+    st.sampled_from([0, 1, 100, 123, 124, 125, 126, 127, 128, 300]),
+    CHARACTER,
+)
+"""Any text UTF-8 can carry, its lengths often near where their sizes take a second byte."""
+ANSWER_ID = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E, blacklist_characters='"\\'), min_size=1
+)
+
+
+@given(
+    request_id=TEXT,
+    key=st.none() | TEXT,
+    response_id=ANSWER_ID.filter(lambda text: len(text) <= 256),
+    tokens=st.tuples(st.none() | st.integers(0, 2**62), st.none() | st.integers(0, 2**62)),
+    times=st.tuples(st.floats(0, 1e6), st.floats(0, 1e6)),
+    stream=st.booleans(),
+    events=st.integers(0, 2**40),
+    tries=st.integers(1, 300),
+)
+def test_every_value_decodes_as_it_was_recorded(
+    request_id: str,
+    key: str | None,
+    response_id: str,
+    tokens: tuple[int | None, int | None],
+    times: tuple[float, float],
+    stream: bool,
+    events: int,
+    tries: int,
+) -> None:
+    """The values that differ from request to request (IDs, counts, times), written with
+    what is made once per key, read back by the protobuf package as they were."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from adapters.base import Route
+    from gateway.core.exchange import Exchange
+    from gateway.core.tracecontext import RequestTrace
+    from gateway.observability.otlp import Encoder
+
+    exchange = Exchange(request_id, Route.CHAT_COMPLETIONS, "POST", "pool")
+    exchange.key, exchange.model, exchange.stream, exchange.status = key, "m", stream, 200
+    exchange.prompt_tokens, exchange.completion_tokens = tokens
+    exchange.queued, exchange.ttfb = times
+    exchange.duration, exchange.events = times[1] + 1, events
+    trace = RequestTrace("POST /v1/chat/completions", 7, 0, 8, 9, True, None, 10**18)
+    trace.operation, trace.replica = "chat", "http://10.0.0.7:8000"
+    trace.client_start = exchange.start
+    trace.event(exchange.start, "gateway.attempt", ("gateway.attempt", tries), ("server.port", 8000))
+    trace.head = b'{"id": "%s", "model": "m"}' % response_id.encode()
+    exchange.trace = trace
+    encoder = Encoder((), "gateway", "1")
+    request = ExportTraceServiceRequest.FromString(encoder.request(encoder.spans(exchange, trace)))
+    server, client = request.resource_spans[0].scope_spans[0].spans
+    attributes = {a.key: decoded(a.value) for a in server.attributes}
+    assert attributes["gateway.request_id"] == request_id
+    assert attributes.get("gateway.api_key.name") == key
+    assert attributes.get("gateway.queue.wait_seconds") == (times[0] or None)
+    attributes = {a.key: decoded(a.value) for a in client.attributes}
+    assert attributes["gen_ai.response.id"] == response_id
+    assert attributes.get("gen_ai.usage.input_tokens") == tokens[0]
+    assert attributes.get("gen_ai.usage.output_tokens") == tokens[1]
+    assert attributes["gateway.time_to_first_byte"] == times[1]
+    assert attributes.get("gateway.stream.events") == (events if stream else None)
+    assert ("gen_ai.response.time_to_first_chunk" in attributes) is stream
+    (attempt,) = client.events
+    assert {a.key: decoded(a.value) for a in attempt.attributes} == {
+        "gateway.attempt": tries,
+        "server.port": 8000,
+    }
