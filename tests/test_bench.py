@@ -120,9 +120,18 @@ def test_the_tracing_benchmark_runs_a_tiny_configuration(tmp_path: Path) -> None
             assert data[workload][path]["rps"] > 0, (workload, path)
             assert data[workload][path]["errors"] == 0, (workload, path)
     spans = data["spans"]
-    assert spans["gateway"]["exported"] == spans["sink"]["spans"] > 0
-    assert spans["gateway"]["dropped"] == spans["gateway"]["failed"] == 0
+    assert spans["gateway"]["exported"] > 0
+    assert spans["toggled"]["exported"] > 0
+    assert spans["gateway"]["exported"] + spans["toggled"]["exported"] == spans["sink"]["spans"]
+    for gateway in ("gateway", "toggled"):
+        assert spans[gateway]["dropped"] == spans[gateway]["failed"] == 0
+    for traffic in ("on", "sampled-out"):  # both modes measured in the one gateway
+        cpu = data["cpu"][traffic]
+        for figure in ("requests_on", "requests_off", "on_us", "off_us", "share"):
+            assert cpu[figure] > 0, (traffic, figure)
+    assert data["cpu"]["on"]["export_us"] > 0  # its spans were sent
     assert "| target | measured | met |" in (tmp_path / "tracing.md").read_text()
+    assert "CPU a request" in (tmp_path / "tracing.md").read_text()
 
 
 def test_the_tracing_benchmarks_rounds_put_each_path_right_after_every_other_once() -> None:
