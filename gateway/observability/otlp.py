@@ -8,8 +8,9 @@ headers, compression, TLS, timeout and retries as the SDK reads them). The bytes
 package's descriptors; the resource and the scope are its messages, serialized once), written
 field by field: building that package's message objects cost about 100 µs a request, more
 than the rest of the request, and the SDK's span objects more still; written here, about
-13 µs. Attributes that repeat (a route, a model, a replica) are encoded once per set of
-values. Queued and sent by ``gateway.observability.export``.
+8 µs. Attributes that repeat (a route, a model, a replica) are encoded once per set of
+values, and of those that vary (IDs, counts, times) all but the values once per key.
+Queued and sent by ``gateway.observability.export``.
 """
 
 from __future__ import annotations
