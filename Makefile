@@ -7,7 +7,7 @@
 #   make bench   the benchmark against a direct connection and nginx, then vLLM's (about 55 minutes)
 #   make bench-balance   the balancing strategies on a simulated fleet (about 15 minutes)
 #   make bench-flow      flow control against FIFO on a saturated simulated fleet (about 4 minutes)
-#   make bench-tracing   tracing off, on and sampled out, in one run (about 7 minutes)
+#   make bench-tracing   tracing off, on and sampled out, in one run (about 9 minutes)
 #   make bench-vllm      vLLM's serving benchmark, direct and through the gateway (about 10 minutes)
 
 PYTHON ?= python3
