@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config.settings import Settings
@@ -698,6 +698,7 @@ ANSWER_ID = st.text(
 )
 
 
+@settings(deadline=None)  # a shared machine's pauses are not the encoder's
 @given(
     request_id=TEXT,
     key=st.none() | TEXT,
