@@ -65,6 +65,8 @@ class Gateway:
     url: str
     settings: Settings
     app: Starlette
+    server: uvicorn.Server | None = None
+    """The in-process server (a test may stop it: ``should_exit``)."""
 
 
 GatewayFactory = Callable[..., Gateway]
@@ -97,7 +99,7 @@ def start_gateway(loop_thread: LoopThread, fake: Fake) -> Iterator[GatewayFactor
             time.sleep(0.01)
         assert server.started, future.result() if future.done() else "gateway did not start"
         servers.append((server, future))
-        return Gateway(f"http://127.0.0.1:{port}", settings, app)
+        return Gateway(f"http://127.0.0.1:{port}", settings, app, server)
 
     yield start
     for server, _ in servers:

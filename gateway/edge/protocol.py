@@ -25,6 +25,11 @@ This subclass adds what nginx has (``large_client_header_buffers``,
   the connection is closed;
 - a refusal of a pipelined request waits for the answers to the requests before it, which
   go out whole (uvicorn writes its own 400 over them);
+- a refused connection is closed as nginx's lingering close does: the refusal goes out
+  with a FIN and what the client still sends is read and dropped, up to ``LINGER_BYTES``
+  and ``LINGER_SECONDS``, before the socket is closed. Closed at once with bytes unread,
+  the kernel would answer with a reset, which can reach a client still sending before it
+  has read its 408 or 431 (and makes it report a reset instead);
 - an app is told when its client goes before the answer is complete, at once and without
   a task of its own waiting on ``receive()``: the scope's ``gateway.disconnect`` extension
   holds (as ``watch``) the request's ``Watch``, a ``DisconnectWatch`` to register a
@@ -68,6 +73,9 @@ UPGRADE_REFUSED = InvalidRequest(
 )
 # Where a connection is in its current request.
 IDLE, HEAD, BODY = 0, 1, 2
+# What a refused connection reads and drops, at most, before it is closed.
+LINGER_BYTES = 1 << 20
+LINGER_SECONDS = 2.0
 
 
 class _HeadRefused(Exception):
@@ -110,6 +118,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deferred: GatewayError | None = None
         self._watches: list[Cycle] = []
         """One per request whose answer is not complete yet (a pipelined one waits its turn)."""
+        self._linger_left: int | None = None
+        """Bytes a refused connection may still read and drop (None: not refused)."""
 
     @classmethod
     def with_limits(cls, limits: ClientLimits) -> Callable[..., LimitedHttpToolsProtocol]:
@@ -135,6 +145,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         watches, self._watches = self._watches, []
         for watch in watches:
             watch.lost()
+
+    def shutdown(self) -> None:
+        if self._linger_left is not None:
+            self._end_linger()  # a refused connection holds no answer: the server need not wait
+            return
+        super().shutdown()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -177,6 +193,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._deferred is not None:
             return  # a refusal waits for the answers before it; nothing more is read
+        if self._linger_left is not None:
+            self._linger_left -= len(data)  # refused: dropped
+            if self._linger_left < 0:
+                self._end_linger()
+            return
         phase = self._phase
         if phase == IDLE:
             self._start_head()
@@ -185,7 +206,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # A limit met in a parser callback raises; uvicorn turns the parser's error into
         # send_400_response, which answers with the refusal instead.
         super().data_received(data)
-        if self.transport.is_closing() or self._deferred is not None:
+        if self.transport.is_closing() or self._deferred is not None or self._linger_left is not None:
             return
         phase = self._phase
         if phase == HEAD:
@@ -437,7 +458,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
             self.transport.write(b"".join(head) + body)
         logger.info("closing a client connection: %s", error.message)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close a refused connection once the client had the time to read its refusal."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._keep_alive.clear()
+        self._linger_left = LINGER_BYTES
+        transport.write_eof()  # the refusal, then a FIN; a FIN back closes the transport
+        transport.resume_reading()
+        self._timer = self.loop.call_later(LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._cancel_timer()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()  # a client that reads nothing is not waited for
+        else:
+            transport.close()
 
 
 def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -4,11 +4,13 @@ malformed requests refused in the envelope, tried on raw sockets as a hostile cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import pytest
 
+from gateway.edge.protocol import LINGER_BYTES, LINGER_SECONDS
 from tests.conftest import GatewayFactory
 from tests.support.calls import BODY, CHAT, MiB, post, trickle, upload
 from tests.support.processes import serve, stop
@@ -157,12 +159,86 @@ def test_a_slowloris_head_sending_a_byte_at_a_time_is_cut(start_gateway: Gateway
     gateway = start_gateway(api_keys=["sk-test-1"], client_header_timeout=0.5)
     with RawClient(gateway.url) as client:
         started = time.monotonic()
+        client.sock.settimeout(0.05)
+        answer = b""
         for byte in b"POST /v1/chat/completions HTTP/1.1\r\nx-slow: " + b"a" * 100:
             if not client.send(bytes([byte])) or time.monotonic() - started > 3:
                 break
-            time.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                answer = client.sock.recv(65536)
+                break
         assert time.monotonic() - started < 2
-        assert client.read_all(timeout=2).startswith(b"HTTP/1.1 408 ")
+        answer += client.read_all(timeout=2)  # the refusal, then the gateway's FIN
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert answer.endswith(b"}")
+
+
+def test_a_refused_client_still_sending_reads_its_refusal_then_is_closed(
+    start_gateway: GatewayFactory,
+) -> None:
+    """Lingering close: the refusal and a FIN, not a reset, however the client goes on
+    sending; what it sends is dropped, and the connection is closed within the linger."""
+    gateway = start_gateway(api_keys=["sk-test-1"], client_header_timeout=0.5)
+    with RawClient(gateway.url) as client:
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-slow: a")
+        started = time.monotonic()
+        client.sock.settimeout(0.02)
+        received = b""
+        fin_at = closed_at = None
+        while closed_at is None and time.monotonic() - started < LINGER_SECONDS + 5:
+            if not client.send(b"a" * 100):
+                closed_at = time.monotonic()
+                break
+            try:
+                data = client.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                closed_at = time.monotonic()
+                break
+            if data:
+                assert fin_at is None
+                received += data
+            else:
+                fin_at = fin_at or time.monotonic()
+                time.sleep(0.02)
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ")
+        assert b"content-length: %d" % len(body) in head
+        assert json.loads(body)["error"]["type"] == "request_timeout"
+        assert fin_at is not None
+        assert fin_at - started < 2
+        assert closed_at is not None
+        assert LINGER_SECONDS - 0.5 < closed_at - fin_at < LINGER_SECONDS + 3
+
+
+def test_a_stopping_gateway_does_not_wait_for_a_lingering_connection(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], client_body_timeout=0.3)
+    assert gateway.server is not None
+    with RawClient(gateway.url) as client:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test-1\r\n"
+        client.send(head + b"content-length: 100\r\n\r\n{")  # a request the app holds
+        assert client.read_all(timeout=5).startswith(b"HTTP/1.1 408 ")  # and the FIN
+        gateway.server.should_exit = True
+        stopping = time.monotonic()
+        # Dropped while the refused connection lingers; a reset once it is closed.
+        while client.send(b"a") and time.monotonic() - stopping < LINGER_SECONDS + 5:
+            time.sleep(0.02)
+        assert time.monotonic() - stopping < LINGER_SECONDS / 2
+
+
+def test_a_refused_client_flooding_is_closed_after_the_linger_bytes(start_gateway: GatewayFactory) -> None:
+    gateway = start_gateway(api_keys=["sk-test-1"], max_header_bytes=4096)
+    with RawClient(gateway.url) as client:
+        client.send(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-filler: ")
+        started = time.monotonic()
+        sent = 0
+        while client.send(b"a" * 65536) and sent < 256 * MiB:
+            sent += 65536
+        assert time.monotonic() - started < LINGER_SECONDS  # the bytes ran out first
+        # The linger's bytes, and what the two sockets' buffers held.
+        assert sent < LINGER_BYTES + 32 * MiB
+        assert client.read_all(timeout=5).startswith(b"HTTP/1.1 431 ")
 
 
 def test_a_body_that_stops_is_cut_at_the_body_timeout(start_gateway: GatewayFactory, fake: object) -> None:
