@@ -199,23 +199,25 @@ def test_textgen_routes_are_501_elsewhere(start_gateway: GatewayFactory) -> None
 
 
 def test_files_and_batches_through_the_sdk(files_runtime: Runtime) -> None:
-    sdk = openai.OpenAI(base_url=files_runtime.gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
-    lines = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n' * 2000
-    uploaded = sdk.files.create(file=("requests.jsonl", io.BytesIO(lines)), purpose="batch")
-    assert uploaded.bytes == len(lines)
-    assert uploaded.filename == "requests.jsonl"
-    assert [f.id for f in sdk.files.list()] == [uploaded.id]
-    assert sdk.files.retrieve(uploaded.id).purpose == "batch"
-    assert sdk.files.content(uploaded.id).content == lines
-    batch = sdk.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    assert sdk.batches.retrieve(batch.id).input_file_id == uploaded.id
-    assert [b.id for b in sdk.batches.list()] == [batch.id]
-    assert sdk.batches.cancel(batch.id).status == "cancelling"
-    assert sdk.files.delete(uploaded.id).deleted
-    with pytest.raises(openai.NotFoundError):
-        sdk.files.retrieve(uploaded.id)
+    with openai.OpenAI(
+        base_url=files_runtime.gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10
+    ) as sdk:
+        lines = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n' * 2000
+        uploaded = sdk.files.create(file=("requests.jsonl", io.BytesIO(lines)), purpose="batch")
+        assert uploaded.bytes == len(lines)
+        assert uploaded.filename == "requests.jsonl"
+        assert [f.id for f in sdk.files.list()] == [uploaded.id]
+        assert sdk.files.retrieve(uploaded.id).purpose == "batch"
+        assert sdk.files.content(uploaded.id).content == lines
+        batch = sdk.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert sdk.batches.retrieve(batch.id).input_file_id == uploaded.id
+        assert [b.id for b in sdk.batches.list()] == [batch.id]
+        assert sdk.batches.cancel(batch.id).status == "cancelling"
+        assert sdk.files.delete(uploaded.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            sdk.files.retrieve(uploaded.id)
 
 
 @pytest.fixture(params=["vllm", "tgi", "ollama"])
@@ -227,14 +229,14 @@ def no_files_runtime(
 
 def test_files_and_batches_are_501_where_the_runtime_has_none(no_files_runtime: Runtime) -> None:
     runtime = no_files_runtime
-    sdk = openai.OpenAI(base_url=runtime.gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10)
-    with pytest.raises(openai.APIStatusError) as caught:
-        sdk.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
-    assert caught.value.status_code == 501
-    with pytest.raises(openai.APIStatusError) as caught:
-        sdk.batches.list()
-    assert caught.value.status_code == 501
-    assert runtime.fake.requests == []
+    with openai.OpenAI(base_url=runtime.gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=10) as sdk:
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+        assert caught.value.status_code == 501
+        with pytest.raises(openai.APIStatusError) as caught:
+            sdk.batches.list()
+        assert caught.value.status_code == 501
+        assert runtime.fake.requests == []
 
 
 def test_a_runtimes_own_metrics_are_for_operators(runtime: Runtime) -> None:

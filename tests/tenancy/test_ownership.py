@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -70,12 +71,24 @@ def test_a_stream_is_sealed_however_it_is_cut() -> None:
 # Through the gateway
 
 
-def client(url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+@pytest.fixture
+def client() -> Iterator[Callable[[str, str], openai.OpenAI]]:
+    """OpenAI clients, closed after the test (not left with their sockets to the collector)."""
+    made: list[openai.OpenAI] = []
+
+    def make(url: str, key: str) -> openai.OpenAI:
+        made.append(openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
 
 
 def test_files_and_batches_belong_to_their_key(
-    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+    start_gateway: GatewayFactory,
+    objects: tuple[ObjectRuntime, str],
+    client: Callable[[str, str], openai.OpenAI],
 ) -> None:
     runtime, url = objects
     gateway = start_gateway(
@@ -137,7 +150,9 @@ def test_files_and_batches_belong_to_their_key(
 
 
 def test_stored_responses_belong_to_their_key(
-    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+    start_gateway: GatewayFactory,
+    objects: tuple[ObjectRuntime, str],
+    client: Callable[[str, str], openai.OpenAI],
 ) -> None:
     runtime, url = objects
     gateway = start_gateway(
@@ -179,7 +194,9 @@ def test_stored_responses_belong_to_their_key(
 
 
 def test_with_one_key_ids_are_the_runtimes(
-    start_gateway: GatewayFactory, objects: tuple[ObjectRuntime, str]
+    start_gateway: GatewayFactory,
+    objects: tuple[ObjectRuntime, str],
+    client: Callable[[str, str], openai.OpenAI],
 ) -> None:
     _, url = objects
     gateway = start_gateway(backend="openai", backend_url=url, api_keys=["sk-alice"])
@@ -190,7 +207,7 @@ def test_with_one_key_ids_are_the_runtimes(
 
 
 def test_ownership_holds_across_two_gateway_processes(
-    objects: tuple[ObjectRuntime, str], redis: RedisServer
+    objects: tuple[ObjectRuntime, str], redis: RedisServer, client: Callable[[str, str], openai.OpenAI]
 ) -> None:
     runtime, url = objects
     args = ("--backend", "openai", "--backend-url", url, "--api-key", KEYS[0], "--api-key", KEYS[1],

@@ -46,32 +46,35 @@ def test_a_key_uses_only_the_models_it_is_allowed(
     gateway = start_gateway(backend="openai", backend_url=url, keys_file=keys_file)
     alice = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-alice", max_retries=0)
     bob = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-bob", max_retries=0)
-    hi = [{"role": "user", "content": "hi"}]
-    assert alice.chat.completions.create(model="org/model-7b", messages=hi).choices  # type: ignore[arg-type]
-    assert [m.id for m in alice.models.list()] == ["org/model-7b"]
-    assert len(list(bob.models.list())) == 3
-    assert bob.models.retrieve("org/other-1b").id == "org/other-1b"
+    with alice, bob:
+        hi = [{"role": "user", "content": "hi"}]
+        assert alice.chat.completions.create(model="org/model-7b", messages=hi).choices  # type: ignore[arg-type]
+        assert [m.id for m in alice.models.list()] == ["org/model-7b"]
+        assert len(list(bob.models.list())) == 3
+        assert bob.models.retrieve("org/other-1b").id == "org/other-1b"
 
-    before = len(runtime.requests)
-    with pytest.raises(openai.NotFoundError) as caught:
-        alice.chat.completions.create(model="org/other-1b", messages=hi)  # type: ignore[arg-type]
-    error = caught.value.body
-    assert isinstance(error, dict)
-    assert error["code"] == "model_not_found"
-    assert "does not exist or this key may not use it" in error["message"]
-    with pytest.raises(openai.NotFoundError):
-        alice.models.retrieve("org/other-1b")
-    with pytest.raises(openai.NotFoundError):
-        alice.responses.create(model="team-a/tiny", input="x")
-    with pytest.raises(openai.BadRequestError):  # the runtime's default model is not asked for
-        alice.post("/chat/completions", body={"messages": hi}, cast_to=object)
-    line = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
-    made = alice.files.create(file=("in.jsonl", io.BytesIO(line)), purpose="batch")
-    with pytest.raises(openai.PermissionDeniedError):
-        alice.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions", completion_window="24h")
-    assert [r for r in runtime.requests[before:] if r[0] != "POST" or r[1] != "/v1/files"] == []
-    # Another key is not held to alice's list.
-    assert bob.chat.completions.create(model="org/other-1b", messages=hi).choices  # type: ignore[arg-type]
+        before = len(runtime.requests)
+        with pytest.raises(openai.NotFoundError) as caught:
+            alice.chat.completions.create(model="org/other-1b", messages=hi)  # type: ignore[arg-type]
+        error = caught.value.body
+        assert isinstance(error, dict)
+        assert error["code"] == "model_not_found"
+        assert "does not exist or this key may not use it" in error["message"]
+        with pytest.raises(openai.NotFoundError):
+            alice.models.retrieve("org/other-1b")
+        with pytest.raises(openai.NotFoundError):
+            alice.responses.create(model="team-a/tiny", input="x")
+        with pytest.raises(openai.BadRequestError):  # the runtime's default model is not asked for
+            alice.post("/chat/completions", body={"messages": hi}, cast_to=object)
+        line = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+        made = alice.files.create(file=("in.jsonl", io.BytesIO(line)), purpose="batch")
+        with pytest.raises(openai.PermissionDeniedError):
+            alice.batches.create(
+                input_file_id=made.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        assert [r for r in runtime.requests[before:] if r[0] != "POST" or r[1] != "/v1/files"] == []
+        # Another key is not held to alice's list.
+        assert bob.chat.completions.create(model="org/other-1b", messages=hi).choices  # type: ignore[arg-type]
 
 
 def test_a_multipart_upload_is_checked_by_its_model_field(
